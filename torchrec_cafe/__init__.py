@@ -1,0 +1,19 @@
+"""torchrec_cafe: CAFE (Compact, Adaptive, Fast Embedding) as a TorchRec module.
+
+Layers, each readable alone: ``sketch`` (HotSketch, pure tensor ops) -> ``remap`` (raw IDs ->
+physical rows) -> ``modules`` (CafeEmbeddingBagCollection) -> ``datasets`` (synthetic CTR data).
+"""
+
+from torchrec_cafe.config import CafeConfig, TableBudget, paper_schedule, table_budget
+from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
+
+__all__ = [
+    "CafeConfig",
+    "CafeEmbeddingBagCollection",
+    "HotSketch",
+    "SketchUpdate",
+    "TableBudget",
+    "paper_schedule",
+    "table_budget",
+]
