@@ -32,15 +32,21 @@ class TableLayout:
     config: EmbeddingBagConfig
     cafe: Optional[CafeConfig]
     budget: TableBudget
+    weighted: bool = False
 
     @property
     def compressed(self) -> bool:
         return self.cafe is not None and self.budget.compressed
 
     @property
+    def multi_level(self) -> bool:
+        return self.compressed and self.cafe.multi_level
+
+    @property
     def mean_as_weights(self) -> bool:
-        """Multi-level bags gain entries, so MEAN is computed as SUM with weights 1/len."""
-        return self.compressed and self.cafe.multi_level and self.config.pooling == PoolingType.MEAN
+        """MEAN is computed as SUM with weights w/len when bags gain entries (multi-level) or carry
+        weights (torch's EmbeddingBag has no weighted MEAN)."""
+        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.multi_level)
 
     def physical_config(self) -> EmbeddingBagConfig:
         c = self.config
@@ -104,14 +110,12 @@ def remap_kjt(
         lens = lengths[key * stride : (key + nf) * stride]
         w = weights[lo:hi] if weights is not None else None
         key += nf
-        if not layout.compressed:
-            out_values.append(torch.remainder(ids, layout.config.num_embeddings))
-            out_lengths.append(lens)
-            if weighted_out:
-                out_weights.append(w if w is not None else torch.ones_like(ids, dtype=torch.float32))
-            continue
-        remap, rows, lens_out, w_out = _remap_table(ids, lens, w, layout, sketches[layout.config.name])
-        seen[layout.config.name] = remap
+        if layout.compressed:
+            remap, rows, lens_out, w_out = _remap_table(ids, lens, w, layout, sketches[layout.config.name])
+            seen[layout.config.name] = remap
+        else:
+            rows, lens_out = torch.remainder(ids, layout.config.num_embeddings), lens
+            w_out = _pooling_weights(w, lens, _bag_index(lens, ids.numel()), layout)
         out_values.append(rows)
         out_lengths.append(lens_out)
         if weighted_out:
@@ -139,11 +143,9 @@ def _remap_table(
     is_hot = hot >= 0
     rows = torch.where(is_hot, hot, shared_rows(ids, budget))
     bag = _bag_index(lens, ids.numel())
-    inv_len = None
-    if layout.config.pooling == PoolingType.MEAN:
-        inv_len = 1.0 / lens.clamp(min=1).to(torch.float32)[bag]
     factor = w.abs() if w is not None else None
-    if inv_len is not None:
+    if layout.config.pooling == PoolingType.MEAN:
+        inv_len = _inverse_lengths(lens, bag)
         factor = inv_len if factor is None else factor * inv_len
     remap = TableRemap(
         ids=ids,
@@ -152,15 +154,27 @@ def _remap_table(
         medium=(medium & ~is_hot) if cafe.multi_level else None,
         hot_hits=is_hot.float().mean() if ids.numel() else torch.zeros((), device=ids.device),
     )
+    w_out = _pooling_weights(w, lens, bag, layout)
     if remap.medium is None:
-        return remap, rows, lens, w
+        return remap, rows, lens, w_out
     # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
     keep = torch.stack([torch.ones_like(remap.medium), remap.medium], dim=1)
     pair = torch.stack([rows, shared_rows(ids, budget, SECOND_SEED)], dim=1)
-    counts = keep.sum(dim=1)
-    lens_out = torch.zeros_like(lens).index_add_(0, bag, counts.to(lens.dtype))
-    base = w
-    if layout.mean_as_weights:
-        base = inv_len if w is None else w * inv_len
-    w_out = base.unsqueeze(1).expand(-1, 2)[keep] if base is not None else None
+    lens_out = torch.zeros_like(lens).index_add_(0, bag, keep.sum(dim=1).to(lens.dtype))
+    if w_out is not None:
+        w_out = w_out.unsqueeze(1).expand(-1, 2)[keep]
     return remap, pair[keep], lens_out, w_out
+
+
+def _inverse_lengths(lens: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+    return 1.0 / lens.clamp(min=1).to(torch.float32)[bag]
+
+
+def _pooling_weights(
+    w: Optional[torch.Tensor], lens: torch.Tensor, bag: torch.Tensor, layout: TableLayout
+) -> Optional[torch.Tensor]:
+    """Per-occurrence weights of the physical (possibly SUM-for-MEAN) table, None if unweighted."""
+    if not layout.mean_as_weights:
+        return w
+    inv_len = _inverse_lengths(lens, bag)
+    return inv_len if w is None else w * inv_len

@@ -69,7 +69,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         torch._C._log_api_usage_once(f"torchrec_cafe.{type(self).__name__}")
         self._logical_configs = list(tables)
         self._is_weighted = is_weighted
-        self._layouts = _layouts(tables, cafe)
+        self._layouts = _layouts(tables, cafe, is_weighted)
         self._inner_weighted = is_weighted or any(l.mean_as_weights for l in self._layouts)
         self._embedding_bag_collection = EmbeddingBagCollection(
             tables=[l.physical_config() for l in self._layouts],
@@ -117,6 +117,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         features = self._check_and_order(features)
         if self.training:
             self.apply_pending_updates()
+        if features.stride() == 0:
+            return self._empty_output(features.values().device)
         physical, seen = remap_kjt(
             features, self._layouts, dict(self._sketches.items()), self._inner_weighted
         )
@@ -125,6 +127,11 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if self.training and seen:
             self._track_importance(kt, seen, features.stride())
         return kt
+
+    def _empty_output(self, device: torch.device) -> KeyedTensor:
+        """A batch of 0 samples (which TorchRec's EBC cannot pool) gives [0, sum(dims)]."""
+        dims = [c.embedding_dim for l in self._layouts for c in [l.config] for _ in c.feature_names]
+        return KeyedTensor(keys=self._feature_names, length_per_key=dims, values=torch.zeros(0, sum(dims), device=device))
 
     # ------------------------------------------------------------------ validation
 
@@ -268,7 +275,9 @@ def _medium_of(promoted: torch.Tensor, ids: torch.Tensor, medium: torch.Tensor) 
 
 
 def _layouts(
-    tables: List[EmbeddingBagConfig], cafe: Union[CafeConfig, Mapping[str, CafeConfig]]
+    tables: List[EmbeddingBagConfig],
+    cafe: Union[CafeConfig, Mapping[str, CafeConfig]],
+    is_weighted: bool,
 ) -> List[TableLayout]:
     names = [t.name for t in tables]
     if len(set(names)) != len(names):
@@ -292,7 +301,7 @@ def _layouts(
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
         dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
         budget = table_budget(t, c, dtype_bytes) if c is not None else table_budget(t, _PLAIN, dtype_bytes)
-        layouts.append(TableLayout(t, c if budget.compressed else None, budget))
+        layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
     return layouts
 
 

@@ -1,0 +1,59 @@
+"""CafeEmbeddingBagCollection under DistributedModelParallel (world size 1, fused TBE optimizers)."""
+
+from typing import Any, Dict, Type
+
+import pytest
+import torch
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.remap import shared_rows
+from torchrec_cafe.rows import tbe_shards
+
+
+@pytest.mark.parametrize(
+    "optimizer, kwargs, num_states",
+    [
+        (torch.optim.SGD, {"lr": 0.1}, 0),
+        (torch.optim.Adagrad, {"lr": 0.1}, 1),
+        (RowWiseAdagrad, {"lr": 0.1}, 1),
+    ],
+)
+def test_promotion_copies_fused_rows_and_state(
+    single_rank_pg: None, optimizer: Type[torch.optim.Optimizer], kwargs: Dict[str, Any], num_states: int
+) -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a", "b"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    apply_optimizer_in_backward(optimizer, cafe._embedding_bag_collection.parameters(), kwargs)
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
+    module = dmp.module
+    assert isinstance(module._embedding_bag_collection, ShardedEmbeddingBagCollection)
+    budget = module._layout("t").budget
+    kjt = KeyedJaggedTensor(keys=["b", "a"], values=torch.tensor([42, 5, 42, 9, 11]), lengths=torch.tensor([1, 1, 2, 1]))
+    for _ in range(2):  # 42 scores 2 per step: promoted by the 2nd update
+        dmp(kjt).values().pow(2).sum().backward()
+    (shard,) = tbe_shards(module._embedding_bag_collection, "t")
+    assert len(shard.states) == num_states
+    src = int(shared_rows(torch.tensor([42]), budget))
+    row = shard.weight[src].clone()
+    states = [s[src].clone() for s in shard.states]
+    module.apply_pending_updates()
+    hot = int(module._sketches["t"].query(torch.tensor([42])))
+    assert hot >= 0
+    assert torch.equal(shard.weight[hot], row)
+    for s, expected in zip(shard.states, states):
+        assert torch.equal(s[hot], expected)
+    # the fused optimizer's state dict sees the copied state (views, not copies)
+    if num_states:
+        opt_state = dmp.fused_optimizer.state_dict()["state"]["_embedding_bag_collection.embedding_bags.t.weight"]
+        (momentum,) = [v for k, v in opt_state.items() if "momentum" in k]
+        local = momentum.local_shards()[0].tensor if hasattr(momentum, "local_shards") else momentum
+        assert torch.equal(local[hot], states[0])
+    # the next forward reads the hot row: same pooled value as before promotion
+    module.eval()
+    single = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([42]), lengths=torch.tensor([1, 0]))
+    assert torch.equal(dmp(single).to_dict()["a"][0], row)

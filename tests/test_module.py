@@ -1,0 +1,324 @@
+"""CafeEmbeddingBagCollection against TorchRec's EmbeddingBagCollection and CAFE's own rules."""
+
+import math
+from typing import List
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import PoolingType
+
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.remap import SECOND_SEED, shared_rows
+
+
+def _tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["f0", "f1"], pooling=pooling),
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=5_000, feature_names=["f2"], pooling=pooling),
+    ]
+
+
+def _kjt(keys: List[str], batch: int, max_len: int = 3, high: int = 20_000, weighted: bool = False, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len + 1, (len(keys) * batch,), generator=g)
+    values = torch.randint(0, high, (int(lengths.sum()),), generator=g)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+
+
+def _copy_into_plain_ebc(cafe: CafeEmbeddingBagCollection, tables: List[EmbeddingBagConfig], weighted: bool) -> EmbeddingBagCollection:
+    ebc = EmbeddingBagCollection(tables, is_weighted=weighted)
+    ebc.load_state_dict(cafe._embedding_bag_collection.state_dict())
+    return ebc
+
+
+def _pooled(weight: torch.Tensor, jt, pooling: PoolingType) -> torch.Tensor:
+    """Reference pooling, bag by bag: sum(w * row) (/ len for MEAN)."""
+    out, offsets = [], jt.offsets()
+    for b in range(jt.lengths().numel()):
+        lo, hi = int(offsets[b]), int(offsets[b + 1])
+        rows = weight[jt.values()[lo:hi]]
+        w = jt.weights()[lo:hi].unsqueeze(1) if jt.weights_or_none() is not None else torch.ones(hi - lo, 1)
+        pooled = (w * rows).sum(0)
+        out.append(pooled / max(hi - lo, 1) if pooling == PoolingType.MEAN else pooled)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_plain_when_budget_holds_the_table(pooling: PoolingType, weighted: bool) -> None:
+    tables = _tables(pooling)
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1.0), is_weighted=weighted)
+    assert all(not r["compressed"] for r in cafe.memory_report().values())
+    kjt = _kjt(["f0", "f1", "f2"], batch=16, high=5_000, weighted=weighted)
+    out = cafe(kjt)
+    if not (weighted and pooling == PoolingType.MEAN):  # torch's EmbeddingBag has no weighted MEAN
+        ref = _copy_into_plain_ebc(cafe, tables, weighted)(kjt)
+        assert out.keys() == ref.keys() and out.length_per_key() == ref.length_per_key()
+        torch.testing.assert_close(out.values(), ref.values())
+    out_dict = out.to_dict()
+    for table in tables:
+        weight = cafe._embedding_bag_collection.embedding_bags[table.name].weight
+        for f in table.feature_names:
+            torch.testing.assert_close(out_dict[f], _pooled(weight, kjt[f], pooling), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+@pytest.mark.parametrize("multi_level", [False, True])
+def test_compressed_output_is_the_sum_of_remapped_rows(pooling: PoolingType, multi_level: bool) -> None:
+    tables = _tables(pooling)
+    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", multi_level=multi_level, medium_threshold=1.0)
+    cafe = CafeEmbeddingBagCollection(tables, cfg)
+    kjt = _kjt(["f0", "f1", "f2"], batch=32, max_len=4, high=300)
+    for _ in range(3):  # ids repeat: some become medium, some hot
+        cafe(kjt)
+    cafe.apply_pending_updates()
+    cafe.eval()
+    out = cafe(kjt).to_dict()
+    for table in tables:
+        name, layout = table.name, cafe._layout(table.name)
+        weight = cafe._embedding_bag_collection.embedding_bags[name].weight
+        sketch = cafe._sketches[name]
+        for f in table.feature_names:
+            jt = kjt[f]
+            expected = []
+            for ids in jt.to_dense():
+                hot, medium = sketch.lookup(ids, cfg.medium_threshold)
+                rows = torch.where(hot >= 0, hot, shared_rows(ids, layout.budget))
+                emb = weight[rows]
+                if multi_level:
+                    emb = emb + (medium & (hot < 0)).unsqueeze(1) * weight[shared_rows(ids, layout.budget, SECOND_SEED)]
+                pooled = emb.sum(0) if ids.numel() else torch.zeros(table.embedding_dim)
+                if pooling == PoolingType.MEAN and ids.numel():
+                    pooled = pooled / ids.numel()
+                expected.append(pooled)
+            torch.testing.assert_close(out[f], torch.stack(expected), rtol=1e-5, atol=1e-6)
+    stats = cafe.stats()["t0"]
+    assert stats["promotions"] > 0 and 0 < stats["hot_hit_rate"] <= 1
+
+
+def test_same_keys_order_and_dims_as_ebc_and_plugs_into_dlrm() -> None:
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"c{i}"])
+        for i, n in enumerate([100_000, 50, 30_000])
+    ]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100))
+    kjt = _kjt(["c2", "c0", "c1"], batch=8, high=50)  # another key order than the tables
+    out, ref = cafe(kjt), EmbeddingBagCollection(tables)(kjt)
+    assert out.keys() == ref.keys() == ["c0", "c1", "c2"]
+    assert out.length_per_key() == ref.length_per_key()
+    assert cafe.embedding_bag_configs() == tables
+    model = DLRM(embedding_bag_collection=cafe, dense_in_features=4, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[8, 1])
+    logits = model(torch.rand(8, 4), kjt)
+    logits.sum().backward()
+    assert logits.shape == (8, 1) and torch.isfinite(logits).all()
+
+
+def test_key_order_does_not_change_the_output() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    cafe.eval()
+    kjt = _kjt(["f0", "f1", "f2"], batch=8)
+    shuffled = kjt.permute([2, 0, 1])
+    torch.testing.assert_close(cafe(kjt).values(), cafe(shuffled).values())
+
+
+def test_any_int64_id_is_valid() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    ids = torch.tensor([-1, -(2**63), 2**63 - 1, 10**15, 3, 7])
+    kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.cat([ids, ids[:2]]), lengths=torch.tensor([3, 3, 1, 1, 0, 0]))
+    out = cafe(kjt)
+    out.values().sum().backward()
+    cafe(kjt)  # applies the scores of those ids
+    assert torch.isfinite(out.values()).all()
+
+
+def test_empty_batch_and_empty_bags() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    empty = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(6, dtype=torch.int64))
+    out = cafe(empty)
+    assert out.values().shape == (2, 20) and out.values().abs().sum() == 0
+    out.values().sum().backward()
+    no_rows = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.empty(0, dtype=torch.int64), lengths=torch.empty(0, dtype=torch.int64), stride=0)
+    assert cafe(no_rows).values().shape == (0, 20)
+    cafe.apply_pending_updates()
+    assert cafe.stats()["t0"]["tracked_ids"] == 0
+
+
+def test_bad_keys_get_clear_errors() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    with pytest.raises(ValueError, match="unknown feature keys \\['oops'\\]"):
+        cafe(_kjt(["f0", "f1", "f2", "oops"], batch=2))
+    with pytest.raises(ValueError, match="missing feature keys \\['f2'\\]"):
+        cafe(_kjt(["f0", "f1"], batch=2))
+    with pytest.raises(ValueError, match="no weights"):
+        CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10), is_weighted=True)(_kjt(["f0", "f1", "f2"], 2))
+
+
+def test_mismatched_configs_get_clear_errors() -> None:
+    tables = _tables()
+    with pytest.raises(ValueError, match="not in tables"):
+        CafeEmbeddingBagCollection(tables, {"nope": CafeConfig(compression_ratio=10)})
+    with pytest.raises(ValueError, match="unique"):
+        CafeEmbeddingBagCollection(tables + tables[:1], CafeConfig(compression_ratio=10))
+    with pytest.raises(ValueError, match="must be a CafeConfig"):
+        CafeEmbeddingBagCollection(tables, {"t0": {"compression_ratio": 10}})
+    bad = EmbeddingBagConfig(name="x", embedding_dim=4, num_embeddings=10, feature_names=["x"], pooling=PoolingType.NONE)
+    with pytest.raises(ValueError, match="pooling"):
+        CafeEmbeddingBagCollection([bad], CafeConfig(compression_ratio=10))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"compression_ratio": 0.5}, "compression_ratio"),
+        ({"compression_ratio": float("nan")}, "compression_ratio"),
+        ({"compression_ratio": 10, "hash_fraction": 1.0}, "hash_fraction"),
+        ({"compression_ratio": 10, "hash_fraction": 0.0}, "hash_fraction"),
+        ({"compression_ratio": 10, "threshold": -1.0}, "threshold"),
+        ({"compression_ratio": 10, "decay": 0.0}, "decay"),
+        ({"compression_ratio": 10, "decay": 1.5}, "decay"),
+        ({"compression_ratio": 10, "slots_per_bucket": 0}, "slots_per_bucket"),
+        ({"compression_ratio": 10, "importance": "magic"}, "importance"),
+        ({"compression_ratio": 10, "threshold": 10.0, "medium_threshold": 20.0}, "medium_threshold"),
+        ({"compression_ratio": 10, "quarantine": -1}, "quarantine"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        CafeConfig(**kwargs)
+
+
+def test_paper_schedule_defaults() -> None:
+    assert (CafeConfig(compression_ratio=2).threshold, CafeConfig(compression_ratio=2).hash_fraction) == (10.0, 0.7)
+    assert (CafeConfig(compression_ratio=100).threshold, CafeConfig(compression_ratio=100).hash_fraction) == (100.0, 0.3)
+    assert CafeConfig(compression_ratio=150).threshold == 100.0  # between entries: the lower one
+    assert CafeConfig(compression_ratio=10**6).threshold == 500.0
+
+
+@pytest.mark.parametrize("cr", [2, 10, 100, 1000, 10_000])
+def test_memory_never_exceeds_the_budget(cr: float) -> None:
+    tables = [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=3_000_000, feature_names=["b"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=cr), device=torch.device("meta"))
+    r = cafe.memory_report()["big"]
+    assert r["compressed"] and r["total_bytes"] <= r["budget_bytes"] == r["logical_bytes"] // cr
+    sketch = cafe._sketches["big"]
+    assert r["sketch_bytes"] == sketch.nbytes()
+    rows = cafe._embedding_bag_collection.embedding_bags["big"].weight.shape[0]
+    assert rows == r["hot_rows"] + r["shared_rows"]
+    assert r["total_bytes"] == rows * 64 + r["sketch_bytes"]
+    # the budget is nearly spent: less than one hot row (with its sketch share) is left over
+    assert r["budget_bytes"] - r["total_bytes"] < 64 * 2 + 80
+
+
+def test_grad_norm_scores_are_normalised_per_occurrence_gradient_norms() -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a", "b"], pooling=PoolingType.MEAN)]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10), is_weighted=True)
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b"],
+        values=torch.tensor([5, 6, 7, 8, 9]),
+        lengths=torch.tensor([2, 1, 0, 2]),
+        weights=torch.tensor([0.5, -2.0, 1.0, 3.0, 1.0]),
+    )
+    out = cafe(kjt)
+    r = torch.randn_like(out.values())
+    (out.values() * r).sum().backward()
+    ids, scores, _ = cafe._pending["t"][0]
+    # d loss / d pooled = r; occurrence j of bag b: |w_j| * ||r_b|| / len_b
+    a, b = r[:, :4].norm(dim=1), r[:, 4:].norm(dim=1)
+    raw_a = torch.stack([0.5 * a[0] / 2, 2.0 * a[0] / 2, 1.0 * a[1]])
+    raw_b = torch.stack([3.0 * b[1] / 2, 1.0 * b[1] / 2])
+    expected = torch.cat([raw_a * 3 / raw_a.sum(), raw_b * 2 / raw_b.sum()])
+    assert ids.tolist() == [5, 6, 7, 8, 9]
+    torch.testing.assert_close(scores, expected)
+
+
+def test_nan_gradients_do_not_poison_the_sketch() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    kjt = _kjt(["f0", "f1", "f2"], batch=8)
+    cafe(kjt).values().sum().backward()
+    cafe.apply_pending_updates()
+    before = {k: v.clone() for k, v in cafe._sketches.state_dict().items()}
+    out = cafe(kjt)
+    (out.values() * float("nan")).sum().backward()
+    cafe.apply_pending_updates()
+    after = cafe._sketches.state_dict()
+    for k, v in before.items():
+        if k.endswith(("step", "rejected")):
+            continue
+        assert torch.equal(v, after[k]), k
+    assert int(after["t0.rejected"]) > 0
+    cafe(kjt).values().sum().backward()  # training goes on
+    cafe.apply_pending_updates()
+    assert cafe.stats()["t0"]["updates"] == 3
+
+
+def test_promotion_copies_the_shared_row_and_adagrad_state() -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=3.0, importance="frequency"))
+    opt = torch.optim.Adagrad(cafe.parameters(), lr=0.1)
+    cafe.attach_optimizer(opt)
+    budget = cafe._layout("t").budget
+    weight = cafe._embedding_bag_collection.embedding_bags["t"].weight
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 7]), lengths=torch.tensor([2, 1]))
+    for _ in range(2):  # 42 scores 2 per step -> crosses threshold 3 at the 2nd update
+        opt.zero_grad()
+        cafe(kjt).values().pow(2).sum().backward()
+        opt.step()
+    src = int(shared_rows(torch.tensor([42]), budget))
+    row, state = weight[src].detach().clone(), opt.state[weight]["sum"][src].clone()
+    cafe.apply_pending_updates()
+    hot = int(cafe._sketches["t"].query(torch.tensor([42])))
+    assert 0 <= hot < budget.num_hot
+    assert torch.equal(weight[hot], row) and torch.equal(opt.state[weight]["sum"][hot], state)
+    assert int(cafe._sketches["t"].query(torch.tensor([7]))) == -1
+
+
+def test_eval_freezes_the_sketch() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    kjt = _kjt(["f0", "f1", "f2"], batch=8)
+    cafe(kjt).values().sum().backward()
+    cafe.eval()
+    before = {k: v.clone() for k, v in cafe.state_dict().items()}
+    with torch.no_grad():
+        first = cafe(kjt).values()
+        second = cafe(kjt).values()
+    assert torch.equal(first, second)
+    assert all(torch.equal(v, cafe.state_dict()[k]) for k, v in before.items())
+    cafe.train()
+    cafe(kjt)  # the stashed scores land now
+    assert int(cafe._sketches["t0"].step) == 1
+
+
+def test_state_dict_round_trip() -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    for seed in range(3):
+        cafe(_kjt(["f0", "f1", "f2"], batch=8, seed=seed)).values().sum().backward()
+    cafe.apply_pending_updates()
+    other = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    other.load_state_dict(cafe.state_dict())
+    for a, b in zip(cafe.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    cafe.eval(), other.eval()
+    kjt = _kjt(["f0", "f1", "f2"], batch=8, seed=9)
+    assert torch.equal(cafe(kjt).values(), other(kjt).values())
+
+
+def test_learns_like_a_table_when_everything_is_hot() -> None:
+    """Few IDs, generous budget: every ID is promoted and training drives the loss down."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=50_000, feature_names=["a"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=2.0, importance="frequency"))
+    opt = torch.optim.SGD(cafe.parameters(), lr=10.0)
+    ids = torch.arange(0, 40) * 997
+    target = torch.randn(40, 4)
+    kjt = KeyedJaggedTensor(keys=["a"], values=ids, lengths=torch.ones(40, dtype=torch.int64))
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (cafe(kjt).values() - target).pow(2).sum(1).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert cafe.stats()["t"]["hot_ids"] == 40
+    assert losses[-1] < 0.05 * losses[0] and math.isfinite(losses[-1])
