@@ -42,7 +42,7 @@ def test_promotion_copies_fused_rows_and_state(
     row = shard.weight[src].clone()
     states = [s[src].clone() for s in shard.states]
     module.apply_pending_updates()
-    hot = int(module._sketches["t"].query(torch.tensor([42])))
+    hot = int(module._sketch.query(torch.tensor([42])))
     assert hot >= 0
     assert torch.equal(shard.weight[hot], row)
     for s, expected in zip(shard.states, states):

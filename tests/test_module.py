@@ -80,12 +80,13 @@ def test_compressed_output_is_the_sum_of_remapped_rows(pooling: PoolingType, mul
     for table in tables:
         name, layout = table.name, cafe._layout(table.name)
         weight = cafe._embedding_bag_collection.embedding_bags[name].weight
-        sketch = cafe._sketches[name]
+        t = [l.config.name for l in cafe._compressed].index(name)
         for f in table.feature_names:
             jt = kjt[f]
             expected = []
             for ids in jt.to_dense():
-                hot, medium = sketch.lookup(ids, cfg.medium_threshold)
+                tables = torch.full_like(ids, t)
+                hot, medium = cafe._sketch.lookup(ids, tables, torch.tensor([cfg.medium_threshold] * 2, dtype=torch.float64))
                 rows = torch.where(hot >= 0, hot, shared_rows(ids, layout.budget))
                 emb = weight[rows]
                 if multi_level:
@@ -203,8 +204,7 @@ def test_memory_never_exceeds_the_budget(cr: float) -> None:
     cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=cr), device=torch.device("meta"))
     r = cafe.memory_report()["big"]
     assert r["compressed"] and r["total_bytes"] <= r["budget_bytes"] == r["logical_bytes"] // cr
-    sketch = cafe._sketches["big"]
-    assert r["sketch_bytes"] == sketch.nbytes()
+    assert r["sketch_bytes"] == cafe._sketch.nbytes()
     rows = cafe._embedding_bag_collection.embedding_bags["big"].weight.shape[0]
     assert rows == r["hot_rows"] + r["shared_rows"]
     assert r["total_bytes"] == rows * 64 + r["sketch_bytes"]
@@ -224,7 +224,8 @@ def test_grad_norm_scores_are_normalised_per_occurrence_gradient_norms() -> None
     out = cafe(kjt)
     r = torch.randn_like(out.values())
     (out.values() * r).sum().backward()
-    ids, scores, _ = cafe._pending["t"][0]
+    ((ids, tables, scores),) = cafe._pending
+    assert tables.tolist() == [0] * 5
     # d loss / d pooled = r; occurrence j of bag b: |w_j| * ||r_b|| / len_b
     a, b = r[:, :4].norm(dim=1), r[:, 4:].norm(dim=1)
     raw_a = torch.stack([0.5 * a[0] / 2, 2.0 * a[0] / 2, 1.0 * a[1]])
@@ -239,16 +240,16 @@ def test_nan_gradients_do_not_poison_the_sketch() -> None:
     kjt = _kjt(["f0", "f1", "f2"], batch=8)
     cafe(kjt).values().sum().backward()
     cafe.apply_pending_updates()
-    before = {k: v.clone() for k, v in cafe._sketches.state_dict().items()}
+    before = {k: v.clone() for k, v in cafe._sketch.state_dict().items()}
     out = cafe(kjt)
     (out.values() * float("nan")).sum().backward()
     cafe.apply_pending_updates()
-    after = cafe._sketches.state_dict()
+    after = cafe._sketch.state_dict()
     for k, v in before.items():
         if k.endswith(("step", "rejected")):
             continue
         assert torch.equal(v, after[k]), k
-    assert int(after["t0.rejected"]) > 0
+    assert int(after["rejected"][0]) > 0
     cafe(kjt).values().sum().backward()  # training goes on
     cafe.apply_pending_updates()
     assert cafe.stats()["t0"]["updates"] == 3
@@ -269,10 +270,10 @@ def test_promotion_copies_the_shared_row_and_adagrad_state() -> None:
     src = int(shared_rows(torch.tensor([42]), budget))
     row, state = weight[src].detach().clone(), opt.state[weight]["sum"][src].clone()
     cafe.apply_pending_updates()
-    hot = int(cafe._sketches["t"].query(torch.tensor([42])))
+    hot = int(cafe._sketch.query(torch.tensor([42])))
     assert 0 <= hot < budget.num_hot
     assert torch.equal(weight[hot], row) and torch.equal(opt.state[weight]["sum"][hot], state)
-    assert int(cafe._sketches["t"].query(torch.tensor([7]))) == -1
+    assert int(cafe._sketch.query(torch.tensor([7]))) == -1
 
 
 def test_eval_freezes_the_sketch() -> None:
@@ -288,7 +289,7 @@ def test_eval_freezes_the_sketch() -> None:
     assert all(torch.equal(v, cafe.state_dict()[k]) for k, v in before.items())
     cafe.train()
     cafe(kjt)  # the stashed scores land now
-    assert int(cafe._sketches["t0"].step) == 1
+    assert int(cafe._sketch.step) == 1
 
 
 def test_state_dict_round_trip() -> None:

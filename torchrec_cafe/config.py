@@ -57,6 +57,9 @@ class CafeConfig:
         medium_threshold: defaults to ``threshold / 4``; must be below ``threshold``.
         quarantine: sketch updates a freed hot row waits before reuse; must be at least the
             pipeline depth when batches are remapped ahead of the previous update.
+        update_interval: training steps whose scores are gathered into one sketch update (paper:
+            1). An update is a function of the multiset of its scores, so k steps in one update
+            see the same scores as k updates, only merged; it divides the sketch's cost by ~k.
     """
 
     compression_ratio: float
@@ -68,6 +71,7 @@ class CafeConfig:
     multi_level: bool = False
     medium_threshold: Optional[float] = None
     quarantine: int = 0
+    update_interval: int = 1
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):
@@ -95,6 +99,8 @@ class CafeConfig:
             )
         if self.quarantine < 0:
             raise ValueError(f"quarantine must be >= 0, got {self.quarantine}")
+        if self.update_interval < 1:
+            raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,8 @@ def table_budget(table: EmbeddingBagConfig, cafe: CafeConfig, dtype_bytes: int =
     """Splits ``logical_bytes / compression_ratio`` into shared rows, hot rows and the sketch.
 
     S = floor(hash_fraction * M / row_bytes); H is the largest count whose rows and sketch (with
-    K = H buckets, as in the paper) fit in the rest, so ``total_bytes <= budget_bytes``.
+    K = H buckets, as in the paper) fit in the rest, so ``total_bytes <= budget_bytes``. The rest
+    also reserves the sketch's shared sentinel bytes, which a module charges to one table.
     """
     n, row = table.num_embeddings, table.embedding_dim * dtype_bytes
     logical = n * row
@@ -135,11 +142,12 @@ def table_budget(table: EmbeddingBagConfig, cafe: CafeConfig, dtype_bytes: int =
     shared = int(cafe.hash_fraction * budget // row)
     rest = budget - shared * row
     c = cafe.slots_per_bucket
-    per_hot = row + HotSketch.state_bytes(1, 1, c) - HotSketch.state_bytes(0, 0, c)
-    hot = max((rest - HotSketch.state_bytes(0, 0, c)) // per_hot, 0)
+    per_hot = row + HotSketch.table_state_bytes(1, 1, c) - HotSketch.table_state_bytes(0, 0, c)
+    fixed = HotSketch.table_state_bytes(0, 0, c) + HotSketch.shared_state_bytes(c)
+    hot = max((rest - fixed) // per_hot, 0)
     compressed = budget < logical and hot >= 1 and shared >= 1
     if not compressed:
         return TableBudget(logical, budget, 0, n, 0, row, 0, False)
     return TableBudget(
-        logical, budget, hot, shared, hot, row, HotSketch.state_bytes(hot, hot, c), True
+        logical, budget, hot, shared, hot, row, HotSketch.table_state_bytes(hot, hot, c), True
     )

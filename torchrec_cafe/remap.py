@@ -6,20 +6,22 @@ row ``H + hash1(id) % S``; with multi-level hashing a medium ID also reads ``H +
 (one extra entry in its bag). Plain tables reduce IDs modulo ``num_embeddings``, so any int64 ID
 is valid everywhere.
 
-Everything here is fixed-shape tensor work on the IDs' device, except that multi-level hashing
-adds a variable number of entries (one host sync for the new length).
+All features are remapped together by per-feature constant tensors: the cost is a fixed number of
+tensor ops whatever the number of tables. Only multi-level hashing adds a variable number of
+entries (boolean selection: one host sync on CUDA).
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.sketch.hashing import hash_mod
-from torchrec_cafe.sketch.hot_sketch import HotSketch
+from torchrec_cafe.sketch.hashing import hash_mod, mix64
+from torchrec_cafe.sketch.hot_sketch import HotSketch, _take
 
 SHARED_SEED = 0x51A7ED
 SECOND_SEED = 0x2ECD
@@ -63,118 +65,170 @@ class TableLayout:
         )
 
 
-@dataclass
-class TableRemap:
-    """Per compressed table, what one forward saw: [n] tensors over the table's occurrences."""
-
-    ids: torch.Tensor  # raw ids
-    bag: torch.Tensor  # bag index within the table's [num_features * B] bags
-    factor: Optional[torch.Tensor]  # |weight| / bag length (MEAN) per occurrence, None if 1
-    medium: Optional[torch.Tensor]  # read two shared rows (multi-level)
-    hot_hits: torch.Tensor  # 0-dim: fraction of occurrences that read a hot row
-
-
 def shared_rows(ids: torch.Tensor, budget: TableBudget, seed: int = SHARED_SEED) -> torch.Tensor:
+    """Shared row of each id in one compressed table (``seed``: first or second hash)."""
     return budget.num_hot + hash_mod(ids, seed, budget.num_shared)
 
 
-def _bag_index(lengths: torch.Tensor, total: int) -> torch.Tensor:
-    bags = torch.arange(lengths.numel(), device=lengths.device)
-    return torch.repeat_interleave(bags, lengths, output_size=total)
+def _shared(ids: torch.Tensor, num_hot: torch.Tensor, num_shared: torch.Tensor, seed: int) -> torch.Tensor:
+    """``shared_rows`` with per-element table sizes."""
+    return num_hot + torch.remainder(mix64(ids, seed), num_shared)
 
 
-def remap_kjt(
-    kjt: KeyedJaggedTensor,
-    layouts: List[TableLayout],
-    sketches: Dict[str, HotSketch],
-    weighted_out: bool,
-) -> "tuple[KeyedJaggedTensor, Dict[str, TableRemap]]":
-    """Maps ``kjt`` (keys in table order, as the layouts list them) to physical rows.
+@dataclass
+class RemapContext:
+    """What one forward saw of its compressed occurrences, [n_c] each (n_c = compressed values)."""
 
-    Returns the physical KJT (weights present iff ``weighted_out``) and, per compressed table, the
-    occurrence data the importance hook needs.
-    """
-    values, lengths = kjt.values().to(torch.int64), kjt.lengths()
-    weights = kjt.weights_or_none()
-    stride = kjt.stride()
-    offsets = kjt.offset_per_key()
-    out_values: List[torch.Tensor] = []
-    out_lengths: List[torch.Tensor] = []
-    out_weights: List[torch.Tensor] = []
-    seen: Dict[str, TableRemap] = {}
-    key = 0
-    for layout in layouts:
-        nf = len(layout.config.feature_names)
-        lo, hi = offsets[key], offsets[key + nf]
-        ids = values[lo:hi]
-        lens = lengths[key * stride : (key + nf) * stride]
-        w = weights[lo:hi] if weights is not None else None
-        key += nf
-        if layout.compressed:
-            remap, rows, lens_out, w_out = _remap_table(ids, lens, w, layout, sketches[layout.config.name])
-            seen[layout.config.name] = remap
-        else:
-            rows, lens_out = torch.remainder(ids, layout.config.num_embeddings), lens
-            w_out = _pooling_weights(w, lens, _bag_index(lens, ids.numel()), layout)
-        out_values.append(rows)
-        out_lengths.append(lens_out)
-        if weighted_out:
-            out_weights.append(w_out if w_out is not None else torch.ones_like(rows, dtype=torch.float32))
-    out = KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=torch.cat(out_values) if out_values else values,
-        lengths=torch.cat(out_lengths) if out_lengths else lengths,
-        weights=torch.cat(out_weights) if weighted_out and out_weights else None,
-        stride=stride,
-    )
-    return out, seen
+    ids: torch.Tensor  # raw ids
+    tables: torch.Tensor  # compressed-table index (sketch table) of each occurrence
+    bag: torch.Tensor  # bag index in key-major KJT order: feature * B + sample
+    feature: torch.Tensor  # feature index (module feature order)
+    factor: torch.Tensor  # |weight| (/ bag length for MEAN): d pooled / d row, up to the gradient
+    medium: Optional[torch.Tensor]  # read two shared rows (multi-level)
+    hot_hits: torch.Tensor  # [T] fraction of each compressed table's occurrences that hit a hot row
 
 
-def _remap_table(
-    ids: torch.Tensor,
-    lens: torch.Tensor,
-    w: Optional[torch.Tensor],
-    layout: TableLayout,
-    sketch: HotSketch,
-) -> "tuple[TableRemap, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]":
-    """One table's occurrences -> (hook data, physical rows, bag lengths, weights or None)."""
-    cafe, budget = layout.cafe, layout.budget
-    hot, medium = sketch.lookup(ids, cafe.medium_threshold if cafe.multi_level else 0.0)
-    is_hot = hot >= 0
-    rows = torch.where(is_hot, hot, shared_rows(ids, budget))
-    bag = _bag_index(lens, ids.numel())
-    factor = w.abs() if w is not None else None
-    if layout.config.pooling == PoolingType.MEAN:
-        inv_len = _inverse_lengths(lens, bag)
-        factor = inv_len if factor is None else factor * inv_len
-    remap = TableRemap(
-        ids=ids,
-        bag=bag,
-        factor=factor,
-        medium=(medium & ~is_hot) if cafe.multi_level else None,
-        hot_hits=is_hot.float().mean() if ids.numel() else torch.zeros((), device=ids.device),
-    )
-    w_out = _pooling_weights(w, lens, bag, layout)
-    if remap.medium is None:
-        return remap, rows, lens, w_out
-    # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
-    keep = torch.stack([torch.ones_like(remap.medium), remap.medium], dim=1)
-    pair = torch.stack([rows, shared_rows(ids, budget, SECOND_SEED)], dim=1)
-    lens_out = torch.zeros_like(lens).index_add_(0, bag, keep.sum(dim=1).to(lens.dtype))
-    if w_out is not None:
-        w_out = w_out.unsqueeze(1).expand(-1, 2)[keep]
-    return remap, pair[keep], lens_out, w_out
+class KJTRemapper(nn.Module):
+    """Maps KJTs in module feature order (the layouts' tables, then their features) to physical
+    rows, using a ``HotSketch`` whose table t is the t-th compressed layout."""
 
+    def __init__(self, layouts: List[TableLayout], device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        compressed = [l for l in layouts if l.compressed]
+        sketch_table = {l.config.name: t for t, l in enumerate(compressed)}
+        per_feature: List[Tuple[TableLayout, int]] = [
+            (l, sketch_table.get(l.config.name, -1)) for l in layouts for _ in l.config.feature_names
+        ]
+        self.num_features = len(per_feature)
+        self.compressed_features = [i for i, (_, t) in enumerate(per_feature) if t >= 0]
+        self.weighted_out = any(l.weighted or l.mean_as_weights for l in layouts)
+        self.any_multi_level = any(l.multi_level for l in layouts)
+        self.frequency_tables = [t for t, l in enumerate(compressed) if l.cafe.importance == "frequency"]
+        constants = {
+            "cafe_table": ([t for _, t in per_feature], torch.int64),
+            "num_rows": ([l.config.num_embeddings for l, _ in per_feature], torch.int64),
+            "num_hot": ([l.budget.num_hot for l, _ in per_feature], torch.int64),
+            "num_shared": ([max(l.budget.num_shared, 1) for l, _ in per_feature], torch.int64),
+            "mean": ([l.config.pooling == PoolingType.MEAN for l, _ in per_feature], torch.bool),
+            "mean_as_weights": ([l.mean_as_weights for l, _ in per_feature], torch.bool),
+            "multi_level": ([l.multi_level for l, _ in per_feature], torch.bool),
+            # per compressed (sketch) table
+            "medium_level": ([l.cafe.medium_threshold for l in compressed] or [0.0], torch.float64),
+            "frequency": ([l.cafe.importance == "frequency" for l in compressed] or [False], torch.bool),
+            "table_hot": ([l.budget.num_hot for l in compressed] or [0], torch.int64),
+            "table_shared": ([l.budget.num_shared for l in compressed] or [1], torch.int64),
+            "table_multi_level": ([l.multi_level for l in compressed] or [False], torch.bool),
+        }
+        for name, (values, dtype) in constants.items():
+            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
 
-def _inverse_lengths(lens: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
-    return 1.0 / lens.clamp(min=1).to(torch.float32)[bag]
+    def forward(
+        self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]
+    ) -> Tuple[KeyedJaggedTensor, Optional[RemapContext]]:
+        ids = kjt.values().to(torch.int64)
+        lengths = kjt.lengths()
+        n, device = ids.numel(), ids.device
+        per_key = kjt.length_per_key()
+        feature = torch.repeat_interleave(
+            torch.arange(self.num_features, device=device), torch.tensor(per_key, device=device), output_size=n
+        )
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
+        plain_rows = torch.remainder(ids, _take(self.num_rows, feature))
+        if sketch is None:
+            return self._physical(kjt, plain_rows, lengths, bag, feature), None
+        # Only the compressed features' values are probed; they are runs known from host offsets.
+        sel = self._compressed_positions(kjt)
+        ids_c, feature_c = _take(ids, sel), _take(feature, sel)
+        table_c = _take(self.cafe_table, feature_c)
+        hot, medium_c = sketch.lookup(ids_c, table_c, self.medium_level)
+        shared = _shared(ids_c, _take(self.num_hot, feature_c), _take(self.num_shared, feature_c), SHARED_SEED)
+        rows = plain_rows.index_copy(0, sel, torch.where(hot >= 0, hot, shared))
+        medium = None
+        if self.any_multi_level:
+            medium_c = medium_c & (hot < 0) & _take(self.multi_level, feature_c)
+            medium = torch.zeros_like(ids, dtype=torch.bool).index_copy(0, sel, medium_c)
+        physical = self._physical(kjt, rows, lengths, bag, feature, medium)
+        context = self._context(kjt, sel, ids_c, table_c, _take(bag, sel), feature_c, hot, medium_c)
+        return physical, context
 
+    def _physical(
+        self,
+        kjt: KeyedJaggedTensor,
+        rows: torch.Tensor,
+        lengths: torch.Tensor,
+        bag: torch.Tensor,
+        feature: torch.Tensor,
+        medium: Optional[torch.Tensor] = None,
+    ) -> KeyedJaggedTensor:
+        weights: Optional[torch.Tensor] = None
+        if self.weighted_out:
+            w = kjt.weights_or_none()
+            base = w if w is not None else torch.ones_like(rows, dtype=torch.float32)
+            inv_len = 1.0 / _take(lengths.clamp(min=1).to(base.dtype), bag)
+            weights = torch.where(_take(self.mean_as_weights, feature), base * inv_len, base)
+        if medium is not None:
+            # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
+            ids = kjt.values().to(torch.int64)
+            second = _shared(ids, _take(self.num_hot, feature), _take(self.num_shared, feature), SECOND_SEED)
+            keep = torch.stack([torch.ones_like(medium), medium], dim=1)
+            lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.sum(dim=1).to(lengths.dtype))
+            rows = torch.stack([rows, second], dim=1)[keep]
+            if weights is not None:
+                weights = weights.unsqueeze(1).expand(-1, 2)[keep]
+        return KeyedJaggedTensor(
+            keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride()
+        )
 
-def _pooling_weights(
-    w: Optional[torch.Tensor], lens: torch.Tensor, bag: torch.Tensor, layout: TableLayout
-) -> Optional[torch.Tensor]:
-    """Per-occurrence weights of the physical (possibly SUM-for-MEAN) table, None if unweighted."""
-    if not layout.mean_as_weights:
-        return w
-    inv_len = _inverse_lengths(lens, bag)
-    return inv_len if w is None else w * inv_len
+    def _context(
+        self,
+        kjt: KeyedJaggedTensor,
+        sel: torch.Tensor,
+        ids: torch.Tensor,
+        tables: torch.Tensor,
+        bag: torch.Tensor,
+        feature: torch.Tensor,
+        hot: torch.Tensor,
+        medium: torch.Tensor,
+    ) -> RemapContext:
+        """Hook data of the compressed occurrences (all arguments but ``kjt``/``sel``: [n_c])."""
+        w = kjt.weights_or_none()
+        factor = _take(w, sel).abs() if w is not None else torch.ones(sel.numel(), device=ids.device)
+        inv_len = 1.0 / _take(kjt.lengths().clamp(min=1).to(factor.dtype), bag)
+        factor = torch.where(_take(self.mean, feature), factor * inv_len, factor)
+        num_tables = self.medium_level.numel()
+        hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, (hot >= 0).float())
+        seen = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, torch.ones_like(factor))
+        return RemapContext(
+            ids=ids,
+            tables=tables,
+            bag=bag,
+            feature=feature,
+            factor=factor,
+            medium=medium if self.any_multi_level else None,
+            hot_hits=hits / seen.clamp(min=1),
+        )
+
+    def migration_sources(
+        self, ids: torch.Tensor, tables: torch.Tensor, prior_scores: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Rows a promoted ID trained so far: (first shared row, second shared row, whether the
+        second one was read, i.e. the ID was medium) [N] each; the last two None without
+        multi-level hashing."""
+        hot, shared = _take(self.table_hot, tables), _take(self.table_shared, tables)
+        src = _shared(ids, hot, shared, SHARED_SEED)
+        if not self.any_multi_level:
+            return src, None, None
+        medium = _take(self.table_multi_level, tables) & (prior_scores >= _take(self.medium_level, tables))
+        return src, _shared(ids, hot, shared, SECOND_SEED), medium
+
+    def _compressed_positions(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Positions of the compressed features' values: contiguous runs known from host offsets."""
+        offsets, device = kjt.offset_per_key(), kjt.values().device
+        starts = [offsets[f] for f in self.compressed_features]
+        counts = [offsets[f + 1] - offsets[f] for f in self.compressed_features]
+        total = sum(counts)
+        if not counts:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        counts_t = torch.tensor(counts, device=device)
+        run_start = torch.tensor(starts, device=device) - (torch.cumsum(counts_t, 0) - counts_t)
+        return torch.arange(total, device=device) + torch.repeat_interleave(run_start, counts_t, output_size=total)

@@ -1,12 +1,15 @@
-"""Row-level access to a physical table's weights and optimizer state, for migrations.
+"""Row-level access to physical tables' weights and optimizer state, for migrations.
 
 A promotion copies the shared row(s) an ID trained so far into its new hot row. Where the rows
 live depends on how the inner ``EmbeddingBagCollection`` runs:
 
-- unsharded: an ``nn.EmbeddingBag`` weight, optimizer state in a plain torch optimizer;
+- unsharded: an ``nn.EmbeddingBag`` weight per table, optimizer state in a plain torch optimizer;
 - wrapped by ``DistributedModelParallel``: FBGEMM TBE shards whose ``split_embedding_weights()`` and
   ``split_optimizer_states()`` are live views (in-place writes reach the next forward and the fused
   optimizer's state dict).
+
+Tables whose rows share one storage (all tables of one TBE) form a ``RowGroup``: one aliasing view
+over the storage, so one scatter migrates the promotions of all its tables at once.
 
 Policy (documented in the README): the hot row's weights become the ID's embedding so far (the
 sum of its two shared rows for a medium ID), and its optimizer state is *copied* from the ID's
@@ -14,7 +17,7 @@ first shared row, so a promoted ID keeps the step size it trained with.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,30 +26,86 @@ from torch import nn
 def masked_row_write_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> None:
     """``dst[index[i]] = src[i]`` for every i with ``mask[i]``, with fixed shapes (no host sync).
 
-    ``mask`` must be a prefix (valid entries first). Masked entries repeat entry 0's write, or
-    rewrite row 0 with itself when nothing is valid, so duplicate writes always agree.
+    Masked-out entries repeat the first valid entry's write, or rewrite row 0 with itself when
+    nothing is valid, so the duplicate writes of the scatter always agree.
     """
     if index.numel() == 0:
         return
-    idx0 = torch.where(mask[0], index[0], torch.zeros_like(index[0]))
-    val0 = torch.where(mask[0], src[0], dst[0])
+    j = mask.to(torch.int8).argmax()
+    has = mask.any()
+    idx0 = torch.where(has, index[j], torch.zeros_like(index[j]))
+    val0 = torch.where(has, src[j], dst[0])
     shape = (-1,) + (1,) * (src.dim() - 1)
     dst[torch.where(mask, index, idx0)] = torch.where(mask.view(shape), src, val0)
 
 
 @dataclass
 class RowShard:
-    """One local block of a physical table: rows [row_offset, row_offset + num_rows)."""
+    """One local block of one physical table: rows [row_offset, row_offset + num_rows)."""
 
+    table: str
     weight: torch.Tensor  # [num_rows, cols] view
     states: List[torch.Tensor]  # optimizer states, [num_rows] or [num_rows, cols] views
     row_offset: int
     num_rows: int
 
 
+@dataclass
+class RowGroup:
+    """Shards of several tables that live in the same storages, seen through one alias each.
+
+    Row r of table t is row ``base[t] + r - row_offset[t]`` of ``weight`` (and of each state).
+    """
+
+    weight: torch.Tensor
+    states: List[torch.Tensor]
+    tables: List[str]
+    base: Dict[str, int]
+    row_offset: Dict[str, int]
+
+
+def _width(t: torch.Tensor) -> int:
+    return t.shape[1] if t.dim() == 2 else 1
+
+
+def _alias(view: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(whole-storage alias with ``view``'s row width, row index of ``view``'s first row)."""
+    width = _width(view)
+    full = torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage())
+    rows = full.numel() // width
+    shape = (rows, width) if view.dim() == 2 else (rows,)
+    stride = (width, 1) if view.dim() == 2 else (1,)
+    return full.as_strided(shape, stride, 0), view.storage_offset() // width
+
+
+def _groupable(shard: RowShard) -> bool:
+    tensors = [shard.weight] + shard.states
+    return all(t.is_contiguous() and t.storage_offset() % _width(t) == 0 for t in tensors)
+
+
+def group_shards(shards: Sequence[RowShard]) -> List[RowGroup]:
+    """Groups shards by shared storages (one group per TBE), one group per shard otherwise."""
+    groups: Dict[tuple, RowGroup] = {}
+    for shard in shards:
+        tensors = [shard.weight] + shard.states
+        key = tuple((t.untyped_storage().data_ptr(), t.dim(), _width(t)) for t in tensors)
+        if not _groupable(shard):
+            key = (id(shard),)
+        if key not in groups:
+            weight, _ = _alias(shard.weight) if _groupable(shard) else (shard.weight, 0)
+            states = [(_alias(s)[0] if _groupable(shard) else s) for s in shard.states]
+            groups[key] = RowGroup(weight, states, [], {}, {})
+        group = groups[key]
+        group.tables.append(shard.table)
+        group.base[shard.table] = _alias(shard.weight)[1] if _groupable(shard) else 0
+        group.row_offset[shard.table] = shard.row_offset
+    return list(groups.values())
+
+
 @torch.no_grad()
-def migrate_rows(
-    shards: List[RowShard],
+def migrate_group(
+    group: RowGroup,
+    table_base: torch.Tensor,
     src: torch.Tensor,
     dst: torch.Tensor,
     mask: torch.Tensor,
@@ -55,50 +114,54 @@ def migrate_rows(
 ) -> None:
     """Initialises rows ``dst[i]`` (where ``mask``) from ``src[i]`` (+ ``src2[i]`` where ``use_src2``).
 
-    All indices are global physical rows [P] int64; every shard must hold all rows it is given
-    (true for unsharded, table-wise and column-wise placements).
+    ``table_base`` [N]: each entry's ``base - row_offset`` in this group; ``src``/``dst`` are the
+    tables' physical rows [N] int64, which every shard must hold (unsharded, table-wise and
+    column-wise placements).
     """
-    for shard in shards:
-        lo = shard.row_offset
-        w = shard.weight
-        value = w[src - lo]
-        if src2 is not None:
-            value = value + use_src2.unsqueeze(1).to(value.dtype) * w[src2 - lo]
-        masked_row_write_(w, dst - lo, value, mask)
-        for state in shard.states:
-            masked_row_write_(state, dst - lo, state[src - lo], mask)
+    # Entries of other groups' tables may point past this group's rows: park them on row 0.
+    zero = torch.zeros_like(src)
+    s, d = torch.where(mask, src + table_base, zero), torch.where(mask, dst + table_base, zero)
+    w = group.weight
+    value = w[s]
+    if src2 is not None:
+        s2 = torch.where(mask, src2 + table_base, zero)
+        value = value + use_src2.unsqueeze(1).to(value.dtype) * w[s2]
+    masked_row_write_(w, d, value, mask)
+    for state in group.states:
+        masked_row_write_(state, d, state[s], mask)
 
 
-def parameter_shards(weight: nn.Parameter, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:
+def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:
     """The single shard of an unsharded table, with the row-shaped state of a torch optimizer."""
     states: List[torch.Tensor] = []
     if optimizer is not None:
         for value in optimizer.state.get(weight, {}).values():
             if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == weight.shape[0]:
                 states.append(value)
-    return [RowShard(weight.data, states, 0, weight.shape[0])]
+    return [RowShard(table, weight.data, states, 0, weight.shape[0])]
 
 
-def tbe_shards(sharded_ebc: nn.Module, table: str) -> List[RowShard]:
-    """Local shards of ``table`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels."""
+def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
+    """Local shards of ``tables`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels."""
+    wanted = set(tables)
     shards: List[RowShard] = []
     for lookup in sharded_ebc._lookups:
         lookup = getattr(lookup, "module", lookup)  # unwrap DistributedDataParallel
         for emb in getattr(lookup, "_emb_modules", []):
             tbe = getattr(emb, "_emb_module", None)
-            configs = emb._config.embedding_tables
-            for k, cfg in enumerate(configs):
-                if cfg.name != table:
+            for k, cfg in enumerate(emb._config.embedding_tables):
+                if cfg.name not in wanted:
                     continue
-                if not hasattr(tbe, "split_embedding_weights"):
+                if not hasattr(tbe, "split_optimizer_states"):
                     raise NotImplementedError(
-                        f"table {table!r}: CAFE migrations need a fused (TBE) compute kernel, got "
-                        f"{type(emb).__name__}"
+                        f"table {cfg.name!r}: CAFE migrations need a fused compute kernel (the "
+                        f"optimizer state must live in the table), got {type(emb).__name__}; "
+                        f"constrain the table to compute_kernels=['fused'] (not data_parallel)"
                     )
                 states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
                 row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
                 shards.append(
-                    RowShard(tbe.split_embedding_weights()[k], list(states), row_offset, cfg.local_rows)
+                    RowShard(cfg.name, tbe.split_embedding_weights()[k], list(states), row_offset, cfg.local_rows)
                 )
     return shards
 

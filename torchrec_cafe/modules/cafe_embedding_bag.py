@@ -9,8 +9,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.remap import SECOND_SEED, TableLayout, TableRemap, remap_kjt, shared_rows
-from torchrec_cafe.rows import RowShard, migrate_rows, parameter_shards, tbe_shards
+from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
+from torchrec_cafe.rows import RowGroup, group_shards, migrate_group, parameter_shards, tbe_shards
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 
 
@@ -39,7 +39,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``num_embeddings * dim * bytes / compression_ratio`` bytes.
 
     Lifecycle of one training step: ``forward`` applies the scores pending from the previous
-    backward (sketch update + row migrations), remaps raw IDs with the sketch, runs the inner
+    backward(s) (sketch update + row migrations; every ``update_interval`` steps), remaps raw IDs
+    with the sketch, runs the inner
     ``EmbeddingBagCollection`` and hooks the output gradient; backward stashes one score per
     occurrence. State never changes inside backward. ``eval()`` freezes the sketch: no scores, no
     updates, same remap. Call ``apply_pending_updates()`` to apply the last step's scores
@@ -76,26 +77,17 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             is_weighted=self._inner_weighted,
             device=device,
         )
-        self._sketches = nn.ModuleDict(
-            {
-                l.config.name: HotSketch(
-                    num_buckets=l.budget.num_buckets,
-                    num_hot=l.budget.num_hot,
-                    threshold=l.cafe.threshold,
-                    slots_per_bucket=l.cafe.slots_per_bucket,
-                    decay=l.cafe.decay,
-                    quarantine=l.cafe.quarantine,
-                    device=device,
-                )
-                for l in self._layouts
-                if l.compressed
-            }
-        )
+        self._compressed = [l for l in self._layouts if l.compressed]
+        self._sketch = _group_sketch(self._compressed, device)
+        self._remapper = KJTRemapper(self._layouts, device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
         self._feature_set = set(self._feature_names)
-        self._pending: Dict[str, List["tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]"]] = {}
-        self._last_remap: Dict[str, TableRemap] = {}
+        self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor]"] = []
+        self._last_context: Optional[RemapContext] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._column_features: Dict["tuple[str, ...]", torch.Tensor] = {}
+        self._cached_groups: Optional["tuple[nn.Module, list]"] = None
+        self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
 
     # ------------------------------------------------------------------ EBC interface
 
@@ -115,17 +107,15 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)]."""
         features = self._check_and_order(features)
-        if self.training:
+        if self.training and len(self._pending) >= self._update_interval:
             self.apply_pending_updates()
         if features.stride() == 0:
             return self._empty_output(features.values().device)
-        physical, seen = remap_kjt(
-            features, self._layouts, dict(self._sketches.items()), self._inner_weighted
-        )
-        self._last_remap = seen
+        physical, context = self._remapper(features, self._sketch)
+        self._last_context = context
         kt = self._embedding_bag_collection(physical)
-        if self.training and seen:
-            self._track_importance(kt, seen, features.stride())
+        if self.training and context is not None:
+            self._track_importance(kt, context, features.stride())
         return kt
 
     def _empty_output(self, device: torch.device) -> KeyedTensor:
@@ -158,80 +148,88 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ------------------------------------------------------------------ importance
 
-    def _track_importance(self, kt: KeyedTensor, seen: Dict[str, TableRemap], batch: int) -> None:
-        values = kt.values()
-        frequency = {n for n in seen if self._layout(n).cafe.importance == "frequency"}
-        for name in frequency:
-            r = seen[name]
-            self._stash(name, r.ids, torch.ones_like(r.ids, dtype=torch.float32), r.medium)
-        grad_tables = {n: r for n, r in seen.items() if n not in frequency}
-        if not grad_tables or not values.requires_grad:
+    def _track_importance(self, kt: KeyedTensor, context: RemapContext, batch: int) -> None:
+        remapper = self._remapper
+        if len(remapper.frequency_tables) == len(self._compressed):
+            self._pending.append((context.ids, context.tables, torch.ones_like(context.factor)))
             return
-        columns = self._feature_columns(kt)
-        values.register_hook(lambda g: self._on_output_grad(g, grad_tables, columns, batch))
+        values = kt.values()
+        if values.requires_grad:
+            columns = self._columns_of(kt)
+            values.register_hook(lambda g: self._on_output_grad(g, context, columns, batch))
 
-    def _feature_columns(self, kt: KeyedTensor) -> Dict[str, "tuple[int, int]"]:
-        starts = kt.offset_per_key()
-        return {k: (starts[i], starts[i + 1]) for i, k in enumerate(kt.keys())}
+    def _columns_of(self, kt: KeyedTensor) -> torch.Tensor:
+        """Feature index (module order) of each output column, by key name: [sum(dims)]."""
+        keys = tuple(kt.keys())
+        if keys not in self._column_features:
+            index = {f: i for i, f in enumerate(self._feature_names)}
+            per_column = [index[k] for k, d in zip(keys, kt.length_per_key()) for _ in range(d)]
+            self._column_features[keys] = torch.tensor(per_column, device=kt.values().device)
+        return self._column_features[keys]
 
-    def _on_output_grad(
-        self,
-        grad: torch.Tensor,
-        tables: Dict[str, TableRemap],
-        columns: Dict[str, "tuple[int, int]"],
-        batch: int,
-    ) -> None:
+    def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: torch.Tensor, batch: int) -> None:
         """Per-occurrence score = ||d loss / d pooled bag|| * |weight| (/ len for MEAN), then
         rescaled to mean 1 per feature. Stashes scores only; state changes at the next step."""
         with torch.no_grad():
-            for name, r in tables.items():
-                feats = self._layout(name).config.feature_names
-                bag_norms = torch.cat([grad[:, slice(*columns[f])].norm(dim=1) for f in feats])
-                norms = bag_norms.float()[r.bag]
-                if r.factor is not None:
-                    norms = norms * r.factor
-                feature = torch.div(r.bag, max(batch, 1), rounding_mode="floor")
-                self._stash(name, r.ids, _normalised_scores(norms, feature, len(feats)), r.medium)
-
-    def _stash(
-        self, name: str, ids: torch.Tensor, scores: torch.Tensor, medium: Optional[torch.Tensor]
-    ) -> None:
-        self._pending.setdefault(name, []).append((ids.detach(), scores.detach(), medium))
+            f = self._remapper.num_features
+            squares = torch.zeros(grad.shape[0], f, dtype=torch.float32, device=grad.device)
+            squares.index_add_(1, columns, grad.float().pow(2))
+            bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
+            norms = bag_norms[context.bag] * context.factor
+            scores = _normalised_scores(norms, context.feature, f)
+            frequency = self._remapper.frequency[context.tables]
+            scores = torch.where(frequency, torch.ones_like(scores), scores)
+            self._pending.append((context.ids, context.tables, scores))
 
     # ------------------------------------------------------------------ updates and migration
 
     @torch.no_grad()
     def apply_pending_updates(self) -> None:
-        """Feeds the stashed scores to each sketch and migrates promoted IDs' rows."""
-        pending, self._pending = self._pending, {}
-        for name, parts in pending.items():
-            ids = torch.cat([p[0] for p in parts])
-            scores = torch.cat([p[1] for p in parts])
-            update = self._sketches[name].update(ids, scores)
-            medium = None
-            if parts[0][2] is not None:
-                medium = _medium_of(update.promoted_ids, ids, torch.cat([p[2] for p in parts]))
-            self._migrate(name, update.promoted_ids, update.promoted_hot, update.promoted, medium)
+        """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        ids, tables, scores = (torch.cat(parts) for parts in zip(*pending))
+        update = self._sketch.update(ids, scores, tables)
+        src, src2, medium = self._remapper.migration_sources(
+            update.promoted_ids, update.promoted_tables, update.prior_scores
+        )
+        for group, base, member in self._row_groups():
+            migrate_group(
+                group,
+                base[update.promoted_tables],
+                src,
+                update.promoted_hot,
+                update.promoted & member[update.promoted_tables],
+                src2,
+                medium,
+            )
 
-    def _migrate(
-        self,
-        name: str,
-        ids: torch.Tensor,
-        hot: torch.Tensor,
-        mask: torch.Tensor,
-        medium: Optional[torch.Tensor],
-    ) -> None:
-        budget = self._layout(name).budget
-        src = shared_rows(ids, budget)
-        src2 = shared_rows(ids, budget, SECOND_SEED) if medium is not None else None
-        dst = torch.where(mask, hot, torch.zeros_like(hot))
-        migrate_rows(self._row_shards(name), src, dst, mask, src2, medium)
+    def _row_groups(self) -> List["tuple[RowGroup, torch.Tensor, torch.Tensor]"]:
+        """Row groups of the compressed tables, with per-sketch-table row base and membership [T].
 
-    def _row_shards(self, name: str) -> List[RowShard]:
+        Fused (TBE) tables are views that never move, so their groups are cached; a plain torch
+        optimizer may create state lazily, so unsharded groups are rebuilt each time.
+        """
         inner = self._embedding_bag_collection
+        names = [l.config.name for l in self._compressed]
         if isinstance(inner, EmbeddingBagCollection):
-            return parameter_shards(inner.embedding_bags[name].weight, self._optimizer)
-        return tbe_shards(inner, name)
+            shards = [
+                s for n in names for s in parameter_shards(inner.embedding_bags[n].weight, n, self._optimizer)
+            ]
+        elif self._cached_groups is not None and self._cached_groups[0] is inner:
+            return self._cached_groups[1]
+        else:
+            shards = tbe_shards(inner, names)
+        device = self._remapper.table_hot.device
+        groups = []
+        for g in group_shards(shards):
+            base = torch.tensor([g.base.get(n, 0) - g.row_offset.get(n, 0) for n in names], device=device)
+            member = torch.tensor([n in g.base for n in names], device=device)
+            groups.append((g, base, member))
+        if not isinstance(inner, EmbeddingBagCollection):
+            self._cached_groups = (inner, groups)
+        return groups
 
     # ------------------------------------------------------------------ reporting
 
@@ -239,10 +237,19 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return next(l for l in self._layouts if l.config.name == name)
 
     def memory_report(self) -> Dict[str, Dict[str, float]]:
-        """Per logical table: bytes and rows of the physical form (exact, sketch included)."""
+        """Per logical table: bytes and rows of the physical form, exact and sketch included.
+
+        The sketch's shared sentinel state is charged to the first compressed table, so the
+        tables' ``sketch_bytes`` add up to the sketch's ``nbytes()``.
+        """
         report = {}
+        first = self._compressed[0].config.name if self._compressed else None
         for l in self._layouts:
             b = l.budget
+            sketch = b.sketch_bytes
+            if l.config.name == first:
+                sketch += HotSketch.shared_state_bytes(l.cafe.slots_per_bucket)
+            total = b.rows * b.row_bytes + sketch
             report[l.config.name] = {
                 "compressed": b.compressed,
                 "logical_bytes": b.logical_bytes,
@@ -250,28 +257,40 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "hot_rows": b.num_hot,
                 "shared_rows": b.num_shared,
                 "row_bytes": b.row_bytes,
-                "sketch_bytes": b.sketch_bytes,
-                "total_bytes": b.total_bytes,
-                "compression_ratio": b.logical_bytes / b.total_bytes,
+                "sketch_bytes": sketch,
+                "total_bytes": total,
+                "compression_ratio": b.logical_bytes / total,
             }
         return report
 
     def stats(self) -> Dict[str, Dict[str, float]]:
         """Per compressed table: hot-hit rate of the last batch and sketch counters (host sync)."""
         out = {}
-        for name, sketch in self._sketches.items():
-            s = dict(sketch.stats())
-            r = self._last_remap.get(name)
-            s["hot_hit_rate"] = float(r.hot_hits) if r is not None else float("nan")
-            out[name] = s
+        for t, layout in enumerate(self._compressed):
+            s = dict(self._sketch.stats(t))
+            c = self._last_context
+            s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
+            out[layout.config.name] = s
         return out
 
 
-def _medium_of(promoted: torch.Tensor, ids: torch.Tensor, medium: torch.Tensor) -> torch.Tensor:
-    """Whether each promoted id read two shared rows when it was last remapped."""
-    sorted_ids, order = torch.sort(ids)
-    pos = torch.searchsorted(sorted_ids, promoted).clamp(max=max(ids.numel() - 1, 0))
-    return medium[order][pos] & (sorted_ids[pos] == promoted)
+def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:
+    """One HotSketch for all compressed tables: one batch of ops per step whatever their count."""
+    if not compressed:
+        return None
+    for field in ("slots_per_bucket", "quarantine", "update_interval"):
+        values = {getattr(l.cafe, field) for l in compressed}
+        if len(values) > 1:
+            raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
+    return HotSketch(
+        num_buckets=[l.budget.num_buckets for l in compressed],
+        num_hot=[l.budget.num_hot for l in compressed],
+        threshold=[l.cafe.threshold for l in compressed],
+        slots_per_bucket=compressed[0].cafe.slots_per_bucket,
+        decay=[l.cafe.decay for l in compressed],
+        quarantine=compressed[0].cafe.quarantine,
+        device=device,
+    )
 
 
 def _layouts(

@@ -1,22 +1,27 @@
-"""HotSketch: a bucketed SpaceSaving sketch that finds the hot IDs of one table, on any device.
+"""HotSketch: bucketed SpaceSaving sketches that find the hot IDs of T tables at once, on any device.
 
-Layout (all persistent buffers, shapes independent of world size):
+One HotSketch holds the sketches of T tables side by side, so a training step updates every table
+with one batch of tensor ops instead of one per table. Table t owns buckets
+``[bucket_offset[t], bucket_offset[t] + K_t)`` and hot indices ``[0, H_t)`` (stored globally at
+``hot_offset[t] + h``); nothing is shared between tables. With T = 1 it is the plain sketch.
 
-- ``slot_ids``    int64   [K + 1, c]  tracked ID per slot.
-- ``slot_scores`` float32 [K + 1, c]  score per slot, in *stored units* (see lazy decay).
-- ``slot_hot``    int32   [K + 1, c]  -2 empty slot, -1 tracked but cold, >= 0 hot index.
-- ``hot_slot``    int64   [H + 1]     flat slot (bucket * c + slot) owning hot index h, -1 if free.
-- ``hot_free_since`` int64 [H + 1]    update in which hot index h was last freed (quarantine).
-- scalars: ``step`` (updates applied), ``scale`` (lazy-decay factor), ``mass_since_decay``,
-  ``promotions``, ``demotions``, ``dropped_mass``.
+Layout (persistent buffers, shapes independent of world size):
 
-Bucket K and hot index H are sentinels that absorb masked writes, so every scatter of an update has
-a fixed shape and the update needs no host synchronisation (no boolean indexing, no ``.item()``).
+- ``slot_ids``    int64   [sum K + 1, c]  tracked ID per slot.
+- ``slot_scores`` float32 [sum K + 1, c]  score per slot, in *stored units* (see lazy decay).
+- ``slot_hot``    int32   [sum K + 1, c]  -2 empty slot, -1 tracked but cold, >= 0 hot index.
+- ``hot_slot``    int64   [sum H + 1]     flat slot (bucket * c + slot) owning a hot index, or -1.
+- ``hot_free_since`` int64 [sum H + 1]    update in which the hot index was last freed.
+- per table [T]: ``scale`` (lazy-decay factor), ``mass_since_decay``, ``promotions``,
+  ``demotions``, ``rejected``, ``dropped_mass``; and ``step`` (updates applied).
 
-Batch semantics (the invariant): ``update(ids, scores)`` is a pure function of the *multiset* of
-(id, score) pairs. Scores are quantised to multiples of 2**-16 and summed as integers, so
-aggregation is exact and associative: shuffled batches, per-rank pre-aggregation and any reduction
-order give bit-identical state. Per update:
+The last bucket and the last hot index are sentinels that absorb masked writes, so every scatter
+of an update has a fixed shape and an update needs no host synchronisation.
+
+Batch semantics (the invariant): ``update(ids, scores, tables)`` is a pure function of the
+*multiset* of (table, id, score) triples. Scores are quantised to multiples of 2**-16 and summed as
+integers, so aggregation is exact and associative: shuffled batches, per-rank pre-aggregation and
+any reduction order give bit-identical state. Per update and table:
 
 1. aggregate: unique IDs and their summed (quantised) scores; non-finite or negative scores are
    dropped (counted in ``rejected``), never inserted;
@@ -34,47 +39,66 @@ order give bit-identical state. Per update:
    threshold are demoted and free their hot index.
 
 Decay is lazy (CAFE+): instead of scanning all slots, ``scale`` is divided by ``decay`` and new
-mass is inserted multiplied by ``scale``, so ``stored = real * scale``. Only the H hot slots are
-checked for demotion; stored values are renormalised rarely, in one scan, before they could
-overflow.
+mass is inserted multiplied by ``scale``, so ``stored = real * scale``. Only the hot slots are
+checked for demotion; stored values are renormalised rarely, in one scan, before they overflow.
 """
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from torchrec_cafe.sketch.hashing import hash_mod
+from torchrec_cafe.sketch.hashing import mix64
 
 EMPTY = -2
 COLD = -1
 _Q = 1 << 16  # score quantum: scores are multiples of 2**-16
-_MAX_SCORE = float(1 << 40)  # a single occurrence's score is clamped here before quantising
-_RENORM_AT = float(1 << 40)  # renormalise stored scores once scale exceeds this
-_RENORM_CHECK_EVERY = 256  # updates between (host-synchronising) renormalisation checks
+# One occurrence's score is clamped to 2**24 (2**40 quanta), so int64 sums stay exact for batches
+# of up to 2**23 maximal occurrences.
+_MAX_SCORE = float(1 << 24)
+# A table's stored scores are renormalised once its scale exceeds 2**40. Stored scores are float32
+# (max ~2**127) and real scores stay far below 2**30, so scale may grow by 2**57 between two checks.
+_RENORM_AT = float(1 << 40)
+_RENORM_HEADROOM = 57 * math.log(2)
+_RENORM_CHECK_MAX_INTERVAL = 256  # updates between (host-synchronising) renormalisation checks
 _BUCKET_SEED = 0x5EED
+
+PerTable = Union[int, float, Sequence[int], Sequence[float]]
 
 
 @dataclass
 class SketchUpdate:
     """What one update changed, as fixed-shape tensors (no host sync needed to build it).
 
-    ``promoted_ids`` / ``promoted_hot`` [N]: promoted IDs and their new hot index, valid where
-    ``promoted`` is True; valid entries come first. ``demoted`` [H] bool: hot indices freed by
-    this update. ``accepted_mass`` 0-dim float64: score mass inserted.
+    ``promoted_ids`` / ``promoted_tables`` / ``promoted_hot`` / ``prior_scores`` [N]: promoted
+    IDs, their table, their new hot index (within the table) and their real score before this
+    update, valid where ``promoted`` is True (valid entries come first, grouped by table).
+    ``demoted`` [sum H] bool: hot indices freed by this update (global layout).
+    ``accepted_mass`` 0-dim float64: score mass inserted.
     """
 
     promoted_ids: torch.Tensor
+    promoted_tables: torch.Tensor
     promoted_hot: torch.Tensor
+    prior_scores: torch.Tensor
     promoted: torch.Tensor
     demoted: torch.Tensor
     accepted_mass: torch.Tensor
 
 
-def _first_in_segment(keys: torch.Tensor) -> torch.Tensor:
-    first = torch.ones_like(keys, dtype=torch.bool)
-    first[1:] = keys[1:] != keys[:-1]
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along dim 0; index_select is several times faster than advanced indexing on CPU."""
+    return t.index_select(0, index)
+
+
+def _first_in_segment(*keys: torch.Tensor) -> torch.Tensor:
+    """Whether each element starts a new run of equal key tuples (keys sorted)."""
+    first = torch.zeros_like(keys[0], dtype=torch.bool)
+    first[:1] = True
+    for k in keys:
+        first[1:] |= k[1:] != k[:-1]
     return first
 
 
@@ -100,19 +124,33 @@ def _first_in_row(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.int8).argmax(dim=1)
 
 
+def _per_table(value: PerTable, n: int, name: str) -> List[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} tables")
+    return values
+
+
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
 class HotSketch(nn.Module):
-    """Device-resident HotSketch of one table: ``K`` buckets x ``c`` slots and ``H`` hot indices.
+    """Device-resident HotSketches of T tables: ``K_t`` buckets x ``c`` slots, ``H_t`` hot indices.
 
     Args:
-        num_buckets: K (official CAFE: K = H).
-        num_hot: H, the number of hot rows the sketch may hand out.
+        num_buckets: K per table (an int for one table, or a sequence; paper: K = H).
+        num_hot: H per table, the hot rows the sketch may hand out.
         threshold: score at which a tracked ID is promoted (and below which a hot ID is demoted
-            after a decay).
-        slots_per_bucket: c (official: 4).
-        decay: multiplier applied to every score at each decay event, in (0, 1]; 1 disables decay.
-        decay_mass: inserted score mass that triggers a decay; default
-            ``10 * K * max(threshold, 1)`` (official: ``10 * K * threshold``; the floor keeps a
-            zero threshold from decaying at every update).
+            after a decay); one value or one per table.
+        slots_per_bucket: c (paper: 4), shared by all tables.
+        decay: per-table multiplier applied to every score at each decay event, in (0, 1].
+        decay_mass: inserted score mass that triggers a decay, per table; default
+            ``10 * K * max(threshold, 1)`` (paper: ``10 * K * threshold``; the floor keeps a zero
+            threshold from decaying at every update).
         quarantine: updates a freed hot index waits before it is handed out again (pipelined
             training remaps a batch before the previous update lands).
         device: where the buffers live; all work happens there.
@@ -120,47 +158,48 @@ class HotSketch(nn.Module):
 
     def __init__(
         self,
-        num_buckets: int,
-        num_hot: int,
-        threshold: float,
+        num_buckets: Union[int, Sequence[int]],
+        num_hot: Union[int, Sequence[int]],
+        threshold: PerTable,
         slots_per_bucket: int = 4,
-        decay: float = 0.99,
-        decay_mass: Optional[float] = None,
+        decay: PerTable = 0.99,
+        decay_mass: Optional[PerTable] = None,
         quarantine: int = 0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        if num_buckets < 1 or num_hot < 1 or slots_per_bucket < 1:
+        ks = [int(k) for k in (num_buckets if isinstance(num_buckets, (list, tuple)) else [num_buckets])]
+        t = len(ks)
+        hs = [int(h) for h in _per_table(num_hot, t, "num_hot")]
+        thresholds = [float(x) for x in _per_table(threshold, t, "threshold")]
+        decays = [float(x) for x in _per_table(decay, t, "decay")]
+        if t < 1 or min(ks) < 1 or min(hs) < 1 or slots_per_bucket < 1:
             raise ValueError(
-                f"num_buckets, num_hot and slots_per_bucket must be >= 1, got "
-                f"{num_buckets}, {num_hot}, {slots_per_bucket}"
+                f"num_buckets, num_hot and slots_per_bucket must be >= 1, got {ks}, {hs}, {slots_per_bucket}"
             )
-        if threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if min(thresholds) < 0:
+            raise ValueError(f"threshold must be >= 0, got {thresholds}")
+        if not all(0 < d <= 1 for d in decays):
+            raise ValueError(f"decay must be in (0, 1], got {decays}")
         if quarantine < 0:
             raise ValueError(f"quarantine must be >= 0, got {quarantine}")
-        self.num_buckets = num_buckets
-        self.num_hot = num_hot
-        self.slots_per_bucket = slots_per_bucket
-        self.threshold = float(threshold)
-        self.decay = float(decay)
-        self.decay_mass = float(
-            decay_mass if decay_mass is not None else 10.0 * num_buckets * max(threshold, 1.0)
-        )
-        self.quarantine = quarantine
-        k, c, h = num_buckets, slots_per_bucket, num_hot
+        if decay_mass is None:
+            masses = [10.0 * k * max(th, 1.0) for k, th in zip(ks, thresholds)]
+        else:
+            masses = [float(x) for x in _per_table(decay_mass, t, "decay_mass")]
+        self.num_tables, self.slots_per_bucket, self.quarantine = t, slots_per_bucket, quarantine
+        self.num_buckets_per_table, self.num_hot_per_table = ks, hs
+        self.num_buckets, self.num_hot = sum(ks), sum(hs)
+        self.thresholds, self.decays = thresholds, decays
+        k, c, h = self.num_buckets, slots_per_bucket, self.num_hot
         kw = {"device": device}
         self.register_buffer("slot_ids", torch.zeros(k + 1, c, dtype=torch.int64, **kw))
         self.register_buffer("slot_scores", torch.zeros(k + 1, c, dtype=torch.float32, **kw))
         self.register_buffer("slot_hot", torch.full((k + 1, c), EMPTY, dtype=torch.int32, **kw))
         self.register_buffer("hot_slot", torch.full((h + 1,), -1, dtype=torch.int64, **kw))
-        self.register_buffer(
-            "hot_free_since", torch.full((h + 1,), -(1 << 62), dtype=torch.int64, **kw)
-        )
+        self.register_buffer("hot_free_since", torch.full((h + 1,), -(1 << 62), dtype=torch.int64, **kw))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, **kw))
         for name, dtype, value in (
-            ("step", torch.int64, 0),
             ("scale", torch.float64, 1.0),
             ("mass_since_decay", torch.float64, 0.0),
             ("promotions", torch.int64, 0),
@@ -168,156 +207,227 @@ class HotSketch(nn.Module):
             ("rejected", torch.int64, 0),
             ("dropped_mass", torch.float64, 0.0),
         ):
-            self.register_buffer(name, torch.tensor(value, dtype=dtype, **kw))
-        self._updates_since_renorm_check = 0
+            self.register_buffer(name, torch.full((t,), value, dtype=dtype, **kw))
+        # Constants derived from the constructor arguments: not state, not saved.
+        bucket_off, hot_off = _offsets(ks), _offsets(hs)
+        for name, values, dtype in (
+            ("_bucket_offset", bucket_off, torch.int64),
+            ("_buckets", ks, torch.int64),
+            ("_hot_offset", hot_off, torch.int64),
+            ("_threshold", thresholds, torch.float64),
+            ("_decay", decays, torch.float64),
+            ("_decay_mass", masses, torch.float64),
+        ):
+            self.register_buffer(name, torch.tensor(values, dtype=dtype, **kw), persistent=False)
+        self.register_buffer(
+            "_table_of_bucket",
+            torch.repeat_interleave(torch.arange(t + 1), torch.tensor(ks + [1])).to(device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_table_of_hot",
+            torch.repeat_interleave(torch.arange(t + 1), torch.tensor(hs + [1])).to(device),
+            persistent=False,
+        )
+        # A decay event happens at most once per update, so scale grows at most 1/decay per update.
+        fastest = max(-math.log(d) for d in decays)
+        self._renorm_interval = min(
+            _RENORM_CHECK_MAX_INTERVAL, max(1, int(_RENORM_HEADROOM / fastest)) if fastest > 0 else _RENORM_CHECK_MAX_INTERVAL
+        )
+        # Host mirror of ``step`` so the renormalisation schedule needs no sync; restored on load.
+        self._host_step = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_host_step())
+
+    def _sync_host_step(self) -> None:
+        self._host_step = int(self.step)
 
     # ------------------------------------------------------------------ accounting
 
     @staticmethod
-    def state_bytes(num_buckets: int, num_hot: int, slots_per_bucket: int = 4) -> int:
-        """Exact bytes of all sketch buffers (sentinels and scalars included)."""
-        slot = 8 + 4 + 4  # id, score, hot index
-        return (num_buckets + 1) * slots_per_bucket * slot + (num_hot + 1) * 16 + 7 * 8
+    def table_state_bytes(num_buckets: int, num_hot: int, slots_per_bucket: int = 4) -> int:
+        """Bytes one table owns: its slots (id 8 + score 4 + hot index 4), hot map (slot 8 +
+        freed-at 8) and six 8-byte counters."""
+        return num_buckets * slots_per_bucket * 16 + num_hot * 16 + 6 * 8
+
+    @staticmethod
+    def shared_state_bytes(slots_per_bucket: int = 4) -> int:
+        """Bytes shared by all tables of a sketch: the sentinel bucket and hot index, ``step``."""
+        return slots_per_bucket * 16 + 16 + 8
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Exact bytes of the persistent state (what a checkpoint stores)."""
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
 
     # ------------------------------------------------------------------ queries
 
-    def bucket_of(self, ids: torch.Tensor) -> torch.Tensor:
-        return hash_mod(ids, _BUCKET_SEED, self.num_buckets)
+    def _tables_like(self, ids: torch.Tensor, tables: Optional[torch.Tensor]) -> torch.Tensor:
+        if tables is None:
+            return torch.zeros_like(ids)
+        if tables.shape != ids.shape:
+            raise ValueError(f"tables must match ids' shape {tuple(ids.shape)}, got {tuple(tables.shape)}")
+        return tables.to(ids.device, torch.int64)
 
-    def _probe(self, ids: torch.Tensor) -> torch.Tensor:
-        """Flat slot index holding each id, or -1 if untracked. [N] int64."""
-        b = self.bucket_of(ids)
-        match = (self.slot_ids[b] == ids.unsqueeze(1)) & (self.slot_hot[b] != EMPTY)
+    def bucket_of(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Global bucket of each (table, id). [N] int64."""
+        tables = self._tables_like(ids, tables)
+        return _take(self._bucket_offset, tables) + torch.remainder(mix64(ids, _BUCKET_SEED), _take(self._buckets, tables))
+
+    def _probe(self, ids: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Flat slot index holding each (table, id), or -1 if untracked. [N] int64."""
+        return self._probe_bucket(ids, tables)[0]
+
+    def _probe_bucket(self, ids: torch.Tensor, tables: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(flat slot or -1, bucket) of each (table, id). [N] int64 each."""
+        b = self.bucket_of(ids, tables)
+        match = (_take(self.slot_ids, b) == ids.unsqueeze(1)) & (_take(self.slot_hot, b) != EMPTY)
         flat = b * self.slots_per_bucket + _first_in_row(match)
-        return torch.where(match.any(dim=1), flat, torch.full_like(flat, -1))
+        return torch.where(match.any(dim=1), flat, torch.full_like(flat, -1)), b
 
-    def query(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hot index of each id, or -1. ``ids`` int64 [N] -> int64 [N]."""
-        return self.lookup(ids)[0]
+    def query(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hot index (within its table) of each id, or -1. int64 [N] -> int64 [N]."""
+        return self.lookup(ids, tables)[0]
 
-    def lookup(self, ids: torch.Tensor, level: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One probe: (hot index or -1 [N] int64, tracked with real score >= ``level`` [N] bool)."""
-        flat = self._probe(ids)
+    def lookup(
+        self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None, level: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One probe: (hot index or -1 [N] int64, tracked with real score >= ``level[table]`` [N]).
+
+        ``level`` is a [T] tensor of real scores (default 0: "tracked").
+        """
+        tables = self._tables_like(ids, tables)
+        flat = self._probe(ids, tables)
         safe = flat.clamp(min=0)
-        hot = self.slot_hot.view(-1)[safe].to(torch.int64)
+        hot = _take(self.slot_hot.view(-1), safe).to(torch.int64)
         tracked = flat >= 0
         hot = torch.where(tracked & (hot >= 0), hot, torch.full_like(hot, -1))
-        return hot, tracked & (self.slot_scores.view(-1)[safe] >= self._stored(level))
+        if level is None:
+            return hot, tracked
+        return hot, tracked & (_take(self.slot_scores.view(-1), safe) >= _take(self._stored(level), tables))
 
-    def query_scores(self, ids: torch.Tensor) -> torch.Tensor:
+    def query_scores(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Real (decayed) score of each id, 0 for untracked ids. [N] float32."""
-        flat = self._probe(ids)
-        s = self.slot_scores.view(-1)[flat.clamp(min=0)]
-        return torch.where(flat >= 0, s / self.scale.to(s.dtype), torch.zeros_like(s))
+        tables = self._tables_like(ids, tables)
+        flat = self._probe(ids, tables)
+        s = _take(self.slot_scores.view(-1), flat.clamp(min=0))
+        return torch.where(flat >= 0, s / _take(self.scale, tables).to(s.dtype), torch.zeros_like(s))
 
-    def _stored(self, real: float) -> torch.Tensor:
+    def _stored(self, real: torch.Tensor) -> torch.Tensor:
+        """Real per-table scores [T] -> stored units [T] float32."""
         return (self.scale * real).to(torch.float32)
 
     # ------------------------------------------------------------------ update
 
     @torch.no_grad()
-    def update(self, ids: torch.Tensor, scores: torch.Tensor) -> SketchUpdate:
-        """Applies one batch of (id, score) occurrences; see the module docstring.
+    def update(
+        self, ids: torch.Tensor, scores: torch.Tensor, tables: Optional[torch.Tensor] = None
+    ) -> SketchUpdate:
+        """Applies one batch of (table, id, score) occurrences; see the module docstring.
 
         Args:
             ids: int64 [N], any values.
             scores: float [N], non-negative; non-finite or negative entries are dropped.
+            tables: int [N] table of each occurrence, in [0, T); default all 0.
         """
         if ids.dim() != 1 or scores.shape != ids.shape:
             raise ValueError(
-                f"ids and scores must be 1-D of equal length, got {tuple(ids.shape)} and "
-                f"{tuple(scores.shape)}"
+                f"ids and scores must be 1-D of equal length, got {tuple(ids.shape)} and {tuple(scores.shape)}"
             )
         if ids.dtype != torch.int64:
             raise ValueError(f"ids must be int64, got {ids.dtype}")
-        ids = ids.to(self.slot_ids.device)
-        scores = scores.to(self.slot_ids.device, torch.float64)
-        uid, uq, valid = self._aggregate(ids, scores)
-        self._add_present(uid, uq, valid)
-        self._insert_newcomers(uid, uq, valid)
-        promoted_ids, promoted_hot, promoted = self._promote(uid, valid)
-        accepted = uq.sum().to(torch.float64) / _Q
+        device = self.slot_ids.device
+        ids = ids.to(device)
+        tables = self._tables_like(ids, tables)
+        uid, utab, uq, valid = self._aggregate(ids, scores.to(device, torch.float64), tables)
+        flat, bucket = self._probe_bucket(uid, utab)
+        present = valid & (flat >= 0)
+        prior = torch.where(present, _take(self.slot_scores.view(-1), flat.clamp(min=0)).double(), 0.0)
+        prior = (prior / _take(self.scale, utab)).float()
+        self._add_present(flat, present, utab, uq)
+        self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
+        order, promoted_hot, promoted = self._promote(uid, utab, valid)
+        accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=device).index_add_(0, utab, uq)
+        accepted = accepted.to(torch.float64) / _Q
         demoted = self._decay_and_demote(accepted)
         self.step += 1
         self._maybe_renormalise()
-        return SketchUpdate(promoted_ids, promoted_hot, promoted, demoted, accepted)
+        return SketchUpdate(
+            _take(uid, order), _take(utab, order), promoted_hot, _take(prior, order), promoted, demoted, accepted.sum()
+        )
 
     def _aggregate(
-        self, ids: torch.Tensor, scores: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unique ids (ascending, padded) with exact integer score sums. All [N]."""
+        self, ids: torch.Tensor, scores: torch.Tensor, tables: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unique (table, id) pairs sorted by (table, id), padded, with exact integer score sums."""
         ok = torch.isfinite(scores) & (scores >= 0)
-        self.rejected += (~ok).sum()
+        self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
         q = torch.where(ok, scores.clamp(max=_MAX_SCORE) * _Q, torch.zeros_like(scores))
         q = torch.round(q).to(torch.int64)
-        sid, perm = torch.sort(ids)
-        q, ok = q[perm], ok[perm]
-        seg = torch.cumsum(_first_in_segment(sid), 0) - 1
+        order = torch.sort(ids, stable=True).indices
+        order = _take(order, torch.sort(_take(tables, order), stable=True).indices)
+        sid, stab, q, ok = (_take(x, order) for x in (ids, tables, q, ok))
+        seg = torch.cumsum(_first_in_segment(stab, sid), 0) - 1
         n = ids.numel()
-        uq = torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, seg, q)
-        any_ok = torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, seg, ok.long())
-        uid = torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_(0, seg, sid)
+        zeros = torch.zeros(n, dtype=torch.int64, device=ids.device)
+        uq = zeros.clone().index_add_(0, seg, q)
+        any_ok = zeros.clone().index_add_(0, seg, ok.to(torch.int64))
+        uid = zeros.clone().scatter_(0, seg, sid)
+        utab = zeros.clone().scatter_(0, seg, stab)
         valid = any_ok > 0  # padding positions have count 0
-        return uid, torch.where(valid, uq, torch.zeros_like(uq)), valid
+        return uid, utab, torch.where(valid, uq, torch.zeros_like(uq)), valid
 
-    def _to_stored(self, q: torch.Tensor) -> torch.Tensor:
-        return (q.to(torch.float64) / _Q * self.scale).to(torch.float32)
-
-    def _add_present(self, uid: torch.Tensor, uq: torch.Tensor, valid: torch.Tensor) -> None:
-        flat = self._probe(uid)
-        present = valid & (flat >= 0)
-        # Unique ids own distinct slots; masked entries add 0 to the sentinel bucket.
-        target = torch.where(present, flat, torch.full_like(flat, self._trash_slot))
-        inc = torch.where(present, self._to_stored(uq), torch.zeros(1, device=uq.device))
-        self.slot_scores.view(-1).index_put_((target,), inc, accumulate=True)
+    def _to_stored(self, q: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        return (q.to(torch.float64) / _Q * _take(self.scale, tables)).to(torch.float32)
 
     @property
     def _trash_slot(self) -> int:
         return self.num_buckets * self.slots_per_bucket
 
-    def _insert_newcomers(self, uid: torch.Tensor, uq: torch.Tensor, valid: torch.Tensor) -> None:
+    def _add_present(self, flat: torch.Tensor, present: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor) -> None:
+        # Unique pairs own distinct slots; masked entries add 0 to the sentinel bucket.
+        target = torch.where(present, flat, torch.full_like(flat, self._trash_slot))
+        inc = torch.where(present, self._to_stored(uq, utab), torch.zeros(1, device=uq.device))
+        self.slot_scores.view(-1).index_add_(0, target, inc)
+
+    def _insert_newcomers(
+        self, new: torch.Tensor, bucket: torch.Tensor, uid: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor
+    ) -> None:
         k, c = self.num_buckets, self.slots_per_bucket
-        new = valid & (self._probe(uid) < 0)
-        bucket = torch.where(new, self.bucket_of(uid), torch.full_like(uid, k))
-        # Order by (bucket asc, score desc, id asc): uid is already ascending, sorts are stable.
+        bucket = torch.where(new, bucket, torch.full_like(uid, k))
+        # Order by (bucket asc, score desc, id asc): uid ascends within a table (a bucket belongs to
+        # one table) and the sorts are stable.
         order = torch.sort(uq, descending=True, stable=True).indices
-        order = order[torch.sort(bucket[order], stable=True).indices]
-        b, q, sid = bucket[order], uq[order], uid[order]
+        order = _take(order, torch.sort(_take(bucket, order), stable=True).indices)
+        b, q, sid, tab = (_take(x, order) for x in (bucket, uq, uid, utab))
         is_new = b < k
         rank = _rank_in_segment(b)
-        empty = self.slot_hot[b] == EMPTY  # sentinel bucket K is never written as occupied
+        empty = _take(self.slot_hot, b) == EMPTY  # the sentinel bucket is never left occupied
         n_empty = empty.sum(dim=1)
         fill = is_new & (rank < n_empty)
         nth_empty = empty & (torch.cumsum(empty.to(torch.int64), dim=1) == (rank + 1).unsqueeze(1))
         fill_slot = torch.where(fill, b * c + _first_in_row(nth_empty), self._trash_slot)
-        self._write_slots(fill_slot, sid, self._to_stored(q), COLD)
+        self._write_slots(fill_slot, sid, self._to_stored(q, tab))
 
         # The first newcomer that found no empty slot takes over the bucket's weakest cold slot
         # with the mass of every newcomer left over in that bucket.
         win = is_new & (rank == n_empty)
         csum = torch.cumsum(q, 0)
-        rest = csum[_segment_last(b)] - csum + q
-        stored = self.slot_scores[b]
-        cold = self.slot_hot[b] == COLD
+        rest = _take(csum, _segment_last(b)) - csum + q
+        stored = _take(self.slot_scores, b)
+        cold = _take(self.slot_hot, b) == COLD
         masked = torch.where(cold, stored, torch.full_like(stored, float("inf")))
         low = masked.min(dim=1).values
         can = win & cold.any(dim=1)
-        low_slot = b * c + _first_in_row(masked == low.unsqueeze(1))
+        low_slot = b * c + _first_in_row(cold & (masked == low.unsqueeze(1)))
         take = torch.where(can, low_slot, self._trash_slot)
-        self._write_slots(take, sid, low + self._to_stored(rest), COLD)
-        lost = torch.where(win & ~can, rest, torch.zeros_like(rest)).sum()
-        self.dropped_mass += lost.to(torch.float64) / _Q
+        self._write_slots(take, sid, low + self._to_stored(rest, tab))
+        lost = torch.where(win & ~can, rest, torch.zeros_like(rest))
+        self.dropped_mass += torch.zeros_like(self.promotions).index_add_(0, tab, lost).to(torch.float64) / _Q
 
-    def _write_slots(
-        self, flat: torch.Tensor, ids: torch.Tensor, stored: torch.Tensor, state: int
-    ) -> None:
-        """Writes (id, score, state) at flat slots; the trash slot is reset after the write."""
-        self.slot_ids.view(-1)[flat] = ids
-        self.slot_scores.view(-1)[flat] = stored
-        self.slot_hot.view(-1)[flat] = state
+    def _write_slots(self, flat: torch.Tensor, ids: torch.Tensor, stored: torch.Tensor) -> None:
+        """Writes (id, score, cold) at flat slots; the trash slot is reset after the write."""
+        self.slot_ids.view(-1).index_copy_(0, flat, ids)
+        self.slot_scores.view(-1).index_copy_(0, flat, stored)
+        self.slot_hot.view(-1).index_fill_(0, flat, COLD)
         self._clear_sentinels()
 
     def _clear_sentinels(self) -> None:
@@ -326,89 +436,109 @@ class HotSketch(nn.Module):
         self.slot_hot[-1].fill_(EMPTY)
 
     def _promote(
-        self, uid: torch.Tensor, valid: torch.Tensor
+        self, uid: torch.Tensor, utab: torch.Tensor, valid: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self.num_hot
-        flat = self._probe(uid)
+        """Returns (order of the unique pairs, hot index within table, promoted) [N] each."""
+        h, t = self.num_hot, self.num_tables
+        flat = self._probe(uid, utab)
         safe = flat.clamp(min=0)
-        stored = self.slot_scores.view(-1)[safe]
+        stored = _take(self.slot_scores.view(-1), safe)
         cand = (
             valid
             & (flat >= 0)
-            & (self.slot_hot.view(-1)[safe] == COLD)
-            & (stored >= self._stored(self.threshold))
+            & (_take(self.slot_hot.view(-1), safe) == COLD)
+            & (stored >= _take(self._stored(self._threshold), utab))
         )
-        # Candidates first, by (score desc, id asc); uid is ascending and the sorts are stable.
-        key = torch.where(cand, stored, torch.full_like(stored, -1.0))
-        order = torch.sort(key, descending=True, stable=True).indices
-        order = order[torch.sort((~cand[order]).to(torch.int8), stable=True).indices]
-        cand, flat, ids = cand[order], flat[order], uid[order]
+        # Candidates first, grouped by table, by (score desc, id asc) within a table: uid ascends
+        # within a table and the sorts are stable.
+        order = torch.sort(torch.where(cand, stored, torch.full_like(stored, -1.0)), descending=True, stable=True).indices
+        group = torch.where(cand, utab, torch.full_like(utab, t))
+        order = _take(order, torch.sort(_take(group, order), stable=True).indices)
+        cand, flat, tab, group = (_take(x, order) for x in (cand, flat, utab, group))
+        cand_rank = _rank_in_segment(group)
 
+        # Free hot indices of each table, lowest first: free_list[hot_offset[t] + j] is table t's
+        # j-th free index (global numbering).
         free = (self.hot_slot < 0) & (self.hot_free_since + self.quarantine < self.step)
         free[h] = False
-        free_rank = torch.cumsum(free.to(torch.int64), 0) - 1
+        cum = torch.cumsum(free.to(torch.int64), 0)
+        before = _take(torch.cat([cum.new_zeros(1), cum]), self._hot_offset)  # free indices below each table
+        n_free = before[1:] - before[:-1]
+        table_of_hot = self._table_of_hot.clamp(max=t - 1)
+        rank = cum - 1 - _take(before, table_of_hot)
+        pos = torch.where(free, _take(self._hot_offset, table_of_hot) + rank, h + 1)
         free_list = torch.full((h + 2,), h, dtype=torch.int64, device=uid.device)
-        free_list.scatter_(0, torch.where(free, free_rank, h + 1), torch.arange(h + 1, device=uid.device))
-        cand_rank = torch.cumsum(cand.to(torch.int64), 0) - 1
-        promoted = cand & (cand_rank < free.sum())
-        hot = torch.where(promoted, free_list[cand_rank.clamp(0, h)], torch.full_like(flat, h))
+        free_list.scatter_(0, pos, torch.arange(h + 1, device=uid.device))
+        offset = _take(self._hot_offset, tab)
+        promoted = cand & (cand_rank < _take(n_free, tab))
+        hot = torch.where(promoted, _take(free_list, (offset + cand_rank).clamp(max=h)), h)
 
         slot = torch.where(promoted, flat, self._trash_slot)
-        self.slot_hot.view(-1)[slot] = hot.to(torch.int32)
+        self.slot_hot.view(-1).index_copy_(0, slot, (hot - offset).to(torch.int32))
         self._clear_sentinels()
-        self.hot_slot[hot] = slot
+        self.hot_slot.index_copy_(0, hot, slot)
         self.hot_slot[h] = -1
-        self.promotions += promoted.sum()
-        return ids, hot, promoted
+        self.promotions.index_add_(0, tab, promoted.to(torch.int64))
+        local = torch.where(promoted, hot - offset, torch.zeros_like(hot))
+        return order, local, promoted
 
     def _decay_and_demote(self, accepted: torch.Tensor) -> torch.Tensor:
         self.mass_since_decay += accepted
-        due = self.mass_since_decay > self.decay_mass
-        self.scale.copy_(torch.where(due, self.scale / self.decay, self.scale))
+        due = self.mass_since_decay > self._decay_mass
+        self.scale.copy_(torch.where(due, self.scale / self._decay, self.scale))
         self.mass_since_decay.copy_(torch.where(due, torch.zeros_like(accepted), self.mass_since_decay))
-        owner = self.hot_slot[: self.num_hot]
-        score = self.slot_scores.view(-1)[owner.clamp(min=0)]
-        demoted = (owner >= 0) & (score < self._stored(self.threshold))
+        h = self.num_hot
+        owner = self.hot_slot[:h]
+        score = _take(self.slot_scores.view(-1), owner.clamp(min=0))
+        table = self._table_of_hot[:h]
+        demoted = (owner >= 0) & (score < _take(self._stored(self._threshold), table))
         slot = torch.where(demoted, owner, self._trash_slot)
-        self.slot_hot.view(-1)[slot] = COLD
+        self.slot_hot.view(-1).index_fill_(0, slot, COLD)
         self._clear_sentinels()
-        self.hot_slot[: self.num_hot] = torch.where(demoted, -1, owner)
-        self.hot_free_since[: self.num_hot] = torch.where(
-            demoted, self.step, self.hot_free_since[: self.num_hot]
-        )
-        self.demotions += demoted.sum()
+        self.hot_slot[:h] = torch.where(demoted, -1, owner)
+        self.hot_free_since[:h] = torch.where(demoted, self.step, self.hot_free_since[:h])
+        self.demotions.index_add_(0, table, demoted.to(torch.int64))
         return demoted
 
     def _maybe_renormalise(self) -> None:
-        # The only host sync of the sketch, once every _RENORM_CHECK_EVERY updates.
-        self._updates_since_renorm_check += 1
-        if self._updates_since_renorm_check < _RENORM_CHECK_EVERY:
+        # The only host sync of the sketch, once every ``_renorm_interval`` updates; scheduled by
+        # ``step`` so that a reloaded sketch renormalises at the same updates as the original.
+        self._host_step += 1
+        if self._host_step % self._renorm_interval:
             return
-        self._updates_since_renorm_check = 0
-        if float(self.scale) > _RENORM_AT:
-            self.slot_scores.copy_((self.slot_scores.to(torch.float64) / self.scale).float())
-            self.scale.fill_(1.0)
+        big = self.scale > _RENORM_AT
+        if bool(big.any()):
+            factor = torch.where(big, self.scale, torch.ones_like(self.scale))[self._table_of_bucket.clamp(max=self.num_tables - 1)]
+            self.slot_scores.copy_((self.slot_scores.to(torch.float64) / factor.unsqueeze(1)).float())
+            self.scale.copy_(torch.where(big, torch.ones_like(self.scale), self.scale))
 
     # ------------------------------------------------------------------ introspection
 
-    def hot_ids(self) -> torch.Tensor:
-        """ID owning each hot index, -1 where free. int64 [H] (ids equal to -1 are ambiguous)."""
-        owner = self.hot_slot[: self.num_hot]
+    def hot_ids(self, table: int = 0) -> torch.Tensor:
+        """ID owning each hot index of ``table``, -1 where free. int64 [H_t] (an ID of -1 is ambiguous)."""
+        lo = sum(self.num_hot_per_table[:table])
+        owner = self.hot_slot[lo : lo + self.num_hot_per_table[table]]
         ids = self.slot_ids.view(-1)[owner.clamp(min=0)]
         return torch.where(owner >= 0, ids, torch.full_like(ids, -1))
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self, table: int = 0) -> Dict[str, int]:
+        """Counters of one table (host sync: for reporting, not for the training step)."""
+        b0 = sum(self.num_buckets_per_table[:table])
+        h0 = sum(self.num_hot_per_table[:table])
+        slots = self.slot_hot[b0 : b0 + self.num_buckets_per_table[table]]
+        owners = self.hot_slot[h0 : h0 + self.num_hot_per_table[table]]
         return {
-            "tracked_ids": int((self.slot_hot[:-1] != EMPTY).sum()),
-            "hot_ids": int((self.hot_slot[:-1] >= 0).sum()),
-            "free_hot": int((self.hot_slot[:-1] < 0).sum()),
-            "promotions": int(self.promotions),
-            "demotions": int(self.demotions),
-            "rejected_scores": int(self.rejected),
+            "tracked_ids": int((slots != EMPTY).sum()),
+            "hot_ids": int((owners >= 0).sum()),
+            "free_hot": int((owners < 0).sum()),
+            "promotions": int(self.promotions[table]),
+            "demotions": int(self.demotions[table]),
+            "rejected_scores": int(self.rejected[table]),
             "updates": int(self.step),
         }
 
-    def total_mass(self) -> torch.Tensor:
-        """Sum of real scores over all slots (float64, 0-dim)."""
-        return self.slot_scores[:-1].to(torch.float64).sum() / self.scale
-
+    def total_mass(self, table: int = 0) -> torch.Tensor:
+        """Sum of real scores over one table's slots (float64, 0-dim)."""
+        b0 = sum(self.num_buckets_per_table[:table])
+        slots = self.slot_scores[b0 : b0 + self.num_buckets_per_table[table]]
+        return slots.to(torch.float64).sum() / self.scale[table]

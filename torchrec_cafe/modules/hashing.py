@@ -1,0 +1,84 @@
+"""The hashing trick as an EmbeddingBagCollection: the baseline CAFE is measured against."""
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.sketch.hashing import mix64
+
+_HASH_SEED = 0x4A54
+
+
+class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Each table keeps ``floor(N / compression_ratio)`` rows and every ID reads row
+    ``mix64(id) % rows``: the memory of a CAFE table's budget, no sketch. Tables that CAFE would
+    keep plain at this ratio (too small to compress) stay full here too, so totals match.
+
+    Output and ``embedding_bag_configs()`` match ``EmbeddingBagCollection(tables)``.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._configs = list(tables)
+        self._is_weighted = is_weighted
+        cafe = CafeConfig(compression_ratio=compression_ratio)
+        self._rows: Dict[str, int] = {
+            t.name: math.floor(t.num_embeddings / compression_ratio)
+            if table_budget(t, cafe).compressed
+            else t.num_embeddings
+            for t in tables
+        }
+        physical = [
+            EmbeddingBagConfig(
+                num_embeddings=self._rows[t.name],
+                embedding_dim=t.embedding_dim,
+                name=t.name,
+                feature_names=list(t.feature_names),
+                pooling=t.pooling,
+                data_type=t.data_type,
+            )
+            for t in tables
+        ]
+        self._embedding_bag_collection = EmbeddingBagCollection(physical, is_weighted, device)
+        self._feature_rows = [self._rows[t.name] for t in tables for _ in t.feature_names]
+        self._feature_names = [f for t in tables for f in t.feature_names]
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Raw-ID KJT -> pooled KeyedTensor, IDs hashed per table."""
+        features = features.permute([features.keys().index(k) for k in self._feature_names])
+        lengths = features.length_per_key()
+        rows = torch.repeat_interleave(
+            torch.tensor(self._feature_rows, device=features.values().device),
+            torch.tensor(lengths, device=features.values().device),
+            output_size=sum(lengths),
+        )
+        hashed = torch.remainder(mix64(features.values(), _HASH_SEED), rows)
+        return self._embedding_bag_collection(
+            KeyedJaggedTensor(
+                keys=features.keys(),
+                values=hashed,
+                lengths=features.lengths(),
+                weights=features.weights_or_none(),
+                stride=features.stride(),
+            )
+        )
+
+    def bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._embedding_bag_collection.parameters())
