@@ -15,8 +15,10 @@ fused TBE optimizers for the embeddings, as a TorchRec user would train it.
 
 import argparse
 import json
+import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -61,12 +63,21 @@ class TrainConfig:
     cafe_threshold: Optional[float] = None
     cafe_hash_fraction: Optional[float] = None
     cafe_update_interval: int = 1
+    cafe_optimizer_state: str = "copy"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer must be one of {tuple(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}")
+
+
+def quiet_logs() -> None:
+    """Silences TorchRec's and torch's per-model planner/tracing warnings in example output."""
+    for name in ("torchrec", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def device_and_backend() -> "tuple[torch.device, str]":
@@ -111,6 +122,7 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         multi_level=cfg.method == "cafe_ml",
         importance="frequency" if cfg.method == "cafe_freq" else "grad_norm",
         update_interval=cfg.cafe_update_interval,
+        optimizer_state=cfg.cafe_optimizer_state,
     )
     return CafeEmbeddingBagCollection(tables, cafe, device=device)
 
@@ -235,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result JSON here")
     args = p.parse_args(argv)
+    quiet_logs()
     data = synthetic(args.seed, args.batch_size, args.max_cardinality)
     cfg = TrainConfig(method=args.method, compression_ratio=args.compression_ratio, train_batches=args.train_batches, eval_batches=args.eval_batches, seed=args.seed)
     train = list(data.batches(cfg.train_batches, "train"))

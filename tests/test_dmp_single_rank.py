@@ -36,7 +36,7 @@ def test_promotion_copies_fused_rows_and_state(
     kjt = KeyedJaggedTensor(keys=["b", "a"], values=torch.tensor([42, 5, 42, 9, 11]), lengths=torch.tensor([1, 1, 2, 1]))
     for _ in range(2):  # 42 scores 2 per step: promoted by the 2nd update
         dmp(kjt).values().pow(2).sum().backward()
-    (shard,) = tbe_shards(module._embedding_bag_collection, "t")
+    (shard,) = tbe_shards(module._embedding_bag_collection, ["t"])
     assert len(shard.states) == num_states
     src = int(shared_rows(torch.tensor([42]), budget))
     row = shard.weight[src].clone()
@@ -57,3 +57,23 @@ def test_promotion_copies_fused_rows_and_state(
     module.eval()
     single = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([42]), lengths=torch.tensor([1, 0]))
     assert torch.equal(dmp(single).to_dict()["a"][0], row)
+
+
+def test_reset_policy_zeroes_the_promoted_rows_state(single_rank_pg: None) -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
+    cfg = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency", optimizer_state="reset")
+    cafe = CafeEmbeddingBagCollection(tables, cfg)
+    apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
+    module = dmp.module
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 9]), lengths=torch.tensor([2, 1]))
+    for _ in range(2):
+        dmp(kjt).values().pow(2).sum().backward()
+    (shard,) = tbe_shards(module._embedding_bag_collection, ["t"])
+    src = int(shared_rows(torch.tensor([42]), module._layout("t").budget))
+    row, state = shard.weight[src].clone(), shard.states[0][src].clone()
+    module.apply_pending_updates()
+    hot = int(module._sketch.query(torch.tensor([42])))
+    assert hot >= 0 and float(state) > 0
+    assert torch.equal(shard.weight[hot], row) and float(shard.states[0][hot]) == 0.0
+    assert torch.equal(shard.states[0][src], state)  # the source row keeps its state

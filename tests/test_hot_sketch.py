@@ -24,6 +24,14 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 # ----------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["cpu-path", "fixed-shape-path"])
+def code_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test runs on the CPU path (trims padding, skips empty phases) and on the fixed-shape,
+    sync-free path that accelerators take: both must give the same state."""
+    monkeypatch.setattr(HotSketch, "fixed_shapes", request.param)
+    return request.param
+
+
 def make_pair(**cfg):
     sk = HotSketch(**cfg)
     return sk, RefSketch(**cfg, bucket_of=sk.bucket_of)
@@ -502,3 +510,82 @@ def test_huge_scores_are_clamped_and_do_not_overflow():
     assert sk.query_scores(torch.tensor([0])).item() == 200 * 2.0**24
     assert sk.query_scores(torch.tensor([1])).item() == 3.0
     assert float(out.accepted_mass) == 200 * 2.0**24 + 3.0
+
+
+# ----------------------------------------------------------------------------- grouped tables
+
+
+def test_grouped_tables_equal_independent_sketches():
+    Ks, Hs, c = [16, 32, 8], [8, 16, 12], 4
+    thresholds, decays, masses = [5.0, 8.0, 6.0], [0.5, 0.7, 0.6], [300.0, 600.0, 150.0]
+    T = len(Ks)
+    g = HotSketch(Ks, Hs, thresholds, slots_per_bucket=c, decay=decays, decay_mass=masses, quarantine=1)
+    singles = [HotSketch(Ks[t], Hs[t], thresholds[t], slots_per_bucket=c, decay=decays[t],
+                         decay_mass=masses[t], quarantine=1) for t in range(T)]
+    b0, h0 = np.r_[0, np.cumsum(Ks)], np.r_[0, np.cumsum(Hs)]
+    rng = np.random.default_rng(7)
+    pool = universe(rng, 3000)  # shared by the tables: ids occur in several of them
+
+    def check_same(probe):
+        assert int(g.step) == int(singles[0].step)
+        for t, s in enumerate(singles):
+            K, H, where = Ks[t], Hs[t], f"update {int(g.step)}, table {t}"
+            bs, hs = slice(b0[t], b0[t] + K), slice(h0[t], h0[t] + H)
+            assert torch.equal(g.slot_ids[bs], s.slot_ids[:K]), where
+            assert torch.equal(g.slot_scores[bs], s.slot_scores[:K]), where
+            assert torch.equal(g.slot_hot[bs], s.slot_hot[:K]), where
+            own = s.hot_slot[:H]
+            assert torch.equal(g.hot_slot[hs], torch.where(own >= 0, own + b0[t] * c, own)), where
+            assert torch.equal(g.hot_free_since[hs], s.hot_free_since[:H]), where
+            for name in ("scale", "mass_since_decay", "promotions", "demotions", "rejected", "dropped_mass"):
+                assert torch.equal(getattr(g, name)[t], getattr(s, name)[0]), (where, name)
+            assert torch.equal(g.hot_ids(t), s.hot_ids()), where
+            assert g.stats(t) == s.stats() and torch.equal(g.total_mass(t), s.total_mass()), where
+            tab = torch.full_like(probe, t)
+            level = torch.tensor(thresholds, dtype=torch.float64) / 2
+            assert torch.equal(g.query(probe, tab), s.query(probe)), where
+            got, want = g.lookup(probe, tab, level), s.lookup(probe, level=level[t : t + 1])
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), where
+            assert torch.equal(g.query_scores(probe, tab), s.query_scores(probe)), where
+        # A mixed-table query answers each (table, id) as its own table's sketch does.
+        tab = torch.from_numpy(rng.integers(0, T, probe.numel()))
+        want = torch.stack([s.query(probe) for s in singles]).gather(0, tab.unsqueeze(0)).squeeze(0)
+        assert torch.equal(g.query(probe, tab), want)
+
+    for step in range(40):
+        n = 384
+        ids = torch.from_numpy(draw_ids(rng, pool, n, "zipf"))
+        tables = torch.from_numpy(rng.integers(0, T, n))
+        scores = torch.from_numpy(draw_scores(rng, n, "float"))
+        scores[torch.from_numpy(rng.random(n) < 0.02)] = float("nan")
+        scores[torch.from_numpy(rng.random(n) < 0.01)] = -1.0
+        out = g.update(ids, scores, tables)
+        for t, s in enumerate(singles):
+            mine = tables == t
+            o = s.update(ids[mine], scores[mine])
+            p = out.promoted & (out.promoted_tables == t)
+            assert torch.equal(out.promoted_ids[p], o.promoted_ids[o.promoted])
+            assert torch.equal(out.promoted_hot[p], o.promoted_hot[o.promoted])
+            assert torch.equal(out.prior_scores[p], o.prior_scores[o.promoted])
+            assert torch.equal(out.demoted[h0[t] : h0[t] + Hs[t]], o.demoted)
+        if step % 4 == 3:
+            check_same(torch.cat([ids[:64], torch.from_numpy(universe(rng, 16))]))  # seen and unseen ids
+    # The stream exercised promotions, decays, demotions, rejections and dropped mass.
+    assert (g.promotions > 0).all() and (g.demotions > 0).all() and (g.rejected > 0).all()
+    assert (g.scale > 1).all() and (g.dropped_mass > 0).any()
+
+    # An id tracked in several tables has one independent entry per table.
+    tracked = [set(g.slot_ids[b0[t] : b0[t + 1]][g.slot_hot[b0[t] : b0[t + 1]] != EMPTY].tolist()) for t in range(T)]
+    shared = torch.tensor(sorted(tracked[0] & tracked[1] & tracked[2]))
+    assert shared.numel() > 0
+    for t, s in enumerate(singles):
+        assert torch.equal(g.query_scores(shared, torch.full_like(shared, t)), s.query_scores(shared))
+    x = torch.tensor([12345])
+    fresh = HotSketch(Ks, Hs, thresholds, slots_per_bucket=c, decay=decays, decay_mass=masses)
+    fresh.update(x, torch.tensor([40.0]), torch.tensor([0]))
+    assert fresh.query(x, torch.tensor([0])).item() == 0 and fresh.query(x, torch.tensor([1])).item() == -1
+    assert not fresh.lookup(x, torch.tensor([1]))[1].item()
+    fresh.update(x, torch.tensor([1.0]), torch.tensor([1]))
+    assert fresh.query_scores(torch.cat([x, x]), torch.tensor([0, 1])).tolist() == [40.0, 1.0]
+    assert fresh.query(x, torch.tensor([1])).item() == -1
+    assert [fresh.stats(t)["tracked_ids"] for t in range(T)] == [1, 1, 0]

@@ -57,6 +57,9 @@ class CafeConfig:
         medium_threshold: defaults to ``threshold / 4``; must be below ``threshold``.
         quarantine: sketch updates a freed hot row waits before reuse; must be at least the
             pipeline depth when batches are remapped ahead of the previous update.
+        optimizer_state: on promotion, the hot row's optimizer state is ``"copy"``-ed from the ID's
+            shared row (it keeps the step size it trained with) or ``"reset"`` to zero (a fresh
+            row: with Adagrad-like optimizers, large first steps).
         update_interval: training steps whose scores are gathered into one sketch update (paper:
             1). An update is a function of the multiset of its scores, so k steps in one update
             see the same scores as k updates, only merged; it divides the sketch's cost by ~k.
@@ -72,6 +75,7 @@ class CafeConfig:
     medium_threshold: Optional[float] = None
     quarantine: int = 0
     update_interval: int = 1
+    optimizer_state: str = "copy"
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):
@@ -99,6 +103,8 @@ class CafeConfig:
             )
         if self.quarantine < 0:
             raise ValueError(f"quarantine must be >= 0, got {self.quarantine}")
+        if self.optimizer_state not in ("copy", "reset"):
+            raise ValueError(f"optimizer_state must be 'copy' or 'reset', got {self.optimizer_state!r}")
         if self.update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
 

@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
 from torchrec_cafe.sketch.hashing import hash_mod, mix64
-from torchrec_cafe.sketch.hot_sketch import HotSketch, _take
+from torchrec_cafe.sketch.hot_sketch import HotSketch
+from torchrec_cafe.sketch.ops import take
 
 SHARED_SEED = 0x51A7ED
 SECOND_SEED = 0x2ECD
@@ -118,6 +119,7 @@ class KJTRemapper(nn.Module):
             "table_hot": ([l.budget.num_hot for l in compressed] or [0], torch.int64),
             "table_shared": ([l.budget.num_shared for l in compressed] or [1], torch.int64),
             "table_multi_level": ([l.multi_level for l in compressed] or [False], torch.bool),
+            "table_reset_state": ([l.cafe.optimizer_state == "reset" for l in compressed] or [False], torch.bool),
         }
         for name, (values, dtype) in constants.items():
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
@@ -133,22 +135,22 @@ class KJTRemapper(nn.Module):
             torch.arange(self.num_features, device=device), torch.tensor(per_key, device=device), output_size=n
         )
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
-        plain_rows = torch.remainder(ids, _take(self.num_rows, feature))
+        plain_rows = torch.remainder(ids, take(self.num_rows, feature))
         if sketch is None:
             return self._physical(kjt, plain_rows, lengths, bag, feature), None
         # Only the compressed features' values are probed; they are runs known from host offsets.
         sel = self._compressed_positions(kjt)
-        ids_c, feature_c = _take(ids, sel), _take(feature, sel)
-        table_c = _take(self.cafe_table, feature_c)
+        ids_c, feature_c = take(ids, sel), take(feature, sel)
+        table_c = take(self.cafe_table, feature_c)
         hot, medium_c = sketch.lookup(ids_c, table_c, self.medium_level)
-        shared = _shared(ids_c, _take(self.num_hot, feature_c), _take(self.num_shared, feature_c), SHARED_SEED)
+        shared = _shared(ids_c, take(self.num_hot, feature_c), take(self.num_shared, feature_c), SHARED_SEED)
         rows = plain_rows.index_copy(0, sel, torch.where(hot >= 0, hot, shared))
         medium = None
         if self.any_multi_level:
-            medium_c = medium_c & (hot < 0) & _take(self.multi_level, feature_c)
+            medium_c = medium_c & (hot < 0) & take(self.multi_level, feature_c)
             medium = torch.zeros_like(ids, dtype=torch.bool).index_copy(0, sel, medium_c)
         physical = self._physical(kjt, rows, lengths, bag, feature, medium)
-        context = self._context(kjt, sel, ids_c, table_c, _take(bag, sel), feature_c, hot, medium_c)
+        context = self._context(kjt, sel, ids_c, table_c, take(bag, sel), feature_c, hot, medium_c)
         return physical, context
 
     def _physical(
@@ -164,12 +166,12 @@ class KJTRemapper(nn.Module):
         if self.weighted_out:
             w = kjt.weights_or_none()
             base = w if w is not None else torch.ones_like(rows, dtype=torch.float32)
-            inv_len = 1.0 / _take(lengths.clamp(min=1).to(base.dtype), bag)
-            weights = torch.where(_take(self.mean_as_weights, feature), base * inv_len, base)
+            inv_len = 1.0 / take(lengths.clamp(min=1).to(base.dtype), bag)
+            weights = torch.where(take(self.mean_as_weights, feature), base * inv_len, base)
         if medium is not None:
             # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
             ids = kjt.values().to(torch.int64)
-            second = _shared(ids, _take(self.num_hot, feature), _take(self.num_shared, feature), SECOND_SEED)
+            second = _shared(ids, take(self.num_hot, feature), take(self.num_shared, feature), SECOND_SEED)
             keep = torch.stack([torch.ones_like(medium), medium], dim=1)
             lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.sum(dim=1).to(lengths.dtype))
             rows = torch.stack([rows, second], dim=1)[keep]
@@ -192,9 +194,9 @@ class KJTRemapper(nn.Module):
     ) -> RemapContext:
         """Hook data of the compressed occurrences (all arguments but ``kjt``/``sel``: [n_c])."""
         w = kjt.weights_or_none()
-        factor = _take(w, sel).abs() if w is not None else torch.ones(sel.numel(), device=ids.device)
-        inv_len = 1.0 / _take(kjt.lengths().clamp(min=1).to(factor.dtype), bag)
-        factor = torch.where(_take(self.mean, feature), factor * inv_len, factor)
+        factor = take(w, sel).abs() if w is not None else torch.ones(sel.numel(), device=ids.device)
+        inv_len = 1.0 / take(kjt.lengths().clamp(min=1).to(factor.dtype), bag)
+        factor = torch.where(take(self.mean, feature), factor * inv_len, factor)
         num_tables = self.medium_level.numel()
         hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, (hot >= 0).float())
         seen = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, torch.ones_like(factor))
@@ -210,16 +212,17 @@ class KJTRemapper(nn.Module):
 
     def migration_sources(
         self, ids: torch.Tensor, tables: torch.Tensor, prior_scores: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
         """Rows a promoted ID trained so far: (first shared row, second shared row, whether the
-        second one was read, i.e. the ID was medium) [N] each; the last two None without
-        multi-level hashing."""
-        hot, shared = _take(self.table_hot, tables), _take(self.table_shared, tables)
+        second one was read, i.e. the ID was medium, whether its optimizer state is reset) [N]
+        each; the second and third are None without multi-level hashing."""
+        hot, shared = take(self.table_hot, tables), take(self.table_shared, tables)
         src = _shared(ids, hot, shared, SHARED_SEED)
+        reset = take(self.table_reset_state, tables)
         if not self.any_multi_level:
-            return src, None, None
-        medium = _take(self.table_multi_level, tables) & (prior_scores >= _take(self.medium_level, tables))
-        return src, _shared(ids, hot, shared, SECOND_SEED), medium
+            return src, None, None, reset
+        medium = take(self.table_multi_level, tables) & (prior_scores >= take(self.medium_level, tables))
+        return src, _shared(ids, hot, shared, SECOND_SEED), medium, reset
 
     def _compressed_positions(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """Positions of the compressed features' values: contiguous runs known from host offsets."""

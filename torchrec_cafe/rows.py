@@ -12,8 +12,8 @@ Tables whose rows share one storage (all tables of one TBE) form a ``RowGroup``:
 over the storage, so one scatter migrates the promotions of all its tables at once.
 
 Policy (documented in the README): the hot row's weights become the ID's embedding so far (the
-sum of its two shared rows for a medium ID), and its optimizer state is *copied* from the ID's
-first shared row, so a promoted ID keeps the step size it trained with.
+sum of its two shared rows for a medium ID); its optimizer state is copied from the ID's first
+shared row (``CafeConfig.optimizer_state="copy"``) or zeroed (``"reset"``).
 """
 
 from dataclasses import dataclass
@@ -111,8 +111,10 @@ def migrate_group(
     mask: torch.Tensor,
     src2: Optional[torch.Tensor] = None,
     use_src2: Optional[torch.Tensor] = None,
+    reset_state: Optional[torch.Tensor] = None,
 ) -> None:
-    """Initialises rows ``dst[i]`` (where ``mask``) from ``src[i]`` (+ ``src2[i]`` where ``use_src2``).
+    """Initialises rows ``dst[i]`` (where ``mask``) from ``src[i]`` (+ ``src2[i]`` where ``use_src2``);
+    optimizer state is copied from ``src[i]``, or zeroed where ``reset_state``.
 
     ``table_base`` [N]: each entry's ``base - row_offset`` in this group; ``src``/``dst`` are the
     tables' physical rows [N] int64, which every shard must hold (unsharded, table-wise and
@@ -128,7 +130,11 @@ def migrate_group(
         value = value + use_src2.unsqueeze(1).to(value.dtype) * w[s2]
     masked_row_write_(w, d, value, mask)
     for state in group.states:
-        masked_row_write_(state, d, state[s], mask)
+        value = state[s]
+        if reset_state is not None:
+            shape = (-1,) + (1,) * (value.dim() - 1)
+            value = torch.where(reset_state.view(shape), torch.zeros_like(value), value)
+        masked_row_write_(state, d, value, mask)
 
 
 def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:

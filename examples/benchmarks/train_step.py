@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import torch
 
-from examples.train_dlrm import TrainConfig, build_model, embedding_tables, ensure_process_group, synthetic
+from examples.train_dlrm import quiet_logs, TrainConfig, build_model, embedding_tables, ensure_process_group, synthetic
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--max-cardinality", type=int, default=1_000_000)
     p.add_argument("--out", default="results/train_step.json")
     args = p.parse_args()
+    quiet_logs()
 
     device = ensure_process_group()
     data = synthetic(0, args.batch_size, args.max_cardinality)

@@ -39,10 +39,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``num_embeddings * dim * bytes / compression_ratio`` bytes.
 
     Lifecycle of one training step: ``forward`` applies the scores pending from the previous
-    backward(s) (sketch update + row migrations; every ``update_interval`` steps), remaps raw IDs
-    with the sketch, runs the inner
-    ``EmbeddingBagCollection`` and hooks the output gradient; backward stashes one score per
-    occurrence. State never changes inside backward. ``eval()`` freezes the sketch: no scores, no
+    backward(s) (sketch update + row migrations, every ``update_interval`` steps), remaps raw IDs
+    with the sketch, runs the inner ``EmbeddingBagCollection`` and hooks the output gradient;
+    backward stashes one score per occurrence. State never changes inside backward. ``eval()`` freezes the sketch: no scores, no
     updates, same remap. Call ``apply_pending_updates()`` to apply the last step's scores
     explicitly (e.g. before a checkpoint).
 
@@ -71,15 +70,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._logical_configs = list(tables)
         self._is_weighted = is_weighted
         self._layouts = _layouts(tables, cafe, is_weighted)
-        self._inner_weighted = is_weighted or any(l.mean_as_weights for l in self._layouts)
+        self._remapper = KJTRemapper(self._layouts, device)
         self._embedding_bag_collection = EmbeddingBagCollection(
             tables=[l.physical_config() for l in self._layouts],
-            is_weighted=self._inner_weighted,
+            is_weighted=self._remapper.weighted_out,
             device=device,
         )
         self._compressed = [l for l in self._layouts if l.compressed]
         self._sketch = _group_sketch(self._compressed, device)
-        self._remapper = KJTRemapper(self._layouts, device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
         self._feature_set = set(self._feature_names)
         self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor]"] = []
@@ -115,7 +113,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._last_context = context
         kt = self._embedding_bag_collection(physical)
         if self.training and context is not None:
-            self._track_importance(kt, context, features.stride())
+            self._track_importance(kt, context)
         return kt
 
     def _empty_output(self, device: torch.device) -> KeyedTensor:
@@ -148,7 +146,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ------------------------------------------------------------------ importance
 
-    def _track_importance(self, kt: KeyedTensor, context: RemapContext, batch: int) -> None:
+    def _track_importance(self, kt: KeyedTensor, context: RemapContext) -> None:
         remapper = self._remapper
         if len(remapper.frequency_tables) == len(self._compressed):
             self._pending.append((context.ids, context.tables, torch.ones_like(context.factor)))
@@ -156,7 +154,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         values = kt.values()
         if values.requires_grad:
             columns = self._columns_of(kt)
-            values.register_hook(lambda g: self._on_output_grad(g, context, columns, batch))
+            values.register_hook(lambda g: self._on_output_grad(g, context, columns))
 
     def _columns_of(self, kt: KeyedTensor) -> torch.Tensor:
         """Feature index (module order) of each output column, by key name: [sum(dims)]."""
@@ -167,7 +165,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._column_features[keys] = torch.tensor(per_column, device=kt.values().device)
         return self._column_features[keys]
 
-    def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: torch.Tensor, batch: int) -> None:
+    def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: torch.Tensor) -> None:
         """Per-occurrence score = ||d loss / d pooled bag|| * |weight| (/ len for MEAN), then
         rescaled to mean 1 per feature. Stashes scores only; state changes at the next step."""
         with torch.no_grad():
@@ -191,7 +189,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         pending, self._pending = self._pending, []
         ids, tables, scores = (torch.cat(parts) for parts in zip(*pending))
         update = self._sketch.update(ids, scores, tables)
-        src, src2, medium = self._remapper.migration_sources(
+        src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )
         for group, base, member in self._row_groups():
@@ -203,6 +201,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 update.promoted & member[update.promoted_tables],
                 src2,
                 medium,
+                reset,
             )
 
     def _row_groups(self) -> List["tuple[RowGroup, torch.Tensor, torch.Tensor]"]:

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from torchrec_cafe.sketch.hashing import mix64
+from torchrec_cafe.sketch.ops import first_in_row, first_in_segment, rank_in_segment, segment_last, take
 
 EMPTY = -2
 COLD = -1
@@ -88,42 +89,6 @@ class SketchUpdate:
     accepted_mass: torch.Tensor
 
 
-def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``t[index]`` along dim 0; index_select is several times faster than advanced indexing on CPU."""
-    return t.index_select(0, index)
-
-
-def _first_in_segment(*keys: torch.Tensor) -> torch.Tensor:
-    """Whether each element starts a new run of equal key tuples (keys sorted)."""
-    first = torch.zeros_like(keys[0], dtype=torch.bool)
-    first[:1] = True
-    for k in keys:
-        first[1:] |= k[1:] != k[:-1]
-    return first
-
-
-def _rank_in_segment(keys: torch.Tensor) -> torch.Tensor:
-    """Position of each element within its run of equal ``keys`` (keys sorted)."""
-    pos = torch.arange(keys.numel(), device=keys.device)
-    start = torch.where(_first_in_segment(keys), pos, torch.zeros_like(pos))
-    return pos - torch.cummax(start, dim=0).values
-
-
-def _segment_last(keys: torch.Tensor) -> torch.Tensor:
-    """Index of the last element of each element's run of equal ``keys`` (keys sorted)."""
-    n = keys.numel()
-    pos = torch.arange(n, device=keys.device)
-    last = torch.ones_like(keys, dtype=torch.bool)
-    last[:-1] = keys[:-1] != keys[1:]
-    end = torch.where(last, pos, torch.full_like(pos, n))
-    return torch.flip(torch.cummin(torch.flip(end, [0]), dim=0).values, [0])
-
-
-def _first_in_row(mask: torch.Tensor) -> torch.Tensor:
-    """Column of the first True per row of a [N, c] mask (0 where none)."""
-    return mask.to(torch.int8).argmax(dim=1)
-
-
 def _per_table(value: PerTable, n: int, name: str) -> List[float]:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
@@ -155,6 +120,10 @@ class HotSketch(nn.Module):
             training remaps a batch before the previous update lands).
         device: where the buffers live; all work happens there.
     """
+
+    # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
+    # both paths. See _host_is_free.
+    fixed_shapes: bool = False
 
     def __init__(
         self,
@@ -270,7 +239,7 @@ class HotSketch(nn.Module):
     def bucket_of(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Global bucket of each (table, id). [N] int64."""
         tables = self._tables_like(ids, tables)
-        return _take(self._bucket_offset, tables) + torch.remainder(mix64(ids, _BUCKET_SEED), _take(self._buckets, tables))
+        return take(self._bucket_offset, tables) + torch.remainder(mix64(ids, _BUCKET_SEED), take(self._buckets, tables))
 
     def _probe(self, ids: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Flat slot index holding each (table, id), or -1 if untracked. [N] int64."""
@@ -279,8 +248,8 @@ class HotSketch(nn.Module):
     def _probe_bucket(self, ids: torch.Tensor, tables: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(flat slot or -1, bucket) of each (table, id). [N] int64 each."""
         b = self.bucket_of(ids, tables)
-        match = (_take(self.slot_ids, b) == ids.unsqueeze(1)) & (_take(self.slot_hot, b) != EMPTY)
-        flat = b * self.slots_per_bucket + _first_in_row(match)
+        match = (take(self.slot_ids, b) == ids.unsqueeze(1)) & (take(self.slot_hot, b) != EMPTY)
+        flat = b * self.slots_per_bucket + first_in_row(match)
         return torch.where(match.any(dim=1), flat, torch.full_like(flat, -1)), b
 
     def query(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -297,19 +266,19 @@ class HotSketch(nn.Module):
         tables = self._tables_like(ids, tables)
         flat = self._probe(ids, tables)
         safe = flat.clamp(min=0)
-        hot = _take(self.slot_hot.view(-1), safe).to(torch.int64)
+        hot = take(self.slot_hot.view(-1), safe).to(torch.int64)
         tracked = flat >= 0
         hot = torch.where(tracked & (hot >= 0), hot, torch.full_like(hot, -1))
         if level is None:
             return hot, tracked
-        return hot, tracked & (_take(self.slot_scores.view(-1), safe) >= _take(self._stored(level), tables))
+        return hot, tracked & (take(self.slot_scores.view(-1), safe) >= take(self._stored(level), tables))
 
     def query_scores(self, ids: torch.Tensor, tables: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Real (decayed) score of each id, 0 for untracked ids. [N] float32."""
         tables = self._tables_like(ids, tables)
         flat = self._probe(ids, tables)
-        s = _take(self.slot_scores.view(-1), flat.clamp(min=0))
-        return torch.where(flat >= 0, s / _take(self.scale, tables).to(s.dtype), torch.zeros_like(s))
+        s = take(self.slot_scores.view(-1), flat.clamp(min=0))
+        return torch.where(flat >= 0, s / take(self.scale, tables).to(s.dtype), torch.zeros_like(s))
 
     def _stored(self, real: torch.Tensor) -> torch.Tensor:
         """Real per-table scores [T] -> stored units [T] float32."""
@@ -337,11 +306,14 @@ class HotSketch(nn.Module):
         device = self.slot_ids.device
         ids = ids.to(device)
         tables = self._tables_like(ids, tables)
-        uid, utab, uq, valid = self._aggregate(ids, scores.to(device, torch.float64), tables)
+        uid, utab, uq, valid, num_unique = self._aggregate(ids, scores.to(device, torch.float64), tables)
+        if self._host_is_free():
+            n = int(num_unique)
+            uid, utab, uq, valid = uid[:n], utab[:n], uq[:n], valid[:n]
         flat, bucket = self._probe_bucket(uid, utab)
         present = valid & (flat >= 0)
-        prior = torch.where(present, _take(self.slot_scores.view(-1), flat.clamp(min=0)).double(), 0.0)
-        prior = (prior / _take(self.scale, utab)).float()
+        prior = torch.where(present, take(self.slot_scores.view(-1), flat.clamp(min=0)).double(), 0.0)
+        prior = (prior / take(self.scale, utab)).float()
         self._add_present(flat, present, utab, uq)
         self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
         order, promoted_hot, promoted = self._promote(uid, utab, valid)
@@ -351,21 +323,27 @@ class HotSketch(nn.Module):
         self.step += 1
         self._maybe_renormalise()
         return SketchUpdate(
-            _take(uid, order), _take(utab, order), promoted_hot, _take(prior, order), promoted, demoted, accepted.sum()
+            take(uid, order), take(utab, order), promoted_hot, take(prior, order), promoted, demoted, accepted.sum()
         )
+
+    def _host_is_free(self) -> bool:
+        """On CPU reading a scalar costs nothing, so an update trims padding and skips empty phases;
+        on accelerators it keeps fixed shapes and never syncs. Both give the same state (tested)."""
+        return self.slot_ids.device.type == "cpu" and not self.fixed_shapes
 
     def _aggregate(
         self, ids: torch.Tensor, scores: torch.Tensor, tables: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unique (table, id) pairs sorted by (table, id), padded, with exact integer score sums."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unique (table, id) pairs sorted by (table, id), padded to [N], with exact integer score
+        sums, validity, and the number of unique pairs (0-dim)."""
         ok = torch.isfinite(scores) & (scores >= 0)
         self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
         q = torch.where(ok, scores.clamp(max=_MAX_SCORE) * _Q, torch.zeros_like(scores))
         q = torch.round(q).to(torch.int64)
         order = torch.sort(ids, stable=True).indices
-        order = _take(order, torch.sort(_take(tables, order), stable=True).indices)
-        sid, stab, q, ok = (_take(x, order) for x in (ids, tables, q, ok))
-        seg = torch.cumsum(_first_in_segment(stab, sid), 0) - 1
+        order = take(order, torch.sort(take(tables, order), stable=True).indices)
+        sid, stab, q, ok = (take(x, order) for x in (ids, tables, q, ok))
+        seg = torch.cumsum(first_in_segment(stab, sid), 0) - 1
         n = ids.numel()
         zeros = torch.zeros(n, dtype=torch.int64, device=ids.device)
         uq = zeros.clone().index_add_(0, seg, q)
@@ -373,10 +351,11 @@ class HotSketch(nn.Module):
         uid = zeros.clone().scatter_(0, seg, sid)
         utab = zeros.clone().scatter_(0, seg, stab)
         valid = any_ok > 0  # padding positions have count 0
-        return uid, utab, torch.where(valid, uq, torch.zeros_like(uq)), valid
+        num_unique = seg[-1] + 1 if n else torch.zeros((), dtype=torch.int64, device=ids.device)
+        return uid, utab, torch.where(valid, uq, torch.zeros_like(uq)), valid, num_unique
 
     def _to_stored(self, q: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        return (q.to(torch.float64) / _Q * _take(self.scale, tables)).to(torch.float32)
+        return (q.to(torch.float64) / _Q * take(self.scale, tables)).to(torch.float32)
 
     @property
     def _trash_slot(self) -> int:
@@ -392,34 +371,37 @@ class HotSketch(nn.Module):
         self, new: torch.Tensor, bucket: torch.Tensor, uid: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor
     ) -> None:
         k, c = self.num_buckets, self.slots_per_bucket
+        if self._host_is_free():
+            keep = new.nonzero().squeeze(1)
+            new, bucket, uid, utab, uq = (take(x, keep) for x in (new, bucket, uid, utab, uq))
         bucket = torch.where(new, bucket, torch.full_like(uid, k))
         # Order by (bucket asc, score desc, id asc): uid ascends within a table (a bucket belongs to
         # one table) and the sorts are stable.
         order = torch.sort(uq, descending=True, stable=True).indices
-        order = _take(order, torch.sort(_take(bucket, order), stable=True).indices)
-        b, q, sid, tab = (_take(x, order) for x in (bucket, uq, uid, utab))
+        order = take(order, torch.sort(take(bucket, order), stable=True).indices)
+        b, q, sid, tab = (take(x, order) for x in (bucket, uq, uid, utab))
         is_new = b < k
-        rank = _rank_in_segment(b)
-        empty = _take(self.slot_hot, b) == EMPTY  # the sentinel bucket is never left occupied
+        rank = rank_in_segment(b)
+        empty = take(self.slot_hot, b) == EMPTY  # the sentinel bucket is never left occupied
         n_empty = empty.sum(dim=1)
         fill = is_new & (rank < n_empty)
         nth_empty = empty & (torch.cumsum(empty.to(torch.int64), dim=1) == (rank + 1).unsqueeze(1))
-        fill_slot = torch.where(fill, b * c + _first_in_row(nth_empty), self._trash_slot)
+        fill_slot = torch.where(fill, b * c + first_in_row(nth_empty), self._trash_slot)
         self._write_slots(fill_slot, sid, self._to_stored(q, tab))
 
         # The first newcomer that found no empty slot takes over the bucket's weakest cold slot
         # with the mass of every newcomer left over in that bucket.
         win = is_new & (rank == n_empty)
         csum = torch.cumsum(q, 0)
-        rest = _take(csum, _segment_last(b)) - csum + q
-        stored = _take(self.slot_scores, b)
-        cold = _take(self.slot_hot, b) == COLD
+        rest = take(csum, segment_last(b)) - csum + q
+        stored = take(self.slot_scores, b)
+        cold = take(self.slot_hot, b) == COLD
         masked = torch.where(cold, stored, torch.full_like(stored, float("inf")))
-        low = masked.min(dim=1).values
+        low = masked.amin(dim=1)
         can = win & cold.any(dim=1)
-        low_slot = b * c + _first_in_row(cold & (masked == low.unsqueeze(1)))
-        take = torch.where(can, low_slot, self._trash_slot)
-        self._write_slots(take, sid, low + self._to_stored(rest, tab))
+        low_slot = b * c + first_in_row(cold & (masked == low.unsqueeze(1)))
+        taken = torch.where(can, low_slot, self._trash_slot)
+        self._write_slots(taken, sid, low + self._to_stored(rest, tab))
         lost = torch.where(win & ~can, rest, torch.zeros_like(rest))
         self.dropped_mass += torch.zeros_like(self.promotions).index_add_(0, tab, lost).to(torch.float64) / _Q
 
@@ -438,40 +420,45 @@ class HotSketch(nn.Module):
     def _promote(
         self, uid: torch.Tensor, utab: torch.Tensor, valid: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (order of the unique pairs, hot index within table, promoted) [N] each."""
+        """Returns (positions of the unique pairs, candidates first, hot index within table,
+        promoted): [N] each on the fixed-shape path, [number of candidates] on the CPU path."""
         h, t = self.num_hot, self.num_tables
         flat = self._probe(uid, utab)
         safe = flat.clamp(min=0)
-        stored = _take(self.slot_scores.view(-1), safe)
+        stored = take(self.slot_scores.view(-1), safe)
         cand = (
             valid
             & (flat >= 0)
-            & (_take(self.slot_hot.view(-1), safe) == COLD)
-            & (stored >= _take(self._stored(self._threshold), utab))
+            & (take(self.slot_hot.view(-1), safe) == COLD)
+            & (stored >= take(self._stored(self._threshold), utab))
         )
+        index = torch.arange(cand.numel(), device=cand.device)
+        if self._host_is_free():
+            index = cand.nonzero().squeeze(1)
+            cand, flat, stored, utab = (take(x, index) for x in (cand, flat, stored, utab))
         # Candidates first, grouped by table, by (score desc, id asc) within a table: uid ascends
         # within a table and the sorts are stable.
         order = torch.sort(torch.where(cand, stored, torch.full_like(stored, -1.0)), descending=True, stable=True).indices
         group = torch.where(cand, utab, torch.full_like(utab, t))
-        order = _take(order, torch.sort(_take(group, order), stable=True).indices)
-        cand, flat, tab, group = (_take(x, order) for x in (cand, flat, utab, group))
-        cand_rank = _rank_in_segment(group)
+        order = take(order, torch.sort(take(group, order), stable=True).indices)
+        cand, flat, tab, group, index = (take(x, order) for x in (cand, flat, utab, group, index))
+        cand_rank = rank_in_segment(group)
 
         # Free hot indices of each table, lowest first: free_list[hot_offset[t] + j] is table t's
         # j-th free index (global numbering).
         free = (self.hot_slot < 0) & (self.hot_free_since + self.quarantine < self.step)
         free[h] = False
         cum = torch.cumsum(free.to(torch.int64), 0)
-        before = _take(torch.cat([cum.new_zeros(1), cum]), self._hot_offset)  # free indices below each table
+        before = take(torch.cat([cum.new_zeros(1), cum]), self._hot_offset)  # free indices below each table
         n_free = before[1:] - before[:-1]
         table_of_hot = self._table_of_hot.clamp(max=t - 1)
-        rank = cum - 1 - _take(before, table_of_hot)
-        pos = torch.where(free, _take(self._hot_offset, table_of_hot) + rank, h + 1)
+        rank = cum - 1 - take(before, table_of_hot)
+        pos = torch.where(free, take(self._hot_offset, table_of_hot) + rank, h + 1)
         free_list = torch.full((h + 2,), h, dtype=torch.int64, device=uid.device)
         free_list.scatter_(0, pos, torch.arange(h + 1, device=uid.device))
-        offset = _take(self._hot_offset, tab)
-        promoted = cand & (cand_rank < _take(n_free, tab))
-        hot = torch.where(promoted, _take(free_list, (offset + cand_rank).clamp(max=h)), h)
+        offset = take(self._hot_offset, tab)
+        promoted = cand & (cand_rank < take(n_free, tab))
+        hot = torch.where(promoted, take(free_list, (offset + cand_rank).clamp(max=h)), h)
 
         slot = torch.where(promoted, flat, self._trash_slot)
         self.slot_hot.view(-1).index_copy_(0, slot, (hot - offset).to(torch.int32))
@@ -480,7 +467,7 @@ class HotSketch(nn.Module):
         self.hot_slot[h] = -1
         self.promotions.index_add_(0, tab, promoted.to(torch.int64))
         local = torch.where(promoted, hot - offset, torch.zeros_like(hot))
-        return order, local, promoted
+        return index, local, promoted
 
     def _decay_and_demote(self, accepted: torch.Tensor) -> torch.Tensor:
         self.mass_since_decay += accepted
@@ -488,10 +475,13 @@ class HotSketch(nn.Module):
         self.scale.copy_(torch.where(due, self.scale / self._decay, self.scale))
         self.mass_since_decay.copy_(torch.where(due, torch.zeros_like(accepted), self.mass_since_decay))
         h = self.num_hot
+        if self._host_is_free() and not bool(due.any()):
+            # Scores only grow between decays, so nobody can fall below the threshold.
+            return torch.zeros(h, dtype=torch.bool, device=accepted.device)
         owner = self.hot_slot[:h]
-        score = _take(self.slot_scores.view(-1), owner.clamp(min=0))
+        score = take(self.slot_scores.view(-1), owner.clamp(min=0))
         table = self._table_of_hot[:h]
-        demoted = (owner >= 0) & (score < _take(self._stored(self._threshold), table))
+        demoted = (owner >= 0) & (score < take(self._stored(self._threshold), table))
         slot = torch.where(demoted, owner, self._trash_slot)
         self.slot_hot.view(-1).index_fill_(0, slot, COLD)
         self._clear_sentinels()
