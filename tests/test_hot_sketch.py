@@ -145,11 +145,18 @@ FREQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FREQ_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-c{c[2]}-H{c[3]}")
-def test_frequency_mode_matches_reference_exactly(case):
+def case_config(case):
+    """(sketch kwargs, dist, steps, batch, pool) of a FREQ_CASES / FLOAT_CASES row."""
     dist, K, c, H, thr, decay, dm, quar, steps, batch, pool = case
     cfg = dict(num_buckets=K, num_hot=H, threshold=thr, slots_per_bucket=c, decay=decay,
                decay_mass=dm, quarantine=quar)
+    return cfg, dist, steps, batch, pool
+
+
+@pytest.mark.parametrize("case", FREQ_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-c{c[2]}-H{c[3]}")
+def test_frequency_mode_matches_reference_exactly(case):
+    cfg, dist, steps, batch, pool = case_config(case)
+    K, c, H, decay = cfg["num_buckets"], cfg["slots_per_bucket"], cfg["num_hot"], cfg["decay"]
     sk, ref = run_stream(cfg, dist, "freq", steps, batch, seed=K * 31 + c, exact=True,
                          pool_size=pool)
     assert ref.promotions > 0
@@ -167,9 +174,8 @@ FLOAT_CASES = [
 
 @pytest.mark.parametrize("case", FLOAT_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-c{c[2]}-H{c[3]}")
 def test_float_scores_match_reference(case):
-    dist, K, c, H, thr, decay, dm, quar, steps, batch, pool = case
-    cfg = dict(num_buckets=K, num_hot=H, threshold=thr, slots_per_bucket=c, decay=decay,
-               decay_mass=dm, quarantine=quar)
+    cfg, dist, steps, batch, pool = case_config(case)
+    K, c = cfg["num_buckets"], cfg["slots_per_bucket"]
     _, ref = run_stream(cfg, dist, "float", steps, batch, seed=K * 17 + c, exact=False,
                         pool_size=pool)
     assert ref.promotions > 0 and ref.decays >= 2 and ref.demotions > 0
