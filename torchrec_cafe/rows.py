@@ -166,6 +166,12 @@ def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
                     )
                 states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
                 row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
+                if cfg.local_rows != cfg.num_embeddings:
+                    raise NotImplementedError(
+                        f"table {cfg.name!r} is sharded row-wise ({cfg.local_rows} of "
+                        f"{cfg.num_embeddings} rows here): migrations across row shards need the "
+                        f"cross-rank row exchange, not built yet; use table-wise or column-wise"
+                    )
                 shards.append(
                     RowShard(cfg.name, tbe.split_embedding_weights()[k], list(states), row_offset, cfg.local_rows)
                 )

@@ -3,12 +3,14 @@
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
 from torchrec_cafe.rows import RowGroup, group_shards, migrate_group, parameter_shards, tbe_shards
 from torchrec_cafe.sketch.hot_sketch import HotSketch
@@ -86,6 +88,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._column_features: Dict["tuple[str, ...]", torch.Tensor] = {}
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
+        self._steps_since_update = 0
 
     # ------------------------------------------------------------------ EBC interface
 
@@ -105,8 +108,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)]."""
         features = self._check_and_order(features)
-        if self.training and len(self._pending) >= self._update_interval:
-            self.apply_pending_updates()
+        if self.training and self._sketch is not None:
+            if self._steps_since_update >= self._update_interval:
+                self.apply_pending_updates()
+            self._steps_since_update += 1
         if features.stride() == 0:
             return self._empty_output(features.values().device)
         physical, context = self._remapper(features, self._sketch)
@@ -183,11 +188,24 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     @torch.no_grad()
     def apply_pending_updates(self) -> None:
-        """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update)."""
-        if not self._pending:
+        """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update).
+
+        With several ranks (an initialised process group of size > 1) this is a collective: every
+        rank applies the all-gathered occurrences of all ranks, so the replicated sketches stay
+        bit-identical. Training ``forward`` calls it on every rank at the same steps.
+        """
+        if self._sketch is None:
             return
-        pending, self._pending = self._pending, []
-        ids, tables, scores = (torch.cat(parts) for parts in zip(*pending))
+        pending, self._pending, self._steps_since_update = self._pending, [], 0
+        if pending:
+            ids, tables, scores = (torch.cat(parts) for parts in zip(*pending))
+        else:
+            ids = tables = torch.zeros(0, dtype=torch.int64, device=self._sketch.step.device)
+            scores = torch.zeros(0, device=ids.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ids, scores, tables = all_gather_occurrences(ids, scores, tables)
+        elif not pending:
+            return
         update = self._sketch.update(ids, scores, tables)
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
