@@ -1,7 +1,8 @@
 """torchrec_cafe: CAFE (Compact, Adaptive, Fast Embedding) as a TorchRec module.
 
 Layers, each readable alone: ``sketch`` (HotSketch, pure tensor ops) -> ``remap`` (raw IDs ->
-physical rows) -> ``modules`` (CafeEmbeddingBagCollection) -> ``datasets`` (synthetic CTR data).
+physical rows) -> ``modules`` (CafeEmbeddingBagCollection) -> ``distributed`` (sketch sync across
+ranks); ``datasets`` holds the synthetic CTR generator.
 """
 
 from torchrec_cafe.config import CafeConfig, TableBudget, paper_schedule, table_budget
