@@ -77,3 +77,43 @@ def test_reset_policy_zeroes_the_promoted_rows_state(single_rank_pg: None) -> No
     assert hot >= 0 and float(state) > 0
     assert torch.equal(shard.weight[hot], row) and float(shard.states[0][hot]) == 0.0
     assert torch.equal(shard.states[0][src], state)  # the source row keeps its state
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_mixed_dims_in_one_tbe_migrate_every_table_and_shard(single_rank_pg: None, sharding: str) -> None:
+    """Tables of different dims (and a plain one) packed in one TBE, whole or in column shards:
+    each promotion lands in its own table's rows and row-wise state."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=16, num_embeddings=30_000, feature_names=["fa"]),
+        EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=50, feature_names=["fp"]),
+        EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=20_000, feature_names=["fb"]),
+    ]
+    cafe = CafeEmbeddingBagCollection(tables, {n: CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency") for n in ("a", "b")})
+    apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"], min_partition=4) for t in tables}
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(
+        cafe, [EmbeddingBagCollectionSharder()]
+    )
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan)
+    module = dmp.module
+    kjt = KeyedJaggedTensor(keys=["fa", "fp", "fb"], values=torch.tensor([7, 7, 3, 11, 11]), lengths=torch.tensor([2, 1, 2]))
+    for _ in range(2):
+        dmp(kjt).values().pow(2).sum().backward()
+    shards = tbe_shards(module._embedding_bag_collection, ["a", "b"])
+    before = {}
+    for name, id_ in (("a", 7), ("b", 11)):
+        src = int(shared_rows(torch.tensor([id_]), module._layout(name).budget))
+        before[name] = [(s.weight[src].clone(), [x[src].clone() for x in s.states]) for s in shards if s.table == name]
+    module.apply_pending_updates()
+    for t, (name, id_) in enumerate((("a", 7), ("b", 11))):
+        hot = int(module._sketch.query(torch.tensor([id_]), torch.tensor([t])))
+        assert hot >= 0
+        mine = [s for s in shards if s.table == name]
+        assert len(mine) == len(before[name]) >= (2 if sharding == "column_wise" else 1)
+        for s, (row, states) in zip(mine, before[name]):
+            assert torch.equal(s.weight[hot], row)
+            for x, expected in zip(s.states, states):
+                assert torch.equal(x[hot], expected)

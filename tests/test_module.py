@@ -323,3 +323,31 @@ def test_learns_like_a_table_when_everything_is_hot() -> None:
         losses.append(float(loss))
     assert cafe.stats()["t"]["hot_ids"] == 40
     assert losses[-1] < 0.05 * losses[0] and math.isfinite(losses[-1])
+
+
+def test_mixed_mean_tables_with_multi_level_pool_correctly() -> None:
+    """One multi-level MEAN table forces weights on the KJT: every MEAN table then pools as
+    SUM with weights 1/len and must still equal a MEAN."""
+    tables = [
+        EmbeddingBagConfig(name="ml", embedding_dim=4, num_embeddings=20_000, feature_names=["x"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="plain", embedding_dim=4, num_embeddings=30, feature_names=["y"], pooling=PoolingType.MEAN),
+    ]
+    cafe = CafeEmbeddingBagCollection(tables, {"ml": CafeConfig(compression_ratio=10, multi_level=True)})
+    kjt = _kjt(["x", "y"], batch=8, high=30)
+    out = cafe(kjt).to_dict()
+    weight = cafe._embedding_bag_collection.embedding_bags["plain"].weight
+    torch.testing.assert_close(out["y"], _pooled(weight, kjt["y"], PoolingType.MEAN), rtol=1e-5, atol=1e-6)
+
+
+def test_untracked_id_is_not_initialised_as_medium() -> None:
+    """medium_threshold 0: an ID promoted on its first update never read a second shared row, so
+    its hot row must equal its first shared row only."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=20_000, feature_names=["a"])]
+    cfg = CafeConfig(compression_ratio=10, threshold=2.0, medium_threshold=0.0, multi_level=True, importance="frequency")
+    cafe = CafeEmbeddingBagCollection(tables, cfg)
+    weight = cafe._embedding_bag_collection.embedding_bags["t"].weight
+    cafe(KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42]), lengths=torch.tensor([2])))
+    row = weight[int(shared_rows(torch.tensor([42]), cafe._layout("t").budget))].detach().clone()
+    cafe.apply_pending_updates()
+    hot = int(cafe._sketch.query(torch.tensor([42])))
+    assert hot >= 0 and torch.equal(weight[hot].detach(), row)

@@ -47,22 +47,23 @@ class RowShard:
     weight: torch.Tensor  # [num_rows, cols] view
     states: List[torch.Tensor]  # optimizer states, [num_rows] or [num_rows, cols] views
     row_offset: int
-    num_rows: int
 
 
 @dataclass
 class RowGroup:
     """Shards of several tables that live in the same storages, seen through one alias each.
 
-    Row r of table t is row ``base[t] + r - row_offset[t]`` of ``weight`` (and of each state).
+    Row r of table t is row ``base[t][k] + r - row_offset[t]`` of tensor k (k = 0: ``weight``,
+    k >= 1: ``states[k - 1]``): each storage packs tables at its own offsets (weights by rows of
+    their dim, row-wise states by rows). A table appears at most once per group; its column-wise
+    shards in one TBE form separate groups.
     """
 
     weight: torch.Tensor
     states: List[torch.Tensor]
     tables: List[str]
-    base: Dict[str, int]
+    base: Dict[str, List[int]]
     row_offset: Dict[str, int]
-
 
 def _width(t: torch.Tensor) -> int:
     return t.shape[1] if t.dim() == 2 else 1
@@ -88,16 +89,20 @@ def group_shards(shards: Sequence[RowShard]) -> List[RowGroup]:
     groups: Dict[tuple, RowGroup] = {}
     for shard in shards:
         tensors = [shard.weight] + shard.states
-        key = tuple((t.untyped_storage().data_ptr(), t.dim(), _width(t)) for t in tensors)
-        if not _groupable(shard):
-            key = (id(shard),)
+        if _groupable(shard):
+            key = tuple((t.untyped_storage().data_ptr(), t.dim(), _width(t)) for t in tensors)
+            aliases = [_alias(t) for t in tensors]
+        else:
+            key, aliases = (id(shard),), [(t, 0) for t in tensors]
+        repeat = 0  # the n-th shard of the same table in these storages (column-wise shards)
+        while key + (repeat,) in groups and shard.table in groups[key + (repeat,)].base:
+            repeat += 1
+        key = key + (repeat,)
         if key not in groups:
-            weight, _ = _alias(shard.weight) if _groupable(shard) else (shard.weight, 0)
-            states = [(_alias(s)[0] if _groupable(shard) else s) for s in shard.states]
-            groups[key] = RowGroup(weight, states, [], {}, {})
+            groups[key] = RowGroup(aliases[0][0], [a for a, _ in aliases[1:]], [], {}, {})
         group = groups[key]
         group.tables.append(shard.table)
-        group.base[shard.table] = _alias(shard.weight)[1] if _groupable(shard) else 0
+        group.base[shard.table] = [offset for _, offset in aliases]
         group.row_offset[shard.table] = shard.row_offset
     return list(groups.values())
 
@@ -105,7 +110,7 @@ def group_shards(shards: Sequence[RowShard]) -> List[RowGroup]:
 @torch.no_grad()
 def migrate_group(
     group: RowGroup,
-    table_base: torch.Tensor,
+    bases: Sequence[torch.Tensor],
     src: torch.Tensor,
     dst: torch.Tensor,
     mask: torch.Tensor,
@@ -116,25 +121,27 @@ def migrate_group(
     """Initialises rows ``dst[i]`` (where ``mask``) from ``src[i]`` (+ ``src2[i]`` where ``use_src2``);
     optimizer state is copied from ``src[i]``, or zeroed where ``reset_state``.
 
-    ``table_base`` [N]: each entry's ``base - row_offset`` in this group; ``src``/``dst`` are the
-    tables' physical rows [N] int64, which every shard must hold (unsharded, table-wise and
-    column-wise placements).
+    ``bases[k]`` [N]: each entry's ``base - row_offset`` in tensor k of this group;
+    ``src``/``dst`` are the tables' physical rows [N] int64, which every shard must hold
+    (unsharded, table-wise and column-wise placements).
     """
     # Entries of other groups' tables may point past this group's rows: park them on row 0.
     zero = torch.zeros_like(src)
-    s, d = torch.where(mask, src + table_base, zero), torch.where(mask, dst + table_base, zero)
+
+    def rows(r: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.where(mask, r + bases[k], zero)
+
     w = group.weight
-    value = w[s]
+    value = w[rows(src, 0)]
     if src2 is not None:
-        s2 = torch.where(mask, src2 + table_base, zero)
-        value = value + use_src2.unsqueeze(1).to(value.dtype) * w[s2]
-    masked_row_write_(w, d, value, mask)
-    for state in group.states:
-        value = state[s]
+        value = value + use_src2.unsqueeze(1).to(value.dtype) * w[rows(src2, 0)]
+    masked_row_write_(w, rows(dst, 0), value, mask)
+    for k, state in enumerate(group.states, start=1):
+        value = state[rows(src, k)]
         if reset_state is not None:
             shape = (-1,) + (1,) * (value.dim() - 1)
             value = torch.where(reset_state.view(shape), torch.zeros_like(value), value)
-        masked_row_write_(state, d, value, mask)
+        masked_row_write_(state, rows(dst, k), value, mask)
 
 
 def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:
@@ -144,7 +151,7 @@ def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch
         for value in optimizer.state.get(weight, {}).values():
             if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == weight.shape[0]:
                 states.append(value)
-    return [RowShard(table, weight.data, states, 0, weight.shape[0])]
+    return [RowShard(table, weight.data, states, 0)]
 
 
 def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
@@ -172,9 +179,7 @@ def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
                         f"{cfg.num_embeddings} rows here): migrations across row shards need the "
                         f"cross-rank row exchange, not built yet; use table-wise or column-wise"
                     )
-                shards.append(
-                    RowShard(cfg.name, tbe.split_embedding_weights()[k], list(states), row_offset, cfg.local_rows)
-                )
+                shards.append(RowShard(cfg.name, tbe.split_embedding_weights()[k], list(states), row_offset))
     return shards
 
 

@@ -210,10 +210,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )
-        for group, base, member in self._row_groups():
+        for group, bases, member in self._row_groups():
             migrate_group(
                 group,
-                base[update.promoted_tables],
+                [b.index_select(0, update.promoted_tables) for b in bases],
                 src,
                 update.promoted_hot,
                 update.promoted & member[update.promoted_tables],
@@ -222,8 +222,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 reset,
             )
 
-    def _row_groups(self) -> List["tuple[RowGroup, torch.Tensor, torch.Tensor]"]:
-        """Row groups of the compressed tables, with per-sketch-table row base and membership [T].
+    def _row_groups(self) -> List["tuple[RowGroup, List[torch.Tensor], torch.Tensor]"]:
+        """Row groups of the compressed tables, with per-tensor row bases [T] and membership [T].
 
         Fused (TBE) tables are views that never move, so their groups are cached; a plain torch
         optimizer may create state lazily, so unsharded groups are rebuilt each time.
@@ -241,9 +241,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device = self._remapper.table_hot.device
         groups = []
         for g in group_shards(shards):
-            base = torch.tensor([g.base.get(n, 0) - g.row_offset.get(n, 0) for n in names], device=device)
+            bases = [
+                torch.tensor([g.base[n][k] - g.row_offset[n] if n in g.base else 0 for n in names], device=device)
+                for k in range(1 + len(g.states))
+            ]
             member = torch.tensor([n in g.base for n in names], device=device)
-            groups.append((g, base, member))
+            groups.append((g, bases, member))
         if not isinstance(inner, EmbeddingBagCollection):
             self._cached_groups = (inner, groups)
         return groups
@@ -338,6 +341,10 @@ def _layouts(
         dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
         budget = table_budget(t, c, dtype_bytes) if c is not None else table_budget(t, _PLAIN, dtype_bytes)
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
+    if not is_weighted and any(l.mean_as_weights for l in layouts):
+        # Multi-level MEAN needs weights, and a KJT carries weights for every feature or none:
+        # every MEAN table then pools as SUM with weights 1/len.
+        layouts = [TableLayout(l.config, l.cafe, l.budget, True) for l in layouts]
     return layouts
 
 

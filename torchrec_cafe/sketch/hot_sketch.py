@@ -75,7 +75,7 @@ class SketchUpdate:
 
     ``promoted_ids`` / ``promoted_tables`` / ``promoted_hot`` / ``prior_scores`` [N]: promoted
     IDs, their table, their new hot index (within the table) and their real score before this
-    update, valid where ``promoted`` is True (valid entries come first, grouped by table).
+    update (-1 if it was untracked), valid where ``promoted`` is True (valid entries come first, grouped by table).
     ``demoted`` [sum H] bool: hot indices freed by this update (global layout).
     ``accepted_mass`` 0-dim float64: score mass inserted.
     """
@@ -313,7 +313,8 @@ class HotSketch(nn.Module):
         flat, bucket = self._probe_bucket(uid, utab)
         present = valid & (flat >= 0)
         prior = torch.where(present, take(self.slot_scores.view(-1), flat.clamp(min=0)).double(), 0.0)
-        prior = (prior / take(self.scale, utab)).float()
+        # Untracked IDs get -1 so that no level >= 0 counts them as having been medium.
+        prior = torch.where(present, prior / take(self.scale, utab), -1.0).float()
         self._add_present(flat, present, utab, uq)
         self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
         order, promoted_hot, promoted = self._promote(uid, utab, valid)
