@@ -117,3 +117,21 @@ def test_mixed_dims_in_one_tbe_migrate_every_table_and_shard(single_rank_pg: Non
             assert torch.equal(s.weight[hot], row)
             for x, expected in zip(s.states, states):
                 assert torch.equal(x[hot], expected)
+
+
+def test_meta_device_module_is_materialised_by_dmp(single_rank_pg: None) -> None:
+    """TorchRec's large-model pattern: build on meta, let DMP materialise the tables. The sketch
+    must come out intact (not zero-filled) and training must promote as usual."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
+    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency")
+    cafe = CafeEmbeddingBagCollection(tables, cfg, device=torch.device("meta"))
+    apply_optimizer_in_backward(torch.optim.SGD, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
+    fresh = CafeEmbeddingBagCollection(tables, cfg)
+    for key, value in fresh._sketch.state_dict().items():
+        assert torch.equal(dmp.module._sketch.state_dict()[key], value), key
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([5, 5, 6]), lengths=torch.tensor([2, 1]))
+    for _ in range(2):
+        dmp(kjt).values().sum().backward()
+    dmp.module.apply_pending_updates()
+    assert int(dmp.module._sketch.query(torch.tensor([5]))) >= 0

@@ -194,7 +194,7 @@ class KJTRemapper(nn.Module):
     ) -> RemapContext:
         """Hook data of the compressed occurrences (all arguments but ``kjt``/``sel``: [n_c])."""
         w = kjt.weights_or_none()
-        factor = take(w, sel).abs() if w is not None else torch.ones(sel.numel(), device=ids.device)
+        factor = take(w, sel).abs().float() if w is not None else torch.ones(sel.numel(), device=ids.device)
         inv_len = 1.0 / take(kjt.lengths().clamp(min=1).to(factor.dtype), bag)
         factor = torch.where(take(self.mean, feature), factor * inv_len, factor)
         num_tables = self.medium_level.numel()

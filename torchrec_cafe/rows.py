@@ -31,10 +31,10 @@ def masked_row_write_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     """
     if index.numel() == 0:
         return
-    j = mask.to(torch.int8).argmax()
+    j = mask.to(torch.int8).argmax().view(1)  # stays a tensor: no host read of the position
     has = mask.any()
-    idx0 = torch.where(has, index[j], torch.zeros_like(index[j]))
-    val0 = torch.where(has, src[j], dst[0])
+    idx0 = torch.where(has, index.index_select(0, j), torch.zeros_like(index[:1]))
+    val0 = torch.where(has, src.index_select(0, j), dst[:1])
     shape = (-1,) + (1,) * (src.dim() - 1)
     dst[torch.where(mask, index, idx0)] = torch.where(mask.view(shape), src, val0)
 

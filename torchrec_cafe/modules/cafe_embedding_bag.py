@@ -72,14 +72,18 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._logical_configs = list(tables)
         self._is_weighted = is_weighted
         self._layouts = _layouts(tables, cafe, is_weighted)
-        self._remapper = KJTRemapper(self._layouts, device)
+        # Tables may start on the meta device (DMP materialises them); the sketch and the remap
+        # constants must not (DMP would fill them with zeros), so they start on CPU and follow
+        # the inputs' device at the first forward.
+        state_device = torch.device("cpu") if _is_meta(device) else device
+        self._remapper = KJTRemapper(self._layouts, state_device)
         self._embedding_bag_collection = EmbeddingBagCollection(
             tables=[l.physical_config() for l in self._layouts],
             is_weighted=self._remapper.weighted_out,
             device=device,
         )
         self._compressed = [l for l in self._layouts if l.compressed]
-        self._sketch = _group_sketch(self._compressed, device)
+        self._sketch = _group_sketch(self._compressed, state_device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
         self._feature_set = set(self._feature_names)
         self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor]"] = []
@@ -108,6 +112,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)]."""
         features = self._check_and_order(features)
+        if self._remapper.cafe_table.device != features.values().device:
+            self._follow(features.values().device)
         if self.training and self._sketch is not None:
             if self._steps_since_update >= self._update_interval:
                 self.apply_pending_updates()
@@ -120,6 +126,18 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if self.training and context is not None:
             self._track_importance(kt, context)
         return kt
+
+    def _follow(self, device: torch.device) -> None:
+        """Moves the sketch and remap constants next to the inputs (host-side check, no sync)."""
+        self._remapper.to(device)
+        if self._sketch is not None:
+            self._sketch.to(device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # Cached index tensors and TBE views belong to the old device or storage.
+        self._column_features.clear()
+        self._cached_groups = None
+        return super()._apply(fn, recurse)
 
     def _empty_output(self, device: torch.device) -> KeyedTensor:
         """A batch of 0 samples (which TorchRec's EBC cannot pool) gives [0, sum(dims)]."""
@@ -292,6 +310,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
             out[layout.config.name] = s
         return out
+
+
+def _is_meta(device: Optional[torch.device]) -> bool:
+    return device is not None and torch.device(device).type == "meta"
 
 
 def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:

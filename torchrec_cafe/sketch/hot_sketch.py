@@ -65,6 +65,7 @@ _RENORM_AT = float(1 << 40)
 _RENORM_HEADROOM = 57 * math.log(2)
 _RENORM_CHECK_MAX_INTERVAL = 256  # updates between (host-synchronising) renormalisation checks
 _BUCKET_SEED = 0x5EED
+_MAX_TABLES = (1 << 15) - 1  # table indices are stored as int16
 
 PerTable = Union[int, float, Sequence[int], Sequence[float]]
 
@@ -188,16 +189,12 @@ class HotSketch(nn.Module):
             ("_decay_mass", masses, torch.float64),
         ):
             self.register_buffer(name, torch.tensor(values, dtype=dtype, **kw), persistent=False)
-        self.register_buffer(
-            "_table_of_bucket",
-            torch.repeat_interleave(torch.arange(t + 1), torch.tensor(ks + [1])).to(device),
-            persistent=False,
-        )
-        self.register_buffer(
-            "_table_of_hot",
-            torch.repeat_interleave(torch.arange(t + 1), torch.tensor(hs + [1])).to(device),
-            persistent=False,
-        )
+        if t > _MAX_TABLES:
+            raise ValueError(f"a HotSketch holds at most {_MAX_TABLES} tables, got {t}")
+        for name, sizes in (("_table_of_bucket", ks), ("_table_of_hot", hs)):
+            # int16: 2 bytes per bucket / hot index, counted in table_state_bytes.
+            index = torch.repeat_interleave(torch.arange(t + 1, dtype=torch.int16), torch.tensor(sizes + [1]))
+            self.register_buffer(name, index.to(device), persistent=False)
         # A decay event happens at most once per update, so scale grows at most 1/decay per update.
         fastest = max(-math.log(d) for d in decays)
         self._renorm_interval = min(
@@ -215,17 +212,19 @@ class HotSketch(nn.Module):
     @staticmethod
     def table_state_bytes(num_buckets: int, num_hot: int, slots_per_bucket: int = 4) -> int:
         """Bytes one table owns: its slots (id 8 + score 4 + hot index 4), hot map (slot 8 +
-        freed-at 8) and six 8-byte counters."""
-        return num_buckets * slots_per_bucket * 16 + num_hot * 16 + 6 * 8
+        freed-at 8), the int16 table index of each bucket and hot index (2 + 2), six 8-byte
+        counters and six 8-byte constants (offsets, sizes, threshold, decay, decay mass)."""
+        return num_buckets * (slots_per_bucket * 16 + 2) + num_hot * (16 + 2) + 12 * 8
 
     @staticmethod
     def shared_state_bytes(slots_per_bucket: int = 4) -> int:
-        """Bytes shared by all tables of a sketch: the sentinel bucket and hot index, ``step``."""
-        return slots_per_bucket * 16 + 16 + 8
+        """Bytes shared by all tables of a sketch: the sentinel bucket and hot index (and their
+        table-index entries), ``step``, and the closing entries of the two offset arrays."""
+        return slots_per_bucket * 16 + 2 + 16 + 2 + 8 + 2 * 8
 
     def nbytes(self) -> int:
-        """Exact bytes of the persistent state (what a checkpoint stores)."""
-        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
+        """Exact bytes of every buffer: the checkpointed state and the derived constants."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     # ------------------------------------------------------------------ queries
 
@@ -452,7 +451,7 @@ class HotSketch(nn.Module):
         cum = torch.cumsum(free.to(torch.int64), 0)
         before = take(torch.cat([cum.new_zeros(1), cum]), self._hot_offset)  # free indices below each table
         n_free = before[1:] - before[:-1]
-        table_of_hot = self._table_of_hot.clamp(max=t - 1)
+        table_of_hot = self._table_of_hot.clamp(max=t - 1).to(torch.int64)
         rank = cum - 1 - take(before, table_of_hot)
         pos = torch.where(free, take(self._hot_offset, table_of_hot) + rank, h + 1)
         free_list = torch.full((h + 2,), h, dtype=torch.int64, device=uid.device)
@@ -481,7 +480,7 @@ class HotSketch(nn.Module):
             return torch.zeros(h, dtype=torch.bool, device=accepted.device)
         owner = self.hot_slot[:h]
         score = take(self.slot_scores.view(-1), owner.clamp(min=0))
-        table = self._table_of_hot[:h]
+        table = self._table_of_hot[:h].to(torch.int64)
         demoted = (owner >= 0) & (score < take(self._stored(self._threshold), table))
         slot = torch.where(demoted, owner, self._trash_slot)
         self.slot_hot.view(-1).index_fill_(0, slot, COLD)
@@ -499,7 +498,8 @@ class HotSketch(nn.Module):
             return
         big = self.scale > _RENORM_AT
         if bool(big.any()):
-            factor = torch.where(big, self.scale, torch.ones_like(self.scale))[self._table_of_bucket.clamp(max=self.num_tables - 1)]
+            table = self._table_of_bucket.clamp(max=self.num_tables - 1).to(torch.int64)
+            factor = torch.where(big, self.scale, torch.ones_like(self.scale))[table]
             self.slot_scores.copy_((self.slot_scores.to(torch.float64) / factor.unsqueeze(1)).float())
             self.scale.copy_(torch.where(big, torch.ones_like(self.scale), self.scale))
 
