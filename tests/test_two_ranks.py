@@ -1,6 +1,8 @@
-"""CafeEmbeddingBagCollection under DistributedModelParallel on two real gloo ranks (table-wise and
-column-wise fused placements): the sketch replicas stay bit-identical to each other and to one
-process fed the global batches (frequency importance, so scores do not depend on the split)."""
+"""CafeEmbeddingBagCollection under DistributedModelParallel on two real gloo ranks, for every
+fused placement (table-, column-, row- and table-row-wise): the sketch replicas stay bit-identical
+to each other and to one process fed the global batches (frequency importance, so scores do not
+depend on the split), and promoted rows equal their source rows right after migration, also when
+source and destination live on different ranks."""
 
 import os
 from typing import List
@@ -14,10 +16,13 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from tests.conftest import free_port
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.remap import shared_rows
+from torchrec_cafe.rows import tbe_shards
 
 WORLD, STEPS, BATCH = 2, 12, 16
 TABLES = [
@@ -48,6 +53,22 @@ def _local(kjt: KeyedJaggedTensor, rank: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
+class _AnyPlacementSharder(EmbeddingBagCollectionSharder):
+    """TorchRec offers row-wise placements only on CUDA; they run on CPU/gloo as well."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
+        return [t.value for t in types]
+
+
+def _local_rows(module: CafeEmbeddingBagCollection) -> dict:
+    """This rank's rows of each table: {table: [(row_offset, col_offset, weight copy)]}."""
+    out = {}
+    for shard in tbe_shards(module._embedding_bag_collection, [t.name for t in TABLES]):
+        out.setdefault(shard.table, []).append((shard.row_offset, shard.weight.clone()))
+    return out
+
+
 def _worker(rank: int, port: int, sharding: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -57,18 +78,38 @@ def _worker(rank: int, port: int, sharding: str, out: str) -> None:
         apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
         constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
         topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
-        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, [EmbeddingBagCollectionSharder()])
-        dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan)
+        sharders = [_AnyPlacementSharder()]
+        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
+        dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
         for step in range(STEPS):
             dmp(_local(_global_kjt(step), rank)).values().pow(2).sum().backward()
-        dmp.module.apply_pending_updates()
-        torch.save(dmp.module._sketch.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        module = dmp.module
+        hot_before = [module._sketch.hot_ids(t).clone() for t in range(len(TABLES))]
+        rows_before = _local_rows(module)
+        module.apply_pending_updates()
+        state = {
+            "sketch": module._sketch.state_dict(),
+            "hot_before": hot_before,
+            "rows_before": rows_before,
+            "rows_after": _local_rows(module),
+        }
+        torch.save(state, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_sketch_replicas_match_a_single_process(tmp_path, sharding: str) -> None:
+def _full_table(per_rank: List[dict], table: str) -> torch.Tensor:
+    """Reassembles a table from every rank's (row_offset, rows) shards (column shards: by rank
+    order, which is how the plan laid them out)."""
+    blocks = {}
+    for rows in per_rank:
+        for offset, weight in rows.get(table, []):
+            blocks.setdefault(offset, []).append(weight)
+    return torch.cat([torch.cat(blocks[o], dim=1) for o in sorted(blocks)], dim=0)
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "row_wise", "table_row_wise"])
+def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, sharding: str) -> None:
     mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     reference = CafeEmbeddingBagCollection(TABLES, CONFIG)
     for step in range(STEPS):
@@ -76,7 +117,25 @@ def test_sketch_replicas_match_a_single_process(tmp_path, sharding: str) -> None
     reference.apply_pending_updates()
     expected = reference._sketch.state_dict()
     assert int(expected["promotions"].sum()) > 0
-    for rank in range(WORLD):
-        state = torch.load(tmp_path / f"rank{rank}.pt")
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    for rank, state in enumerate(states):
         for key, value in expected.items():
-            assert torch.equal(state[key], value), (rank, key)
+            assert torch.equal(state["sketch"][key], value), (rank, key)
+    # The last update's promotions: each new hot row equals its source row as it was just before.
+    migrated = crossed = 0
+    for t, table in enumerate(TABLES):
+        before = _full_table([s["rows_before"] for s in states], table.name)
+        after = _full_table([s["rows_after"] for s in states], table.name)
+        hot_after = reference._sketch.hot_ids(t)
+        budget = reference._layout(table.name).budget
+        owners = sorted(o for s in states for o, _ in s["rows_before"].get(table.name, []))
+        for h in torch.nonzero(hot_after != states[0]["hot_before"][t]).flatten().tolist():
+            if int(hot_after[h]) < 0:
+                continue
+            src = int(shared_rows(hot_after[h : h + 1], budget))
+            torch.testing.assert_close(after[h], before[src], rtol=0, atol=0)
+            migrated += 1
+            crossed += sum(o <= src for o in owners) != sum(o <= h for o in owners)
+    assert migrated > 0
+    if sharding in ("row_wise", "table_row_wise"):
+        assert crossed > 0, "no promotion moved a row between ranks"

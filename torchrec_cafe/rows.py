@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -36,7 +37,7 @@ def masked_row_write_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     idx0 = torch.where(has, index.index_select(0, j), torch.zeros_like(index[:1]))
     val0 = torch.where(has, src.index_select(0, j), dst[:1])
     shape = (-1,) + (1,) * (src.dim() - 1)
-    dst[torch.where(mask, index, idx0)] = torch.where(mask.view(shape), src, val0)
+    dst.index_copy_(0, torch.where(mask, index, idx0), torch.where(mask.view(shape), src, val0))
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RowShard:
     weight: torch.Tensor  # [num_rows, cols] view
     states: List[torch.Tensor]  # optimizer states, [num_rows] or [num_rows, cols] views
     row_offset: int
+    row_split: bool = False  # holds only some rows of the table (row-wise, table-row-wise)
 
 
 @dataclass
@@ -132,16 +134,66 @@ def migrate_group(
         return torch.where(mask, r + bases[k], zero)
 
     w = group.weight
-    value = w[rows(src, 0)]
+    value = w.index_select(0, rows(src, 0))
     if src2 is not None:
-        value = value + use_src2.unsqueeze(1).to(value.dtype) * w[rows(src2, 0)]
+        value = value + use_src2.unsqueeze(1).to(value.dtype) * w.index_select(0, rows(src2, 0))
     masked_row_write_(w, rows(dst, 0), value, mask)
     for k, state in enumerate(group.states, start=1):
-        value = state[rows(src, k)]
+        value = state.index_select(0, rows(src, k))
         if reset_state is not None:
             shape = (-1,) + (1,) * (value.dim() - 1)
             value = torch.where(reset_state.view(shape), torch.zeros_like(value), value)
         masked_row_write_(state, rows(dst, k), value, mask)
+
+
+@torch.no_grad()
+def exchange_rows(
+    shards: Sequence[RowShard],
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    mask: torch.Tensor,
+    src2: Optional[torch.Tensor] = None,
+    use_src2: Optional[torch.Tensor] = None,
+    reset_state: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+) -> None:
+    """``migrate_group`` for one table whose rows are split over ranks (row-wise placements).
+
+    Collective: every rank holding a shard of the table calls it with the same promotions [P].
+    Each rank stages the source rows (and optimizer-state rows) it owns into zero buffers, one
+    all-reduce(SUM) per tensor assembles them everywhere (x + 0 is exact), and each rank writes
+    the destination rows it owns. ``shards``: this rank's row shards of the table (full columns).
+    """
+    template = shards[0]
+    weight = torch.zeros(src.numel(), template.weight.shape[1], dtype=template.weight.dtype, device=src.device)
+    states = [torch.zeros((src.numel(),) + t.shape[1:], dtype=t.dtype, device=src.device) for t in template.states]
+
+    def owned(shard: RowShard, rows: torch.Tensor, valid: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        lo, hi = shard.row_offset, shard.row_offset + shard.weight.shape[0]
+        own = valid & (rows >= lo) & (rows < hi)
+        return own, torch.where(own, rows - lo, torch.zeros_like(rows))
+
+    def staged(t: torch.Tensor, local: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        v = t.index_select(0, local)
+        return torch.where(own.view((-1,) + (1,) * (v.dim() - 1)), v, torch.zeros_like(v))
+
+    for shard in shards:
+        own, local = owned(shard, src, mask)
+        weight += staged(shard.weight, local, own)
+        if src2 is not None:
+            own2, local2 = owned(shard, src2, mask & use_src2)
+            weight += staged(shard.weight, local2, own2)
+        for buffer, state in zip(states, shard.states):
+            buffer += staged(state, local, own)
+    for buffer in [weight] + states:
+        dist.all_reduce(buffer, group=group)
+    if reset_state is not None:
+        states = [torch.where(reset_state.view((-1,) + (1,) * (b.dim() - 1)), torch.zeros_like(b), b) for b in states]
+    for shard in shards:
+        own, local = owned(shard, dst, mask)
+        masked_row_write_(shard.weight, local, weight, own)
+        for state, buffer in zip(shard.states, states):
+            masked_row_write_(state, local, buffer, own)
 
 
 def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:
@@ -173,13 +225,9 @@ def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
                     )
                 states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
                 row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
-                if cfg.local_rows != cfg.num_embeddings:
-                    raise NotImplementedError(
-                        f"table {cfg.name!r} is sharded row-wise ({cfg.local_rows} of "
-                        f"{cfg.num_embeddings} rows here): migrations across row shards need the "
-                        f"cross-rank row exchange, not built yet; use table-wise or column-wise"
-                    )
-                shards.append(RowShard(cfg.name, tbe.split_embedding_weights()[k], list(states), row_offset))
+                weight = tbe.split_embedding_weights()[k]
+                split = cfg.local_rows != cfg.num_embeddings
+                shards.append(RowShard(cfg.name, weight, list(states), row_offset, split))
     return shards
 
 

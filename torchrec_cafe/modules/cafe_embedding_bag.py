@@ -12,7 +12,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_cafe.config import CafeConfig, table_budget
 from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
-from torchrec_cafe.rows import RowGroup, group_shards, migrate_group, parameter_shards, tbe_shards
+from torchrec_cafe.rows import (
+    RowGroup,
+    RowShard,
+    exchange_rows,
+    group_shards,
+    migrate_group,
+    parameter_shards,
+    tbe_shards,
+)
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 
 
@@ -29,7 +37,7 @@ def _normalised_scores(norms: torch.Tensor, feature: torch.Tensor, num_features:
         0, feature, finite.to(norms.dtype)
     )
     scale = torch.where(total > 0, count / total, torch.zeros_like(total))
-    return torch.where(finite, norms * scale[feature], norms)
+    return torch.where(finite, norms * scale.index_select(0, feature), norms)
 
 
 class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -196,9 +204,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             squares = torch.zeros(grad.shape[0], f, dtype=torch.float32, device=grad.device)
             squares.index_add_(1, columns, grad.float().pow(2))
             bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
-            norms = bag_norms[context.bag] * context.factor
+            norms = bag_norms.index_select(0, context.bag) * context.factor
             scores = _normalised_scores(norms, context.feature, f)
-            frequency = self._remapper.frequency[context.tables]
+            frequency = self._remapper.frequency.index_select(0, context.tables)
             scores = torch.where(frequency, torch.ones_like(scores), scores)
             self._pending.append((context.ids, context.tables, scores))
 
@@ -228,23 +236,30 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )
-        for group, bases, member in self._row_groups():
+        groups, row_split = self._row_groups()
+        for group, bases, member in groups:
             migrate_group(
                 group,
                 [b.index_select(0, update.promoted_tables) for b in bases],
                 src,
                 update.promoted_hot,
-                update.promoted & member[update.promoted_tables],
+                update.promoted & member.index_select(0, update.promoted_tables),
                 src2,
                 medium,
                 reset,
             )
+        for t, shards in row_split:
+            mask = update.promoted & (update.promoted_tables == t)
+            exchange_rows(shards, src, update.promoted_hot, mask, src2, medium, reset)
 
-    def _row_groups(self) -> List["tuple[RowGroup, List[torch.Tensor], torch.Tensor]"]:
-        """Row groups of the compressed tables, with per-tensor row bases [T] and membership [T].
+    def _row_groups(
+        self,
+    ) -> "tuple[List[tuple[RowGroup, List[torch.Tensor], torch.Tensor]], List[tuple[int, List[RowShard]]]]":
+        """(row groups of the whole-row shards, with per-tensor row bases [T] and membership [T];
+        per row-split table, its sketch index and local shards, in the same order on every rank).
 
-        Fused (TBE) tables are views that never move, so their groups are cached; a plain torch
-        optimizer may create state lazily, so unsharded groups are rebuilt each time.
+        Fused (TBE) tables are views that never move, so this is cached; a plain torch optimizer
+        may create state lazily, so unsharded groups are rebuilt each time.
         """
         inner = self._embedding_bag_collection
         names = [l.config.name for l in self._compressed]
@@ -257,8 +272,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         else:
             shards = tbe_shards(inner, names)
         device = self._remapper.table_hot.device
+        row_split = _row_split_tables(names, shards, device)
         groups = []
-        for g in group_shards(shards):
+        for g in group_shards([s for s in shards if not s.row_split]):
             bases = [
                 torch.tensor([g.base[n][k] - g.row_offset[n] if n in g.base else 0 for n in names], device=device)
                 for k in range(1 + len(g.states))
@@ -266,8 +282,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             member = torch.tensor([n in g.base for n in names], device=device)
             groups.append((g, bases, member))
         if not isinstance(inner, EmbeddingBagCollection):
-            self._cached_groups = (inner, groups)
-        return groups
+            self._cached_groups = (inner, (groups, row_split))
+        return groups, row_split
 
     # ------------------------------------------------------------------ reporting
 
@@ -310,6 +326,30 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
             out[layout.config.name] = s
         return out
+
+
+def _row_split_tables(
+    names: List[str], shards: List[RowShard], device: torch.device
+) -> List["tuple[int, List[RowShard]]"]:
+    """Tables split by rows across ranks, agreed by all ranks (one all-reduce, when building the
+    cache). Every rank must hold a shard of each: the row exchange is a collective."""
+    local = [[s for s in shards if s.table == n and s.row_split] for n in names]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [(t, mine) for t, mine in enumerate(local) if mine]
+    held = torch.tensor([[1 if mine else 0 for mine in local]] * 2, dtype=torch.int64, device=device)
+    held[1] *= -1  # one all-reduce(MAX) gives max and -min
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    out = []
+    for t, (most, neg_least) in enumerate(held.t().tolist()):
+        if most and -neg_least == 0:
+            raise NotImplementedError(
+                f"table {names[t]!r} is split by rows over only some ranks (table-row-wise across "
+                f"hosts): CAFE's row exchange needs a shard on every rank; use row_wise, "
+                f"table_wise or column_wise"
+            )
+        if most:
+            out.append((t, local[t]))
+    return out
 
 
 def _is_meta(device: Optional[torch.device]) -> bool:
