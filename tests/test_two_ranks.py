@@ -4,6 +4,7 @@ to each other and to one process fed the global batches (frequency importance, s
 depend on the split), and promoted rows equal their source rows right after migration, also when
 source and destination live on different ranks."""
 
+import dataclasses
 import os
 from typing import List
 
@@ -69,12 +70,12 @@ def _local_rows(module: CafeEmbeddingBagCollection) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, sharding: str, out: str) -> None:
+def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "frequency") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
-        cafe = CafeEmbeddingBagCollection(TABLES, CONFIG)
+        cafe = CafeEmbeddingBagCollection(TABLES, dataclasses.replace(CONFIG, importance=importance))
         apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
         constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
         topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
@@ -139,3 +140,13 @@ def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, shardin
     assert migrated > 0
     if sharding in ("row_wise", "table_row_wise"):
         assert crossed > 0, "no promotion moved a row between ranks"
+
+
+def test_grad_norm_replicas_stay_identical(tmp_path) -> None:
+    """Gradient-norm scores differ per rank (local gradients); the gathered, globally rescaled
+    update still leaves both replicas bit-identical, with promotions."""
+    mp.start_processes(_worker, args=(free_port(), "row_wise", str(tmp_path), "grad_norm"), nprocs=WORLD, start_method="spawn")
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt")["sketch"] for rank in range(WORLD))
+    assert int(first["promotions"].sum()) > 0
+    for key, value in first.items():
+        assert torch.equal(second[key], value), key

@@ -24,19 +24,25 @@ from torchrec_cafe.rows import (
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 
 
-def _normalised_scores(norms: torch.Tensor, feature: torch.Tensor, num_features: int) -> torch.Tensor:
+def _normalised_scores(
+    norms: torch.Tensor, feature: torch.Tensor, num_features: int, distributed: bool
+) -> torch.Tensor:
     """Official CAFE scaling: per feature, ``norm * n / sum(norm)`` so the mean score is 1.
 
-    Non-finite norms stay non-finite (the sketch drops them) and do not enter the sums, so one bad
-    gradient cannot poison the other occurrences' scores.
+    The sums run over the whole update (all ranks' occurrences when ``distributed``: one
+    all-reduce of [2, F] float64), so every rank rescales as one process fed the global batch
+    would. Non-finite norms stay non-finite (the sketch drops them) and do not enter the sums, so
+    one bad gradient cannot poison the other occurrences' scores.
     """
     finite = torch.isfinite(norms)
-    clean = torch.where(finite, norms, torch.zeros_like(norms))
-    total = torch.zeros(num_features, dtype=norms.dtype, device=norms.device).index_add_(0, feature, clean)
-    count = torch.zeros(num_features, dtype=norms.dtype, device=norms.device).index_add_(
-        0, feature, finite.to(norms.dtype)
-    )
-    scale = torch.where(total > 0, count / total, torch.zeros_like(total))
+    clean = torch.where(finite, norms, torch.zeros_like(norms)).to(torch.float64)
+    sums = torch.zeros(2, num_features, dtype=torch.float64, device=norms.device)
+    sums[0].index_add_(0, feature, clean)
+    sums[1].index_add_(0, feature, finite.to(torch.float64))
+    if distributed:
+        dist.all_reduce(sums)
+    total, count = sums[0], sums[1]
+    scale = torch.where(total > 0, count / total, torch.zeros_like(total)).to(norms.dtype)
     return torch.where(finite, norms * scale.index_select(0, feature), norms)
 
 
@@ -94,7 +100,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._sketch = _group_sketch(self._compressed, state_device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
         self._feature_set = set(self._feature_names)
-        self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor]"] = []
+        # Per training step: (raw ids, sketch table, importance norm, feature) per compressed
+        # occurrence, [n_c] each.
+        self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"] = []
         self._last_context: Optional[RemapContext] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._column_features: Dict["tuple[str, ...]", torch.Tensor] = {}
@@ -180,7 +188,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _track_importance(self, kt: KeyedTensor, context: RemapContext) -> None:
         remapper = self._remapper
         if len(remapper.frequency_tables) == len(self._compressed):
-            self._pending.append((context.ids, context.tables, torch.ones_like(context.factor)))
+            ones = torch.ones_like(context.factor)
+            self._pending.append((context.ids, context.tables, ones, context.feature))
             return
         values = kt.values()
         if values.requires_grad:
@@ -197,18 +206,16 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._column_features[keys]
 
     def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: torch.Tensor) -> None:
-        """Per-occurrence score = ||d loss / d pooled bag|| * |weight| (/ len for MEAN), then
-        rescaled to mean 1 per feature. Stashes scores only; state changes at the next step."""
+        """Per-occurrence importance = ||d loss / d pooled bag|| * |weight| (/ len for MEAN).
+        Stashes norms only: rescaling (a collective with several ranks) and state changes happen
+        at the next update, never inside backward."""
         with torch.no_grad():
             f = self._remapper.num_features
             squares = torch.zeros(grad.shape[0], f, dtype=torch.float32, device=grad.device)
             squares.index_add_(1, columns, grad.float().pow(2))
             bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
             norms = bag_norms.index_select(0, context.bag) * context.factor
-            scores = _normalised_scores(norms, context.feature, f)
-            frequency = self._remapper.frequency.index_select(0, context.tables)
-            scores = torch.where(frequency, torch.ones_like(scores), scores)
-            self._pending.append((context.ids, context.tables, scores))
+            self._pending.append((context.ids, context.tables, norms, context.feature))
 
     # ------------------------------------------------------------------ updates and migration
 
@@ -224,14 +231,18 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return
         pending, self._pending, self._steps_since_update = self._pending, [], 0
         if pending:
-            ids, tables, scores = (torch.cat(parts) for parts in zip(*pending))
+            ids, tables, norms, feature = (torch.cat(parts) for parts in zip(*pending))
         else:
-            ids = tables = torch.zeros(0, dtype=torch.int64, device=self._sketch.step.device)
-            scores = torch.zeros(0, device=ids.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ids, scores, tables = all_gather_occurrences(ids, scores, tables)
-        elif not pending:
+            ids = tables = feature = torch.zeros(0, dtype=torch.int64, device=self._sketch.step.device)
+            norms = torch.zeros(0, device=ids.device)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (pending or distributed):
             return
+        scores = _normalised_scores(norms, feature, self._remapper.num_features, distributed)
+        frequency = self._remapper.frequency.index_select(0, tables)
+        scores = torch.where(frequency, torch.ones_like(scores), scores)
+        if distributed:
+            ids, scores, tables = all_gather_occurrences(ids, scores, tables)
         update = self._sketch.update(ids, scores, tables)
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
