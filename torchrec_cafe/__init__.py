@@ -6,12 +6,15 @@ ranks); ``datasets`` holds the synthetic CTR generator.
 """
 
 from torchrec_cafe.config import CafeConfig, TableBudget, paper_schedule, table_budget
+from torchrec_cafe.distributed.sharder import CafeEmbeddingBagCollectionSharder, CafeStorageReservation
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
 
 __all__ = [
     "CafeConfig",
     "CafeEmbeddingBagCollection",
+    "CafeEmbeddingBagCollectionSharder",
+    "CafeStorageReservation",
     "HotSketch",
     "SketchUpdate",
     "TableBudget",

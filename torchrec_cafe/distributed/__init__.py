@@ -1,5 +1,15 @@
-"""Multi-rank pieces of CAFE (sketch synchronisation); the custom sharder is not built yet."""
+"""Multi-rank CAFE: the sharder, the sharded module and the sketch synchronisation."""
 
+from torchrec_cafe.distributed.sharder import (
+    CafeEmbeddingBagCollectionSharder,
+    CafeStorageReservation,
+    ShardedCafeEmbeddingBagCollection,
+)
 from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
 
-__all__ = ["all_gather_occurrences"]
+__all__ = [
+    "CafeEmbeddingBagCollectionSharder",
+    "CafeStorageReservation",
+    "ShardedCafeEmbeddingBagCollection",
+    "all_gather_occurrences",
+]

@@ -1,0 +1,222 @@
+"""CafeEmbeddingBagCollectionSharder and the sharded module it builds.
+
+The physical tables (hot rows + shared rows, one per compressed logical table) are sharded by
+TorchRec's own ``EmbeddingBagCollectionSharder`` (wrapped, not forked); the sketch stays a
+replicated set of buffers under the same names as in the unsharded module. Raw IDs are remapped on
+each rank's local batch *before* the input all-to-all, so every placement TorchRec offers for the
+physical tables works, row-wise included.
+
+``ShardedCafeEmbeddingBagCollection`` implements ``input_dist`` / ``compute_and_output_dist`` by
+delegation, so ``TrainPipelineSparseDist`` pipelines it: ``input_dist`` (remap with the sketch as
+of the last update) runs one step ahead of the previous batch's backward, hence
+``CafeConfig.quarantine`` must be >= the pipeline depth (1 for ``TrainPipelineSparseDist``).
+"""
+
+from typing import Any, Dict, Iterator, List, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, EmbeddingBagCollectionSharder
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import ParameterConstraints, Topology
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ModuleSharder,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+
+_SHARDING_TYPES = [
+    ShardingType.TABLE_WISE,
+    ShardingType.COLUMN_WISE,
+    ShardingType.TABLE_COLUMN_WISE,
+    ShardingType.ROW_WISE,
+    ShardingType.TABLE_ROW_WISE,
+]
+
+
+class ShardedCafeEmbeddingBagCollection(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
+):
+    """Sharded form of ``CafeEmbeddingBagCollection``: same ``KeyedTensor`` output, same state-dict
+    names (``_embedding_bag_collection.*`` as ShardedTensors, ``_sketch.*`` replicated)."""
+
+    def __init__(
+        self,
+        module: CafeEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        ebc_sharder: EmbeddingBagCollectionSharder,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        inner_fqn = f"{module_fqn}._embedding_bag_collection" if module_fqn else None
+        sharded = ebc_sharder.shard(module._embedding_bag_collection, table_name_to_parameter_sharding, env, device, inner_fqn)
+        # The unsharded module keeps the CAFE logic; it is not a child (its tables are replaced by
+        # the sharded ones below), its sketch and remap constants are.
+        module._embedding_bag_collection = sharded
+        if device is not None:
+            module._follow(device)
+        self.__dict__["_cafe"] = module
+        self._embedding_bag_collection = sharded
+        self._sketch = module._sketch
+        self._remapper = module._remapper
+
+    @property
+    def cafe(self) -> CafeEmbeddingBagCollection:
+        """The CAFE logic (``memory_report()``, ``stats()``, ``apply_pending_updates()``)."""
+        return self.__dict__["_cafe"]
+
+    def apply_pending_updates(self) -> None:
+        """Collective: sketch update and migrations of the scores stashed so far."""
+        self.cafe.apply_pending_updates()
+
+    def memory_report(self) -> Dict[str, Dict[str, float]]:
+        return self.cafe.memory_report()
+
+    def stats(self) -> Dict[str, Dict[str, float]]:
+        return self.cafe.stats()
+
+    def create_context(self) -> EmbeddingBagCollectionContext:
+        return self._embedding_bag_collection.create_context()
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        """Applies due updates (collective), remaps the local batch, then TorchRec's input dist."""
+        cafe = self.cafe
+        features = cafe._check_and_order(features)
+        if features.values().device != self._remapper.cafe_table.device:
+            cafe._follow(features.values().device)
+        if self.training and self._sketch is not None:
+            if cafe._steps_since_update >= cafe._update_interval:
+                cafe.apply_pending_updates()
+            cafe._steps_since_update += 1
+        physical, context = self._remapper(features, self._sketch)
+        cafe._last_context = context
+        ctx.cafe_context = context  # read when the output awaitable resolves
+        return self._embedding_bag_collection.input_dist(ctx, physical)
+
+    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        return self._embedding_bag_collection.compute(ctx, dist_input)
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_importance(ctx, self._embedding_bag_collection.output_dist(ctx, output))
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        return self._with_importance(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
+
+    def _with_importance(
+        self, ctx: EmbeddingBagCollectionContext, awaitable: LazyAwaitable[KeyedTensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        context = getattr(ctx, "cafe_context", None)
+        if self.training and context is not None:
+
+            def hook(kt: KeyedTensor) -> KeyedTensor:
+                self.cafe._track_importance(kt, context)
+                return kt
+
+            awaitable.callbacks.append(hook)
+        return awaitable
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        # Keeps DDP off the tables and the replicated sketch alike (the sketch is synchronised
+        # by the update's own collectives).
+        for name, _ in self.named_parameters(prefix=prefix):
+            yield name
+        for name, _ in self.named_buffers(prefix=prefix):
+            yield name
+
+    @property
+    def fused_optimizer(self) -> Any:
+        return self._embedding_bag_collection.fused_optimizer
+
+    @property
+    def unsharded_module_type(self) -> Type[CafeEmbeddingBagCollection]:
+        return CafeEmbeddingBagCollection
+
+
+class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCollection]):
+    """Shards ``CafeEmbeddingBagCollection``'s physical tables with TorchRec's EBC sharder.
+
+    Offers table-, column-, table-column-, row- and table-row-wise placements with fused kernels
+    on every device (row-wise ones run on CPU/gloo too); not data-parallel, whose dense kernel
+    keeps optimizer state outside the tables where migrations cannot reach it.
+
+    Example::
+
+        dmp = DistributedModelParallel(model, sharders=[CafeEmbeddingBagCollectionSharder(),
+                                                        EmbeddingBagCollectionSharder()])
+    """
+
+    def __init__(
+        self,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+    ) -> None:
+        super().__init__(fused_params, qcomm_codecs_registry)
+        self._ebc_sharder = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
+
+    def shard(
+        self,
+        module: CafeEmbeddingBagCollection,
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedCafeEmbeddingBagCollection:
+        tables = set(self.shardable_parameters(module))
+        unknown = sorted(set(params) - tables)
+        if unknown:
+            raise ValueError(f"the plan names tables {unknown} that {type(module).__name__} does not have ({sorted(tables)})")
+        for name, sharding in params.items():
+            if sharding.sharding_type not in self.sharding_types(device.type if device else "cpu"):
+                raise ValueError(f"table {name!r}: sharding type {sharding.sharding_type!r} is not supported by CAFE")
+        return ShardedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn)
+
+    def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        return self._ebc_sharder.shardable_parameters(module._embedding_bag_collection)
+
+    @property
+    def module_type(self) -> Type[CafeEmbeddingBagCollection]:
+        return CafeEmbeddingBagCollection
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [t.value for t in _SHARDING_TYPES]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        return ["fused", "fused_uvm"] if compute_device_type == "cuda" else ["fused"]
+
+
+class CafeStorageReservation(HeuristicalStorageReservation):
+    """TorchRec's heuristic reservation plus every CAFE sketch's bytes on every device (the sketch
+    is replicated; the 1.8 planner never asks sharders for such state)."""
+
+    def reserve(
+        self,
+        topology: Topology,
+        batch_size: int,
+        module: nn.Module,
+        sharders: List[ModuleSharder[nn.Module]],
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    ) -> Topology:
+        topology = super().reserve(topology, batch_size, module, sharders, constraints)
+        sketch = sum(m._sketch.nbytes() for m in module.modules() if isinstance(m, CafeEmbeddingBagCollection) and m._sketch is not None)
+        for device in topology.devices:
+            if topology.compute_device == "cuda":
+                device.storage.hbm -= sketch
+            else:
+                device.storage.ddr -= sketch
+        return topology
