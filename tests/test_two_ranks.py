@@ -150,3 +150,19 @@ def test_grad_norm_replicas_stay_identical(tmp_path) -> None:
     assert int(first["promotions"].sum()) > 0
     for key, value in first.items():
         assert torch.equal(second[key], value), key
+
+
+def _mismatched_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        cafe = CafeEmbeddingBagCollection(TABLES, dataclasses.replace(CONFIG, threshold=3.0 + rank))
+        cafe(_local(_global_kjt(0), rank))
+        with pytest.raises(ValueError, match="differ between ranks"):
+            cafe.apply_pending_updates()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_configs_are_refused() -> None:
+    mp.start_processes(_mismatched_worker, args=(free_port(),), nprocs=WORLD, start_method="spawn")

@@ -146,54 +146,72 @@ def migrate_group(
         masked_row_write_(state, rows(dst, k), value, mask)
 
 
+@dataclass
+class RowExchange:
+    """One row-split table's promotions [P], for ``exchange_rows``."""
+
+    shards: Sequence[RowShard]  # this rank's row shards of the table (full columns)
+    src: torch.Tensor
+    dst: torch.Tensor
+    mask: torch.Tensor
+    src2: Optional[torch.Tensor] = None
+    use_src2: Optional[torch.Tensor] = None
+    reset_state: Optional[torch.Tensor] = None
+
+
+def _owned(shard: RowShard, rows: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = shard.row_offset, shard.row_offset + shard.weight.shape[0]
+    own = valid & (rows >= lo) & (rows < hi)
+    return own, torch.where(own, rows - lo, torch.zeros_like(rows))
+
+
+def _staged(t: torch.Tensor, local: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    v = t.index_select(0, local)
+    return torch.where(own.view((-1,) + (1,) * (v.dim() - 1)), v, torch.zeros_like(v))
+
+
+def _stage(part: RowExchange) -> List[torch.Tensor]:
+    """[weight rows, state rows...] of the promotions' sources that this rank owns, zeros elsewhere."""
+    template = part.shards[0]
+    n = part.src.numel()
+    buffers = [torch.zeros((n,) + t.shape[1:], dtype=t.dtype, device=part.src.device) for t in [template.weight] + template.states]
+    for shard in part.shards:
+        own, local = _owned(shard, part.src, part.mask)
+        buffers[0] += _staged(shard.weight, local, own)
+        if part.src2 is not None:
+            own2, local2 = _owned(shard, part.src2, part.mask & part.use_src2)
+            buffers[0] += _staged(shard.weight, local2, own2)
+        for buffer, state in zip(buffers[1:], shard.states):
+            buffer += _staged(state, local, own)
+    return buffers
+
+
 @torch.no_grad()
-def exchange_rows(
-    shards: Sequence[RowShard],
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    mask: torch.Tensor,
-    src2: Optional[torch.Tensor] = None,
-    use_src2: Optional[torch.Tensor] = None,
-    reset_state: Optional[torch.Tensor] = None,
-    group: Optional[dist.ProcessGroup] = None,
-) -> None:
-    """``migrate_group`` for one table whose rows are split over ranks (row-wise placements).
+def exchange_rows(parts: Sequence[RowExchange], group: Optional[dist.ProcessGroup] = None) -> None:
+    """``migrate_group`` for tables whose rows are split over ranks (row-wise placements).
 
-    Collective: every rank holding a shard of the table calls it with the same promotions [P].
-    Each rank stages the source rows (and optimizer-state rows) it owns into zero buffers, one
-    all-reduce(SUM) per tensor assembles them everywhere (x + 0 is exact), and each rank writes
-    the destination rows it owns. ``shards``: this rank's row shards of the table (full columns).
+    Collective: every rank calls it with the same tables and promotions. Each rank stages the
+    source rows (and optimizer-state rows) it owns into zero buffers; one all-reduce(SUM) per dtype
+    over all tables' buffers assembles them everywhere (x + 0 is exact); each rank then writes the
+    destination rows it owns.
     """
-    template = shards[0]
-    weight = torch.zeros(src.numel(), template.weight.shape[1], dtype=template.weight.dtype, device=src.device)
-    states = [torch.zeros((src.numel(),) + t.shape[1:], dtype=t.dtype, device=src.device) for t in template.states]
-
-    def owned(shard: RowShard, rows: torch.Tensor, valid: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
-        lo, hi = shard.row_offset, shard.row_offset + shard.weight.shape[0]
-        own = valid & (rows >= lo) & (rows < hi)
-        return own, torch.where(own, rows - lo, torch.zeros_like(rows))
-
-    def staged(t: torch.Tensor, local: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        v = t.index_select(0, local)
-        return torch.where(own.view((-1,) + (1,) * (v.dim() - 1)), v, torch.zeros_like(v))
-
-    for shard in shards:
-        own, local = owned(shard, src, mask)
-        weight += staged(shard.weight, local, own)
-        if src2 is not None:
-            own2, local2 = owned(shard, src2, mask & use_src2)
-            weight += staged(shard.weight, local2, own2)
-        for buffer, state in zip(states, shard.states):
-            buffer += staged(state, local, own)
-    for buffer in [weight] + states:
-        dist.all_reduce(buffer, group=group)
-    if reset_state is not None:
-        states = [torch.where(reset_state.view((-1,) + (1,) * (b.dim() - 1)), torch.zeros_like(b), b) for b in states]
-    for shard in shards:
-        own, local = owned(shard, dst, mask)
-        masked_row_write_(shard.weight, local, weight, own)
-        for state, buffer in zip(shard.states, states):
-            masked_row_write_(state, local, buffer, own)
+    staged = [_stage(part) for part in parts]
+    flat = [b for buffers in staged for b in buffers]
+    for dtype in sorted({b.dtype for b in flat}, key=str):
+        same = [b for b in flat if b.dtype == dtype]
+        packed = torch.cat([b.reshape(-1) for b in same])
+        dist.all_reduce(packed, group=group)
+        for b, chunk in zip(same, packed.split([b.numel() for b in same])):
+            b.copy_(chunk.view_as(b))
+    for part, (weight, *states) in zip(parts, staged):
+        if part.reset_state is not None:
+            shape = lambda b: (-1,) + (1,) * (b.dim() - 1)  # noqa: E731
+            states = [torch.where(part.reset_state.view(shape(b)), torch.zeros_like(b), b) for b in states]
+        for shard in part.shards:
+            own, local = _owned(shard, part.dst, part.mask)
+            masked_row_write_(shard.weight, local, weight, own)
+            for state, buffer in zip(shard.states, states):
+                masked_row_write_(state, local, buffer, own)
 
 
 def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[RowShard]:

@@ -1,5 +1,6 @@
 """CafeEmbeddingBagCollection: a drop-in EmbeddingBagCollection under a per-table memory budget."""
 
+import hashlib
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
@@ -14,6 +15,7 @@ from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowGroup,
+    RowExchange,
     RowShard,
     exchange_rows,
     group_shards,
@@ -109,6 +111,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
         self._steps_since_update = 0
+        self._ranks_checked = False
 
     # ------------------------------------------------------------------ EBC interface
 
@@ -242,6 +245,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         frequency = self._remapper.frequency.index_select(0, tables)
         scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
+            self._check_ranks_agree()
             ids, scores, tables = all_gather_occurrences(ids, scores, tables)
         update = self._sketch.update(ids, scores, tables)
         src, src2, medium, reset = self._remapper.migration_sources(
@@ -259,9 +263,35 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 medium,
                 reset,
             )
-        for t, shards in row_split:
-            mask = update.promoted & (update.promoted_tables == t)
-            exchange_rows(shards, src, update.promoted_hot, mask, src2, medium, reset)
+        if row_split:
+            parts = [
+                RowExchange(shards, src, update.promoted_hot, update.promoted & (update.promoted_tables == t), src2, medium, reset)
+                for t, shards in row_split
+            ]
+            exchange_rows(parts)
+
+    def _check_ranks_agree(self) -> None:
+        """Once, at the first multi-rank update: every rank must build the same tables and CAFE
+        settings, or the replicated sketches would silently diverge (one all-reduce)."""
+        if self._ranks_checked:
+            return
+        # Explicit fields only: a config's repr holds process-specific addresses (its init_fn).
+        described = [
+            (c.name, c.num_embeddings, c.embedding_dim, str(c.data_type), list(c.feature_names), str(c.pooling), l.cafe, l.budget)
+            for l in self._layouts
+            for c in [l.config]
+        ]
+        digest = hashlib.sha256(repr(described).encode()).digest()
+        mine = int.from_bytes(digest[:7], "big")  # fits int64
+        seen = torch.tensor([mine, -mine], dtype=torch.int64, device=self._sketch.step.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if int(seen[0]) != mine or -int(seen[1]) != mine:
+            raise ValueError(
+                f"rank {dist.get_rank()}: CafeEmbeddingBagCollection tables or CafeConfig differ "
+                f"between ranks (config digests range over [{-int(seen[1])}, {int(seen[0])}], "
+                f"this rank {mine})"
+            )
+        self._ranks_checked = True
 
     def _row_groups(
         self,
