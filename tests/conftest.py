@@ -3,7 +3,9 @@ import socket
 from typing import Iterator
 
 import pytest
+import torch
 import torch.distributed as dist
+from torchrec import KeyedJaggedTensor
 
 
 def free_port() -> int:
@@ -21,3 +23,16 @@ def single_rank_pg() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def local_part(kjt: KeyedJaggedTensor, rank: int, world: int) -> KeyedJaggedTensor:
+    """Rank ``rank``'s contiguous 1/world of the samples of a global-batch KJT."""
+    n = kjt.stride() // world
+    lo, hi = rank * n, (rank + 1) * n
+    lengths, values = [], []
+    for key in kjt.keys():
+        jt = kjt[key]
+        offsets = jt.offsets()
+        lengths.append(jt.lengths()[lo:hi])
+        values.append(jt.values()[offsets[lo] : offsets[hi]])
+    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))

@@ -20,7 +20,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import free_port
+from tests.conftest import free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
 from torchrec_cafe.remap import shared_rows
 from torchrec_cafe.rows import tbe_shards
@@ -39,19 +39,6 @@ def _global_kjt(step: int) -> KeyedJaggedTensor:
     u = torch.rand(int(lengths.sum()), generator=g, dtype=torch.float64)
     values = (u.pow(-1 / 1.1).clamp(max=1e6).long() * 104729) % 8000
     return KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths)
-
-
-def _local(kjt: KeyedJaggedTensor, rank: int) -> KeyedJaggedTensor:
-    half = BATCH // WORLD
-    parts = {k: kjt[k] for k in kjt.keys()}
-    lengths, values = [], []
-    for k in kjt.keys():
-        jt = parts[k]
-        off = jt.offsets()
-        lo, hi = rank * half, (rank + 1) * half
-        lengths.append(jt.lengths()[lo:hi])
-        values.append(jt.values()[off[lo] : off[hi]])
-    return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 class _AnyPlacementSharder(EmbeddingBagCollectionSharder):
@@ -83,7 +70,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "fr
         plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
         dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
         for step in range(STEPS):
-            dmp(_local(_global_kjt(step), rank)).values().pow(2).sum().backward()
+            dmp(local_part(_global_kjt(step), rank, WORLD)).values().pow(2).sum().backward()
         module = dmp.module
         hot_before = [module._sketch.hot_ids(t).clone() for t in range(len(TABLES))]
         rows_before = _local_rows(module)
@@ -157,7 +144,7 @@ def _mismatched_worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         cafe = CafeEmbeddingBagCollection(TABLES, dataclasses.replace(CONFIG, threshold=3.0 + rank))
-        cafe(_local(_global_kjt(0), rank))
+        cafe(local_part(_global_kjt(0), rank, WORLD))
         with pytest.raises(ValueError, match="differ between ranks"):
             cafe.apply_pending_updates()
     finally:

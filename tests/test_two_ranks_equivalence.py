@@ -17,7 +17,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import free_port
+from tests.conftest import free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 
 STEPS, BATCH = 30, 16
@@ -42,13 +42,7 @@ def _half(step: int, rank: int, world: int) -> "tuple[torch.Tensor, KeyedJaggedT
         return dense, kjt, labels
     n = BATCH // world
     lo, hi = rank * n, (rank + 1) * n
-    lengths, values = [], []
-    for key in kjt.keys():
-        jt = kjt[key]
-        off = jt.offsets()
-        lengths.append(jt.lengths()[lo:hi])
-        values.append(jt.values()[off[lo] : off[hi]])
-    local = KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    local = local_part(kjt, rank, world)
     return dense[lo:hi], local, labels[lo:hi]
 
 
