@@ -15,13 +15,12 @@ import torch.multiprocessing as mp
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from tests.conftest import free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.distributed import RowWiseEverywhereEBCSharder
 from torchrec_cafe.remap import shared_rows
 from torchrec_cafe.rows import tbe_shards
 
@@ -41,14 +40,6 @@ def _global_kjt(step: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths)
 
 
-class _AnyPlacementSharder(EmbeddingBagCollectionSharder):
-    """TorchRec offers row-wise placements only on CUDA; they run on CPU/gloo as well."""
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        types = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE, ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
-        return [t.value for t in types]
-
-
 def _local_rows(module: CafeEmbeddingBagCollection) -> dict:
     """This rank's rows of each table: {table: [(row_offset, col_offset, weight copy)]}."""
     out = {}
@@ -66,7 +57,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "fr
         apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
         constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
         topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
-        sharders = [_AnyPlacementSharder()]
+        sharders = [RowWiseEverywhereEBCSharder()]
         plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
         dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
         for step in range(STEPS):

@@ -20,7 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.sketch.hashing import hash_mod, mix64
+from torchrec_cafe.sketch.hashing import mix64
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 from torchrec_cafe.sketch.ops import take
 
@@ -66,14 +66,14 @@ class TableLayout:
         )
 
 
+def _shared(ids: torch.Tensor, num_hot: "torch.Tensor | int", num_shared: "torch.Tensor | int", seed: int) -> torch.Tensor:
+    """Shared row of each id: ``H + hash_seed(id) % S`` (sizes per element or per table)."""
+    return num_hot + torch.remainder(mix64(ids, seed), num_shared)
+
+
 def shared_rows(ids: torch.Tensor, budget: TableBudget, seed: int = SHARED_SEED) -> torch.Tensor:
     """Shared row of each id in one compressed table (``seed``: first or second hash)."""
-    return budget.num_hot + hash_mod(ids, seed, budget.num_shared)
-
-
-def _shared(ids: torch.Tensor, num_hot: torch.Tensor, num_shared: torch.Tensor, seed: int) -> torch.Tensor:
-    """``shared_rows`` with per-element table sizes."""
-    return num_hot + torch.remainder(mix64(ids, seed), num_shared)
+    return _shared(ids, budget.num_hot, budget.num_shared, seed)
 
 
 @dataclass

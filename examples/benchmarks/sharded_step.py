@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingType
 from torchrec.models.dlrm import DLRM
@@ -30,14 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 import torchrec_cafe.modules.cafe_embedding_bag as cafe_module
 from examples.train_dlrm import TrainConfig, build_ebc, embedding_tables, quiet_logs, synthetic
-from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation
-
-
-class _AnyPlacementEBCSharder(EmbeddingBagCollectionSharder):
-    """TorchRec offers row-wise placements only on CUDA; they run on CPU/gloo as well."""
-
-    def sharding_types(self, compute_device_type: str) -> List[str]:
-        return CafeEmbeddingBagCollectionSharder().sharding_types(compute_device_type)
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
 
 
 def _timed_sync(stats: Dict[str, float]) -> None:
@@ -83,7 +75,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, 16],
                          over_arch_layer_sizes=[64, 32, 1], dense_device=device)
             apply_optimizer_in_backward(RowWiseAdagrad, ebc._embedding_bag_collection.parameters(), {"lr": 0.05})
-            sharders = [CafeEmbeddingBagCollectionSharder(), _AnyPlacementEBCSharder()]
+            sharders = [CafeEmbeddingBagCollectionSharder(), RowWiseEverywhereEBCSharder()]
             names = [c.name for c in ebc._embedding_bag_collection.embedding_bag_configs()]
             constraints = {t: ParameterConstraints(sharding_types=[args.sharding], compute_kernels=["fused"]) for t in names}
             topology = Topology(world_size=args.world, compute_device=device.type, local_world_size=args.world)

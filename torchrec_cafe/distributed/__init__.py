@@ -3,6 +3,7 @@
 from torchrec_cafe.distributed.sharder import (
     CafeEmbeddingBagCollectionSharder,
     CafeStorageReservation,
+    RowWiseEverywhereEBCSharder,
     ShardedCafeEmbeddingBagCollection,
 )
 from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
@@ -10,6 +11,7 @@ from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
 __all__ = [
     "CafeEmbeddingBagCollectionSharder",
     "CafeStorageReservation",
+    "RowWiseEverywhereEBCSharder",
     "ShardedCafeEmbeddingBagCollection",
     "all_gather_occurrences",
 ]

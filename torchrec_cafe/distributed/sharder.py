@@ -200,6 +200,14 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         return ["fused", "fused_uvm"] if compute_device_type == "cuda" else ["fused"]
 
 
+class RowWiseEverywhereEBCSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's EBC sharder, also offering row-wise placements on CPU, where they run on gloo
+    (TorchRec lists them for CUDA only). For plain EBCs next to CAFE ones in CPU jobs and tests."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [t.value for t in _SHARDING_TYPES]
+
+
 class CafeStorageReservation(HeuristicalStorageReservation):
     """TorchRec's heuristic reservation plus every CAFE sketch's bytes on every device (the sketch
     is replicated; the 1.8 planner never asks sharders for such state)."""
