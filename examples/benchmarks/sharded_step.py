@@ -34,23 +34,24 @@ from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeSto
 
 def _timed_sync(stats: Dict[str, float]) -> None:
     """Wraps the two collectives of a CAFE update to count their bytes and time."""
-    gather, rescale = cafe_module.all_gather_occurrences, cafe_module._normalised_scores
+    gather, rescale = cafe_module.all_gather_aggregated, cafe_module._normalised_scores
 
-    def timed_gather(ids, scores, tables, group=None):  # noqa: ANN001, ANN202
+    def timed_gather(sketch, ids, scores, tables, group=None):  # noqa: ANN001, ANN202
         start = time.perf_counter()
-        out = gather(ids, scores, tables, group)
+        pairs = sketch.aggregate(ids, scores, tables)[0].numel()  # what this rank ships
+        out = gather(sketch, ids, scores, tables, group)
         stats["sync_s"] += time.perf_counter() - start
-        stats["sync_bytes"] += out[0].numel() * 20 + 8 * dist.get_world_size()
+        stats["sync_bytes"] += pairs * 20 + 8 + 8 * sketch.num_tables
         return out
 
     def timed_rescale(norms, feature, num_features, distributed):  # noqa: ANN001, ANN202
         start = time.perf_counter()
         out = rescale(norms, feature, num_features, distributed)
         stats["sync_s"] += time.perf_counter() - start
-        stats["sync_bytes"] += 2 * num_features * 8 * dist.get_world_size()
+        stats["sync_bytes"] += 2 * num_features * 8
         return out
 
-    cafe_module.all_gather_occurrences, cafe_module._normalised_scores = timed_gather, timed_rescale
+    cafe_module.all_gather_aggregated, cafe_module._normalised_scores = timed_gather, timed_rescale
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:

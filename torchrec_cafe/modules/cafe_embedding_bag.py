@@ -11,7 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.distributed.sketch_sync import all_gather_occurrences
+from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowGroup,
@@ -227,8 +227,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update).
 
         With several ranks (an initialised process group of size > 1) this is a collective: every
-        rank applies the all-gathered occurrences of all ranks, so the replicated sketches stay
-        bit-identical. Training ``forward`` calls it on every rank at the same steps.
+        rank applies the all-gathered, exactly pre-aggregated occurrences of all ranks, so the
+        replicated sketches stay bit-identical. Training ``forward`` calls it on every rank at the same steps.
         """
         if self._sketch is None:
             return
@@ -246,8 +246,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
             self._check_ranks_agree()
-            ids, scores, tables = all_gather_occurrences(ids, scores, tables)
-        update = self._sketch.update(ids, scores, tables)
+            update = all_gather_aggregated(self._sketch, ids, scores, tables)
+        else:
+            update = self._sketch.update(ids, scores, tables)
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )

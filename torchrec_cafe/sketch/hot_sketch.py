@@ -104,6 +104,13 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     return out
 
 
+def _quantise(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 scores -> (int64 quanta of 2**-16, 0 where invalid; valid mask)."""
+    ok = torch.isfinite(scores) & (scores >= 0)
+    q = torch.where(ok, scores.clamp(max=_MAX_SCORE) * _Q, torch.zeros_like(scores))
+    return torch.round(q).to(torch.int64), ok
+
+
 class HotSketch(nn.Module):
     """Device-resident HotSketches of T tables: ``K_t`` buckets x ``c`` slots, ``H_t`` hot indices.
 
@@ -296,16 +303,54 @@ class HotSketch(nn.Module):
             scores: float [N], non-negative; non-finite or negative entries are dropped.
             tables: int [N] table of each occurrence, in [0, T); default all 0.
         """
+        ids, tables = self._check(ids, scores, tables)
+        q, ok = _quantise(scores.to(ids.device, torch.float64))
+        self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
+        return self._update_pairs(*self._aggregate(ids, q, ok, tables))
+
+    @torch.no_grad()
+    def aggregate(
+        self, ids: torch.Tensor, scores: torch.Tensor, tables: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact pre-aggregation of occurrences, to ship fewer bytes between ranks.
+
+        Returns (ids [U], quanta [U] int64, tables [U], rejected [T]): the unique (table, id) pairs
+        with at least one valid score, their summed scores in 2**-16 quanta, and the bad scores
+        per table. ``update_quanta`` of the concatenation over ranks leaves the same state as
+        ``update`` of all ranks' occurrences (integer sums are associative). No state changes.
+        """
+        ids, tables = self._check(ids, scores, tables)
+        q, ok = _quantise(scores.to(ids.device, torch.float64))
+        rejected = torch.zeros_like(self.rejected).index_add_(0, tables, (~ok).to(torch.int64))
+        uid, utab, uq, valid, _ = self._aggregate(ids, q, ok, tables)
+        keep = valid.nonzero().squeeze(1)  # variable length: the caller ships it anyway
+        return take(uid, keep), take(uq, keep), take(utab, keep), rejected
+
+    @torch.no_grad()
+    def update_quanta(
+        self, ids: torch.Tensor, quanta: torch.Tensor, tables: torch.Tensor, rejected: torch.Tensor
+    ) -> SketchUpdate:
+        """``update`` from (gathered) ``aggregate`` outputs: integer quanta, all valid."""
+        ids, tables = self._check(ids, quanta, tables)
+        self.rejected += rejected.to(self.rejected.device)
+        quanta = quanta.to(ids.device, torch.int64)
+        return self._update_pairs(*self._aggregate(ids, quanta, torch.ones_like(quanta, dtype=torch.bool), tables))
+
+    def _check(
+        self, ids: torch.Tensor, scores: torch.Tensor, tables: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         if ids.dim() != 1 or scores.shape != ids.shape:
             raise ValueError(
                 f"ids and scores must be 1-D of equal length, got {tuple(ids.shape)} and {tuple(scores.shape)}"
             )
         if ids.dtype != torch.int64:
             raise ValueError(f"ids must be int64, got {ids.dtype}")
-        device = self.slot_ids.device
-        ids = ids.to(device)
-        tables = self._tables_like(ids, tables)
-        uid, utab, uq, valid, num_unique = self._aggregate(ids, scores.to(device, torch.float64), tables)
+        ids = ids.to(self.slot_ids.device)
+        return ids, self._tables_like(ids, tables)
+
+    def _update_pairs(
+        self, uid: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor, valid: torch.Tensor, num_unique: torch.Tensor
+    ) -> SketchUpdate:
         if self._host_is_free():
             n = int(num_unique)
             uid, utab, uq, valid = uid[:n], utab[:n], uq[:n], valid[:n]
@@ -317,7 +362,7 @@ class HotSketch(nn.Module):
         self._add_present(flat, present, utab, uq)
         self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
         order, promoted_hot, promoted = self._promote(uid, utab, valid)
-        accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=device).index_add_(0, utab, uq)
+        accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=uid.device).index_add_(0, utab, uq)
         accepted = accepted.to(torch.float64) / _Q
         demoted = self._decay_and_demote(accepted)
         self.step += 1
@@ -332,14 +377,10 @@ class HotSketch(nn.Module):
         return self.slot_ids.device.type == "cpu" and not self.fixed_shapes
 
     def _aggregate(
-        self, ids: torch.Tensor, scores: torch.Tensor, tables: torch.Tensor
+        self, ids: torch.Tensor, q: torch.Tensor, ok: torch.Tensor, tables: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unique (table, id) pairs sorted by (table, id), padded to [N], with exact integer score
-        sums, validity, and the number of unique pairs (0-dim)."""
-        ok = torch.isfinite(scores) & (scores >= 0)
-        self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
-        q = torch.where(ok, scores.clamp(max=_MAX_SCORE) * _Q, torch.zeros_like(scores))
-        q = torch.round(q).to(torch.int64)
+        """Unique (table, id) pairs sorted by (table, id), padded to [N], with exact integer sums of
+        the quanta ``q``, validity (a valid occurrence ``ok``), and the number of pairs (0-dim)."""
         order = torch.sort(ids, stable=True).indices
         order = take(order, torch.sort(take(tables, order), stable=True).indices)
         sid, stab, q, ok = (take(x, order) for x in (ids, tables, q, ok))
