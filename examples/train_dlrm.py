@@ -64,6 +64,7 @@ class TrainConfig:
     cafe_hash_fraction: Optional[float] = None
     cafe_update_interval: int = 1
     cafe_optimizer_state: str = "copy"
+    cafe_sync: str = "aggregated"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,6 +124,7 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         importance="frequency" if cfg.method == "cafe_freq" else "grad_norm",
         update_interval=cfg.cafe_update_interval,
         optimizer_state=cfg.cafe_optimizer_state,
+        sync=cfg.cafe_sync,
     )
     return CafeEmbeddingBagCollection(tables, cafe, device=device)
 

@@ -46,9 +46,10 @@ def _half(step: int, rank: int, world: int) -> "tuple[torch.Tensor, KeyedJaggedT
     return dense[lo:hi], local, labels[lo:hi]
 
 
-def _run(rank: int, world: int, sharding: str) -> Dict[str, object]:
+def _run(rank: int, world: int, sharding: str, sync: str = "aggregated") -> Dict[str, object]:
     torch.manual_seed(0)
-    cafe = CafeEmbeddingBagCollection(TABLES, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    cfg = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency", sync=sync)
+    cafe = CafeEmbeddingBagCollection(TABLES, cfg)
     model = DLRM(embedding_bag_collection=cafe, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
@@ -81,18 +82,22 @@ def _run(rank: int, world: int, sharding: str) -> Dict[str, object]:
     return {"sketch": sharded._sketch.state_dict(), "pooled": pooled, "tables": tables}
 
 
-def _worker(rank: int, port: int, sharding: str, out: str) -> None:
+def _worker(rank: int, port: int, sharding: str, out: str, sync: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.save(_run(rank, 2, sharding), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(_run(rank, 2, sharding, sync), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise", "table_row_wise"])
-def test_two_ranks_equal_one_process(tmp_path, single_rank_pg: None, sharding: str) -> None:
-    mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.mark.parametrize(
+    "sharding, sync",
+    [("table_wise", "aggregated"), ("row_wise", "aggregated"), ("column_wise", "aggregated"),
+     ("table_row_wise", "aggregated"), ("row_wise", "occurrences")],
+)
+def test_two_ranks_equal_one_process(tmp_path, single_rank_pg: None, sharding: str, sync: str) -> None:
+    mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path), sync), nprocs=2, start_method="spawn")
     reference = _run(0, 1, "table_wise")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert int(reference["sketch"]["promotions"].sum()) > 0

@@ -57,6 +57,9 @@ class CafeConfig:
         medium_threshold: defaults to ``threshold / 4``; must be below ``threshold``.
         quarantine: sketch updates a freed hot row waits before reuse; must be at least the
             pipeline depth when batches are remapped ahead of the previous update.
+        sync: how ranks keep sketch replicas identical: ``"aggregated"`` all-gathers each rank's
+            exact pre-aggregation (fewer bytes, an extra local sort) or ``"occurrences"`` every
+            occurrence (20 B each, no extra sort). Both give bit-identical replicas.
         optimizer_state: on promotion, the hot row's optimizer state is ``"copy"``-ed from the ID's
             shared row (it keeps the step size it trained with) or ``"reset"`` to zero (a fresh
             row: with Adagrad-like optimizers, large first steps).
@@ -76,6 +79,7 @@ class CafeConfig:
     quarantine: int = 0
     update_interval: int = 1
     optimizer_state: str = "copy"
+    sync: str = "aggregated"
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):
@@ -105,6 +109,8 @@ class CafeConfig:
             raise ValueError(f"quarantine must be >= 0, got {self.quarantine}")
         if self.optimizer_state not in ("copy", "reset"):
             raise ValueError(f"optimizer_state must be 'copy' or 'reset', got {self.optimizer_state!r}")
+        if self.sync not in ("aggregated", "occurrences"):
+            raise ValueError(f"sync must be 'aggregated' or 'occurrences', got {self.sync!r}")
         if self.update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
 

@@ -30,28 +30,42 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 import torchrec_cafe.modules.cafe_embedding_bag as cafe_module
 from examples.train_dlrm import TrainConfig, build_ebc, embedding_tables, quiet_logs, synthetic
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
+from torchrec_cafe.sketch import HotSketch
 
 
 def _timed_sync(stats: Dict[str, float]) -> None:
-    """Wraps the two collectives of a CAFE update to count their bytes and time."""
-    gather, rescale = cafe_module.all_gather_aggregated, cafe_module._normalised_scores
+    """Counts the bytes each rank ships for a CAFE update and the time of its collectives
+    (the gather forms time the whole call minus the sketch update itself)."""
+    occurrences, aggregated = cafe_module.all_gather_occurrences, cafe_module.all_gather_aggregated
+    rescale, update_quanta = cafe_module._normalised_scores, HotSketch.update_quanta
 
-    def timed_gather(sketch, ids, scores, tables, group=None):  # noqa: ANN001, ANN202
+    def timed(fn, sent):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            stats["sync_s"] += time.perf_counter() - start
+            stats["sync_bytes"] += sent(*args)
+            return out
+
+        return call
+
+    def untimed_update(self, *args):  # noqa: ANN001, ANN002, ANN202
         start = time.perf_counter()
-        pairs = sketch.aggregate(ids, scores, tables)[0].numel()  # what this rank ships
-        out = gather(sketch, ids, scores, tables, group)
-        stats["sync_s"] += time.perf_counter() - start
-        stats["sync_bytes"] += pairs * 20 + 8 + 8 * sketch.num_tables
+        out = update_quanta(self, *args)
+        stats["sync_s"] -= time.perf_counter() - start
         return out
 
-    def timed_rescale(norms, feature, num_features, distributed):  # noqa: ANN001, ANN202
-        start = time.perf_counter()
-        out = rescale(norms, feature, num_features, distributed)
-        stats["sync_s"] += time.perf_counter() - start
-        stats["sync_bytes"] += 2 * num_features * 8
-        return out
+    cafe_module.all_gather_occurrences = timed(occurrences, lambda ids, *_: ids.numel() * 20 + 8)
+    cafe_module.all_gather_aggregated = timed(
+        aggregated, lambda sketch, ids, scores, tables: _pairs(sketch, ids, tables) * 20 + 8 + 8 * sketch.num_tables
+    )
+    cafe_module._normalised_scores = timed(rescale, lambda norms, feature, num_features, distributed: 16 * num_features)
+    HotSketch.update_quanta = untimed_update
 
-    cafe_module.all_gather_aggregated, cafe_module._normalised_scores = timed_gather, timed_rescale
+
+def _pairs(sketch: HotSketch, ids: torch.Tensor, tables: torch.Tensor) -> int:
+    """Unique (table, id) pairs a rank ships in the aggregated form (counted outside the timing)."""
+    return int(torch.unique(ids * sketch.num_tables + tables).numel()) if ids.numel() else 0
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -72,7 +86,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         models = {}
         for method in ("hash", "cafe"):
             torch.manual_seed(0)
-            ebc = build_ebc(TrainConfig(method=method, compression_ratio=args.compression_ratio), tables, device)
+            ebc = build_ebc(TrainConfig(method=method, compression_ratio=args.compression_ratio, cafe_sync=args.sync), tables, device)
             model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, 16],
                          over_arch_layer_sizes=[64, 32, 1], dense_device=device)
             apply_optimizer_in_backward(RowWiseAdagrad, ebc._embedding_bag_collection.parameters(), {"lr": 0.05})
@@ -123,6 +137,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--sharding", default=ShardingType.TABLE_WISE.value)
+    p.add_argument("--sync", choices=["aggregated", "occurrences"], default="aggregated")
     p.add_argument("--compression-ratio", type=float, default=100.0)
     p.add_argument("--batch-size", type=int, default=512, help="per rank")
     p.add_argument("--warmup", type=int, default=20)
@@ -144,6 +159,7 @@ def main() -> None:
     summary = {
         "world": args.world,
         "sharding": args.sharding,
+        "sync": args.sync,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "batch_per_rank": args.batch_size,
         "step_ms": step,
@@ -152,9 +168,9 @@ def main() -> None:
         "sync_bytes_per_step_per_rank": ranks[0]["sync_bytes_per_step"],
         "ranks": ranks,
     }
-    print(f"| world | sharding | hash step ms | CAFE step ms | ratio | sketch sync ms/step | sync bytes/step/rank |")
-    print(f"|---|---|---|---|---|---|---|")
-    print(f"| {args.world} | {args.sharding} | {step['hash']:.2f} | {step['cafe']:.2f} | {summary['ratio_cafe_vs_hash']:.2f} | "
+    print("| world | sharding | sync | hash step ms | CAFE step ms | ratio | sketch sync ms/step | sync bytes/step/rank |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.world} | {args.sharding} | {args.sync} | {step['hash']:.2f} | {step['cafe']:.2f} | {summary['ratio_cafe_vs_hash']:.2f} | "
           f"{summary['sync_ms_per_step']:.2f} | {summary['sync_bytes_per_step_per_rank']:,.0f} |")
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

@@ -11,7 +11,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated
+from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowGroup,
@@ -111,6 +111,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
         self._steps_since_update = 0
+        self._sync = self._compressed[0].cafe.sync if self._compressed else "aggregated"
         self._ranks_checked = False
 
     # ------------------------------------------------------------------ EBC interface
@@ -246,7 +247,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
             self._check_ranks_agree()
-            update = all_gather_aggregated(self._sketch, ids, scores, tables)
+            if self._sync == "aggregated":
+                update = all_gather_aggregated(self._sketch, ids, scores, tables)
+            else:
+                update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
         else:
             update = self._sketch.update(ids, scores, tables)
         src, src2, medium, reset = self._remapper.migration_sources(
@@ -402,7 +406,7 @@ def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device])
     """One HotSketch for all compressed tables: one batch of ops per step whatever their count."""
     if not compressed:
         return None
-    for field in ("slots_per_bucket", "quarantine", "update_interval"):
+    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync"):
         values = {getattr(l.cafe, field) for l in compressed}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
