@@ -93,15 +93,7 @@ class ShardedCafeEmbeddingBagCollection(
     ) -> Awaitable[Awaitable[KJTList]]:
         """Applies due updates (collective), remaps the local batch, then TorchRec's input dist."""
         cafe = self.cafe
-        features = cafe._check_and_order(features)
-        if features.values().device != self._remapper.cafe_table.device:
-            cafe._follow(features.values().device)
-        if self.training and self._sketch is not None:
-            if cafe._steps_since_update >= cafe._update_interval:
-                cafe.apply_pending_updates()
-            cafe._steps_since_update += 1
-        physical, context = self._remapper(features, self._sketch)
-        cafe._last_context = context
+        physical, context = cafe._remap(cafe._prepare(features, self.training))
         ctx.cafe_context = context  # read when the output awaitable resolves
         return self._embedding_bag_collection.input_dist(ctx, physical)
 

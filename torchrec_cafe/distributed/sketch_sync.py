@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
 
 
+def _gathered_sizes(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> List[int]:
+    """Every rank's length of ``x`` (one small all-gather and a host read, to size the buffers)."""
+    length = torch.tensor([x.numel()], dtype=torch.int64, device=x.device)
+    lengths = [torch.empty_like(length) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(lengths, length, group=group)
+    return [int(n) for n in lengths]
+
+
 def _all_gather_varlen(x: torch.Tensor, sizes: List[int], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """Concatenation over ranks of 1-D tensors of per-rank lengths ``sizes``."""
     padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
@@ -44,11 +52,7 @@ def all_gather_occurrences(
             f"ids, scores and tables must be 1-D of one length, got {tuple(ids.shape)}, "
             f"{tuple(scores.shape)}, {tuple(tables.shape)}"
         )
-    world = dist.get_world_size(group)
-    length = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
-    lengths = [torch.empty_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    sizes = [int(n) for n in lengths]
+    sizes = _gathered_sizes(ids, group)
     if max(sizes) == 0:
         return ids, scores, tables
     return (
@@ -69,11 +73,7 @@ def all_gather_aggregated(
     all-gathered and every replica applies all of them (bit-identical to one process fed all
     ranks' occurrences). Bytes per rank: 20 per unique local (table, id) + 8 per table."""
     uid, quanta, utab, rejected = sketch.aggregate(ids, scores, tables)
-    world = dist.get_world_size(group)
-    length = torch.tensor([uid.numel()], dtype=torch.int64, device=uid.device)
-    lengths = [torch.empty_like(length) for _ in range(world)]
-    dist.all_gather(lengths, length, group=group)
-    sizes = [int(n) for n in lengths]
+    sizes = _gathered_sizes(uid, group)
     dist.all_reduce(rejected, group=group)
     if max(sizes) == 0:
         empty = uid.new_zeros(0)

@@ -131,21 +131,33 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)]."""
-        features = self._check_and_order(features)
-        if self._remapper.cafe_table.device != features.values().device:
-            self._follow(features.values().device)
-        if self.training and self._sketch is not None:
-            if self._steps_since_update >= self._update_interval:
-                self.apply_pending_updates()
-            self._steps_since_update += 1
+        features = self._prepare(features, self.training)
         if features.stride() == 0:
             return self._empty_output(features.values().device)
-        physical, context = self._remapper(features, self._sketch)
-        self._last_context = context
+        physical, context = self._remap(features)
         kt = self._embedding_bag_collection(physical)
         if self.training and context is not None:
             self._track_importance(kt, context)
         return kt
+
+    def _prepare(self, features: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
+        """Validates and orders ``features``, follows their device and, when training, applies the
+        sketch update that is due (a collective with several ranks). Shared with the sharded
+        module's ``input_dist``."""
+        features = self._check_and_order(features)
+        if self._remapper.cafe_table.device != features.values().device:
+            self._follow(features.values().device)
+        if training and self._sketch is not None:
+            if self._steps_since_update >= self._update_interval:
+                self.apply_pending_updates()
+            self._steps_since_update += 1
+        return features
+
+    def _remap(self, features: KeyedJaggedTensor) -> "tuple[KeyedJaggedTensor, Optional[RemapContext]]":
+        """Ordered raw KJT -> (physical KJT, hook context); keeps the context for ``stats()``."""
+        physical, context = self._remapper(features, self._sketch)
+        self._last_context = context
+        return physical, context
 
     def _follow(self, device: torch.device) -> None:
         """Moves the sketch and remap constants next to the inputs (host-side check, no sync)."""
