@@ -24,6 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 
+def rows_where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where`` choosing whole rows: ``mask`` [N] against rows of ``a``/``b`` [N, ...]."""
+    return torch.where(mask.view((-1,) + (1,) * (a.dim() - 1)), a, b)
+
+
 def masked_row_write_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> None:
     """``dst[index[i]] = src[i]`` for every i with ``mask[i]``, with fixed shapes (no host sync).
 
@@ -36,8 +41,7 @@ def masked_row_write_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor,
     has = mask.any()
     idx0 = torch.where(has, index.index_select(0, j), torch.zeros_like(index[:1]))
     val0 = torch.where(has, src.index_select(0, j), dst[:1])
-    shape = (-1,) + (1,) * (src.dim() - 1)
-    dst.index_copy_(0, torch.where(mask, index, idx0), torch.where(mask.view(shape), src, val0))
+    dst.index_copy_(0, torch.where(mask, index, idx0), rows_where(mask, src, val0))
 
 
 @dataclass
@@ -141,8 +145,7 @@ def migrate_group(
     for k, state in enumerate(group.states, start=1):
         value = state.index_select(0, rows(src, k))
         if reset_state is not None:
-            shape = (-1,) + (1,) * (value.dim() - 1)
-            value = torch.where(reset_state.view(shape), torch.zeros_like(value), value)
+            value = rows_where(reset_state, torch.zeros_like(value), value)
         masked_row_write_(state, rows(dst, k), value, mask)
 
 
@@ -167,7 +170,7 @@ def _owned(shard: RowShard, rows: torch.Tensor, valid: torch.Tensor) -> Tuple[to
 
 def _staged(t: torch.Tensor, local: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     v = t.index_select(0, local)
-    return torch.where(own.view((-1,) + (1,) * (v.dim() - 1)), v, torch.zeros_like(v))
+    return rows_where(own, v, torch.zeros_like(v))
 
 
 def _stage(part: RowExchange) -> List[torch.Tensor]:
@@ -205,8 +208,7 @@ def exchange_rows(parts: Sequence[RowExchange], group: Optional[dist.ProcessGrou
             b.copy_(chunk.view_as(b))
     for part, (weight, *states) in zip(parts, staged):
         if part.reset_state is not None:
-            shape = lambda b: (-1,) + (1,) * (b.dim() - 1)  # noqa: E731
-            states = [torch.where(part.reset_state.view(shape(b)), torch.zeros_like(b), b) for b in states]
+            states = [rows_where(part.reset_state, torch.zeros_like(b), b) for b in states]
         for shard in part.shards:
             own, local = _owned(shard, part.dst, part.mask)
             masked_row_write_(shard.weight, local, weight, own)
