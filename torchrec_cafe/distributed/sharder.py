@@ -69,6 +69,7 @@ class ShardedCafeEmbeddingBagCollection(
         self._embedding_bag_collection = sharded
         self._sketch = module._sketch
         self._remapper = module._remapper
+        self.register_load_state_dict_post_hook(lambda sharded, _: sharded.cafe.discard_pending())
 
     @property
     def cafe(self) -> CafeEmbeddingBagCollection:

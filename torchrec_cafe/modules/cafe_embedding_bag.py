@@ -1,6 +1,8 @@
 """CafeEmbeddingBagCollection: a drop-in EmbeddingBagCollection under a per-table memory budget."""
 
+import dataclasses
 import hashlib
+import json
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
@@ -113,6 +115,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._steps_since_update = 0
         self._sync = self._compressed[0].cafe.sync if self._compressed else "aggregated"
         self._ranks_checked = False
+        self.register_load_state_dict_post_hook(lambda module, _: module.discard_pending())
 
     # ------------------------------------------------------------------ EBC interface
 
@@ -287,18 +290,37 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ]
             exchange_rows(parts)
 
+    def describe(self) -> List[Dict[str, object]]:
+        """JSON-able description of every logical table and its physical form (sizes, CAFE
+        settings): what must agree between ranks, and between a checkpoint and a module."""
+        return [
+            {
+                "name": c.name,
+                "num_embeddings": c.num_embeddings,
+                "embedding_dim": c.embedding_dim,
+                "data_type": str(c.data_type),
+                "feature_names": list(c.feature_names),
+                "pooling": str(c.pooling),
+                "cafe": dataclasses.asdict(l.cafe) if l.cafe is not None else None,
+                "hot_rows": l.budget.num_hot if l.compressed else 0,
+                "shared_rows": l.budget.num_shared,
+                "sketch_buckets": l.budget.num_buckets if l.compressed else 0,
+            }
+            for l in self._layouts
+            for c in [l.config]
+        ]
+
+    def discard_pending(self) -> None:
+        """Drops the scores stashed since the last update (after loading a checkpoint they belong
+        to the run that was replaced) and restarts the update interval."""
+        self._pending, self._steps_since_update, self._last_context = [], 0, None
+
     def _check_ranks_agree(self) -> None:
         """Once, at the first multi-rank update: every rank must build the same tables and CAFE
         settings, or the replicated sketches would silently diverge (one all-reduce)."""
         if self._ranks_checked:
             return
-        # Explicit fields only: a config's repr holds process-specific addresses (its init_fn).
-        described = [
-            (c.name, c.num_embeddings, c.embedding_dim, str(c.data_type), list(c.feature_names), str(c.pooling), l.cafe, l.budget)
-            for l in self._layouts
-            for c in [l.config]
-        ]
-        digest = hashlib.sha256(repr(described).encode()).digest()
+        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).digest()
         mine = int.from_bytes(digest[:7], "big")  # fits int64
         seen = torch.tensor([mine, -mine], dtype=torch.int64, device=self._sketch.step.device)
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)

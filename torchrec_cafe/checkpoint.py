@@ -1,0 +1,279 @@
+"""Distributed checkpoints of models holding CAFE modules: atomic, verified, reshardable.
+
+A checkpoint is a directory written by ``torch.distributed.checkpoint`` (DCP) with
+``{"model": model.state_dict(), "optim": optimizer.state_dict()}``, plus ``cafe_manifest.json``,
+written last, holding every CAFE module's description (tables, budgets, ``CafeConfig``), the size
+and SHA-256 of every file, and the caller's ``extra`` (e.g. the step). Tables (and fused optimizer
+state) are ShardedTensors, the sketch is replicated plain tensors whose shapes do not depend on the
+world size, so a checkpoint saved on N ranks loads on M ranks under another plan.
+
+Invariants:
+    * ``save`` is atomic: everything goes to ``<path>.partial`` and is renamed to ``path`` once the
+      manifest is on disk; a directory without a manifest is never loaded.
+    * ``load`` verifies every file and the module descriptions *before* touching the model, so a
+      corrupted, truncated or mismatched checkpoint is refused and the model is left as it was.
+    * ``save`` first applies the scores stashed since the last sketch update (as the next training
+      forward would), so resuming continues exactly; with ``update_interval > 1`` this is exact
+      when saving at a multiple of the interval, otherwise the partial interval lands early.
+
+Example::
+
+    path = save(checkpoint_path(root, step), dmp, optimizer, extra={"step": step})
+    ...
+    extra = load(latest(root), dmp, optimizer)  # any world size, any plan
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+
+from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+
+MANIFEST = "cafe_manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def cafe_modules(model: nn.Module) -> List[CafeEmbeddingBagCollection]:
+    """The CAFE modules of ``model``, sharded (their CAFE logic) or not, in module order."""
+    found = []
+    for m in model.modules():
+        if isinstance(m, CafeEmbeddingBagCollection):
+            found.append(m)
+        elif isinstance(getattr(m, "cafe", None), CafeEmbeddingBagCollection):
+            found.append(m.cafe)
+    return found
+
+
+def checkpoint_path(root: str, step: int) -> str:
+    """``<root>/step-<step, 8 digits>``: the names ``latest`` orders."""
+    return os.path.join(root, f"step-{step:08d}")
+
+
+def latest(root: str) -> Optional[str]:
+    """The complete checkpoint (manifest present) with the highest step under ``root``, or None."""
+    if not os.path.isdir(root):
+        return None
+    steps = [
+        (int(m.group(1)), name)
+        for name in os.listdir(root)
+        for m in [_STEP_DIR.match(name)]
+        if m and os.path.isfile(os.path.join(root, name, MANIFEST))
+    ]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def save(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[Any] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> str:
+    """Collective: saves ``model`` (and ``optimizer``'s state) to the new directory ``path``.
+
+    Args:
+        path: directory to create; must not exist.
+        model: a ``DistributedModelParallel`` or any module (unsharded models save from one process).
+        optimizer: anything with ``state_dict``/``load_state_dict`` (torch optimizer,
+            ``KeyedOptimizer``, ``CombinedOptimizer``, ``dmp.fused_optimizer``).
+        extra: JSON-able values returned by ``load`` (e.g. ``{"step": 1000}``).
+
+    Returns ``path``. Raises ``FileExistsError`` if ``path`` exists, ``RuntimeError`` if the sketch
+    replicas differ between ranks (they must be identical; DCP keeps one copy).
+    """
+    path = os.fspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"checkpoint {path!r} already exists; checkpoints are never overwritten")
+    rank = _rank(process_group)
+    cafes = cafe_modules(model)
+    for cafe in cafes:
+        cafe.apply_pending_updates()
+    _check_replicas(cafes, process_group)
+    partial = path + ".partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        os.makedirs(partial)
+    _barrier(process_group)
+    dcp.save(
+        _state(model, optimizer),
+        storage_writer=FileSystemWriter(partial),
+        planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+        process_group=process_group,
+        no_dist=not _distributed(process_group),
+    )
+    _barrier(process_group)  # every rank's files are written
+    if rank == 0:
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "world_size": dist.get_world_size(process_group) if _distributed(process_group) else 1,
+            "modules": [cafe.describe() for cafe in cafes],
+            "extra": dict(extra or {}),
+            "files": {name: _file_digest(os.path.join(partial, name)) for name in sorted(os.listdir(partial))},
+        }
+        _write_json(os.path.join(partial, MANIFEST), manifest)
+        os.replace(partial, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _barrier(process_group)
+    return path
+
+
+def load(
+    path: str,
+    model: nn.Module,
+    optimizer: Optional[Any] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> Dict[str, Any]:
+    """Collective: loads a checkpoint written by ``save`` into ``model`` (and ``optimizer``).
+
+    Any world size and plan: ShardedTensors are resharded by DCP, the replicated sketch is read
+    whole by every rank. Returns the ``extra`` given to ``save``.
+
+    Raises ``ValueError`` naming the problem, before changing anything, when ``path`` is not a
+    complete checkpoint, a file is missing, truncated or corrupted, or the model's CAFE tables or
+    settings differ from the checkpoint's.
+    """
+    path = os.fspath(path)
+    manifest = _read_manifest(path)
+    _verify_files(path, manifest["files"])
+    cafes = cafe_modules(model)
+    _check_descriptions(manifest["modules"], [cafe.describe() for cafe in cafes], path)
+    state = _state(model, optimizer)
+    dcp.load(
+        state,
+        storage_reader=FileSystemReader(path),
+        process_group=process_group,
+        no_dist=not _distributed(process_group),
+    )
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    for cafe in cafes:
+        cafe.discard_pending()
+    return manifest["extra"]
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _state(model: nn.Module, optimizer: Optional[Any]) -> Dict[str, Any]:
+    state: Dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    return state
+
+
+def _distributed(process_group: Optional[dist.ProcessGroup]) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def _rank(process_group: Optional[dist.ProcessGroup]) -> int:
+    return dist.get_rank(process_group) if _distributed(process_group) else 0
+
+
+def _barrier(process_group: Optional[dist.ProcessGroup]) -> None:
+    if _distributed(process_group):
+        dist.barrier(group=process_group)
+
+
+@torch.no_grad()
+def _check_replicas(cafes: List[CafeEmbeddingBagCollection], process_group: Optional[dist.ProcessGroup]) -> None:
+    """DCP saves one rank's copy of replicated tensors: refuse to save diverged sketches."""
+    if not _distributed(process_group) or not cafes:
+        return
+    sums = []
+    for cafe in cafes:
+        if cafe._sketch is None:
+            continue
+        for _, buf in sorted(cafe._sketch.state_dict().items()):
+            raw = buf.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)
+            weights = torch.arange(raw.numel(), device=raw.device) % 65521 + 1  # order-sensitive
+            sums.append((raw * weights).sum())
+    if not sums:
+        return
+    mine = torch.stack(sums)
+    both = torch.stack([mine, -mine])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=process_group)
+    if not (torch.equal(both[0], mine) and torch.equal(-both[1], mine)):
+        raise RuntimeError("sketch replicas differ between ranks: refusing to save a checkpoint of diverged state")
+
+
+def _file_digest(path: str) -> Dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: str) -> Dict[str, Any]:
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"{path!r} is not a complete torchrec_cafe checkpoint: {MANIFEST} is missing (an interrupted save?)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path!r}: {MANIFEST} is unreadable ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path!r}: unsupported manifest (format_version {FORMAT_VERSION} expected)")
+    for key in ("files", "modules", "extra"):
+        if key not in manifest:
+            raise ValueError(f"checkpoint {path!r}: {MANIFEST} has no {key!r}")
+    return manifest
+
+
+def _verify_files(path: str, files: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"checkpoint {path!r}: file {name!r} is missing")
+        size = os.path.getsize(file)
+        if size != expected["bytes"]:
+            raise ValueError(f"checkpoint {path!r}: file {name!r} has {size} bytes, {expected['bytes']} were saved (truncated?)")
+        if _file_digest(file)["sha256"] != expected["sha256"]:
+            raise ValueError(f"checkpoint {path!r}: file {name!r} is corrupted (SHA-256 differs from the manifest)")
+
+
+def _check_descriptions(saved: List[List[Dict[str, Any]]], current: List[List[Dict[str, Any]]], path: str) -> None:
+    """Names the first difference between the checkpoint's CAFE modules and the model's."""
+    if len(saved) != len(current):
+        raise ValueError(f"checkpoint {path!r} holds {len(saved)} CAFE modules, the model has {len(current)}")
+    for m, (old, new) in enumerate(zip(saved, current)):
+        old_names, new_names = [t["name"] for t in old], [t["name"] for t in new]
+        if old_names != new_names:
+            raise ValueError(f"checkpoint {path!r}: CAFE module {m} has tables {old_names}, the model has {new_names}")
+        for o, n in zip(old, new):
+            for key in list(o) + [k for k in n if k not in o]:  # description order: causes first
+                a, b = o.get(key), n.get(key)
+                if isinstance(a, dict) and isinstance(b, dict):
+                    diff = [k for k in list(a) + [k for k in b if k not in a] if a.get(k) != b.get(k)]
+                    if diff:
+                        k = diff[0]
+                        raise ValueError(f"checkpoint {path!r}: table {o['name']!r} has {key}.{k}={a.get(k)!r}, the model has {b.get(k)!r}")
+                elif a != b:
+                    raise ValueError(f"checkpoint {path!r}: table {o['name']!r} has {key}={a!r}, the model has {b!r}")
