@@ -1,0 +1,94 @@
+"""Export for serving: a plain EmbeddingBagCollection plus a frozen id -> row map, TorchScript-able,
+whose outputs equal the trained CafeEmbeddingBagCollection's in eval mode."""
+
+import os
+
+import pytest
+import torch
+from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
+from torchrec_cafe.checkpoint import checkpoint_path, load, save
+from torchrec_cafe.inference import _mix, export_for_inference
+from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
+from torchrec_cafe.sketch.hashing import _GOLDEN, _as_int64, mix64
+
+
+def _tables(pooling: PoolingType = PoolingType.SUM):
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["a", "b"], pooling=pooling),
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=50, feature_names=["c"], pooling=pooling),
+    ]
+
+
+def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c")) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, (len(keys) * 32,), generator=g)
+    values = torch.randint(0, 300, (int(lengths.sum()),), generator=g)
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    return KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, weights=weights)
+
+
+def _trained(pooling: PoolingType, weighted: bool, multi_level: bool) -> CafeEmbeddingBagCollection:
+    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", multi_level=multi_level, medium_threshold=1.0)
+    cafe = CafeEmbeddingBagCollection(_tables(pooling), {"t0": cfg}, is_weighted=weighted)  # t1 stays plain
+    for step in range(4):
+        cafe(_kjt(step, weighted))
+    cafe.apply_pending_updates()
+    return cafe.eval()
+
+
+def test_frozen_hash_is_the_training_hash() -> None:
+    ids = torch.tensor([0, 1, -1, 2**62, -(2**63), 123456789], dtype=torch.int64)
+    for seed in (SHARED_SEED, SECOND_SEED, 0):
+        assert torch.equal(_mix(ids, _as_int64((seed + 1) * _GOLDEN)), mix64(ids, seed))
+
+
+@pytest.mark.parametrize("multi_level", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_export_equals_trained_module_in_eval(pooling: PoolingType, weighted: bool, multi_level: bool) -> None:
+    cafe = _trained(pooling, weighted, multi_level)
+    assert int(cafe._sketch.promotions.sum()) > 0
+    served = export_for_inference(cafe)
+    scripted = torch.jit.script(served)
+    for seed in (9, 10):
+        for keys in (("a", "b", "c"), ("c", "a", "b")):  # any key order, as the trained module
+            kjt = _kjt(seed, weighted, keys)
+            expected = cafe(kjt)
+            for out in (served(kjt), scripted(kjt)):
+                assert out.keys() == expected.keys() and out.length_per_key() == expected.length_per_key()
+                torch.testing.assert_close(out.values(), expected.values(), rtol=1e-6, atol=1e-7)
+    sizes = served.nbytes()
+    assert sizes["table_bytes"] == sum(p.numel() * 4 for p in cafe._embedding_bag_collection.parameters())
+    assert sizes["map_bytes"] == 16 * served.map_ids.numel() and served.map_ids.numel() > 0
+
+
+def test_scripted_export_saves_and_loads(tmp_path) -> None:
+    cafe = _trained(PoolingType.SUM, False, True)
+    path = str(tmp_path / "served.pt")
+    torch.jit.save(torch.jit.script(export_for_inference(cafe)), path)
+    kjt = _kjt(11)
+    torch.testing.assert_close(torch.jit.load(path)(kjt).values(), cafe(kjt).values())
+
+
+def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, single_rank_pg: None) -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=20, threshold=2.0))
+    apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), sharders=[CafeEmbeddingBagCollectionSharder()])
+    for step in range(6):
+        dmp(_kjt(step)).values().pow(2).sum().backward()
+    with pytest.raises(ValueError, match="unsharded"):
+        export_for_inference(dmp.module.cafe)
+    path = save(checkpoint_path(str(tmp_path), 6), dmp)
+    plain = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=20, threshold=2.0))
+    load(path, plain)
+    assert int(plain._sketch.promotions.sum()) > 0 and os.path.isdir(path)
+    dmp.eval()
+    kjt = _kjt(12)
+    served = torch.jit.script(export_for_inference(plain))
+    torch.testing.assert_close(served(kjt).values(), dmp(kjt).values())
