@@ -11,9 +11,10 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from examples.export_model import export
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, load, save
-from torchrec_cafe.inference import _mix, export_for_inference
+from torchrec_cafe.inference import _mix, export_for_inference, load_for_inference
 from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
 from torchrec_cafe.sketch.hashing import _GOLDEN, _as_int64, mix64
 
@@ -90,5 +91,13 @@ def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, sin
     assert int(plain._sketch.promotions.sum()) > 0 and os.path.isdir(path)
     dmp.eval()
     kjt = _kjt(12)
+    expected = dmp(kjt).values()
     served = torch.jit.script(export_for_inference(plain))
-    torch.testing.assert_close(served(kjt).values(), dmp(kjt).values())
+    torch.testing.assert_close(served(kjt).values(), expected)
+    # Straight from the checkpoint, without model code: the manifest describes the module.
+    from_checkpoint = load_for_inference(path)
+    assert list(from_checkpoint) == [""]  # the checkpointed model is the CAFE module itself
+    torch.testing.assert_close(torch.jit.script(from_checkpoint[""])(kjt).values(), expected)
+    sizes = export(path, str(tmp_path / "served"))  # the export command
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "served" / "cafe.pt"))(kjt).values(), expected)
+    assert sizes["cafe"]["file_bytes"] > sizes["cafe"]["table_bytes"]

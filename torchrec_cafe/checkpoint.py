@@ -104,8 +104,9 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
         os.makedirs(partial)
     _barrier(process_group)
+    state = _state(model, optimizer)
     dcp.save(
-        _state(model, optimizer),
+        state,
         storage_writer=FileSystemWriter(partial),
         planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
         process_group=process_group,
@@ -117,6 +118,7 @@ def save(
             "format_version": FORMAT_VERSION,
             "world_size": dist.get_world_size(process_group) if _distributed(process_group) else 1,
             "modules": [cafe.describe() for cafe in cafes],
+            "prefixes": _prefixes(list(state["model"]), cafes),
             "extra": dict(extra or {}),
             "files": {name: _file_digest(os.path.join(partial, name)) for name in sorted(os.listdir(partial))},
         }
@@ -170,6 +172,18 @@ def _state(model: nn.Module, optimizer: Optional[Any]) -> Dict[str, Any]:
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
     return state
+
+
+def _prefixes(keys: List[str], cafes: List[CafeEmbeddingBagCollection]) -> List[str]:
+    """State-dict prefix of each CAFE module (``""`` for the model itself), in module order: where
+    ``inference.load_for_inference`` finds a module's tensors without rebuilding the model."""
+    out, taken = [], set()
+    for cafe in cafes:
+        suffix = f"_embedding_bag_collection.embedding_bags.{cafe._layouts[0].config.name}.weight"
+        key = next(k for k in keys if k.endswith(suffix) and k not in taken)
+        taken.add(key)
+        out.append(key[: -len(suffix)])
+    return out
 
 
 def _distributed(process_group: Optional[dist.ProcessGroup]) -> bool:

@@ -14,9 +14,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+import torch.distributed.checkpoint as dcp
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_cafe.checkpoint import _read_manifest, _verify_files
+from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
 from torchrec_cafe.sketch.hashing import _GOLDEN, _as_int64
@@ -175,6 +179,41 @@ def export_for_inference(module: CafeEmbeddingBagCollection, device: Optional[to
         map_offsets=map_offsets,
         is_weighted=module.is_weighted(),
     )
+
+
+def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
+    """Serving forms of every CAFE module of a checkpoint (``checkpoint.save``), keyed by state-dict
+    prefix, built from the manifest alone: no model code, no process group, any saved world size.
+
+    The checkpoint is verified first (``ValueError`` when incomplete or damaged).
+    """
+    manifest = _read_manifest(path)
+    _verify_files(path, manifest["files"])
+    served = {}
+    for prefix, description in zip(manifest["prefixes"], manifest["modules"]):
+        module = _module_from_description(description)
+        state = {f"model.{prefix}{k}": v for k, v in module.state_dict().items()}
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+        module.load_state_dict({k[len(f"model.{prefix}") :]: v for k, v in state.items()})
+        served[prefix.rstrip(".")] = export_for_inference(module.eval())
+    return served
+
+
+def _module_from_description(tables: List[Dict[str, object]]) -> CafeEmbeddingBagCollection:
+    """An untrained module with the tables and CAFE settings of a manifest entry."""
+    configs = [
+        EmbeddingBagConfig(
+            name=t["name"],
+            num_embeddings=t["num_embeddings"],
+            embedding_dim=t["embedding_dim"],
+            feature_names=list(t["feature_names"]),
+            data_type=DataType[str(t["data_type"]).split(".")[-1]],
+            pooling=PoolingType[str(t["pooling"]).split(".")[-1]],
+        )
+        for t in tables
+    ]
+    cafe = {t["name"]: CafeConfig(**t["cafe"]) for t in tables if t["cafe"] is not None}
+    return CafeEmbeddingBagCollection(configs, cafe, is_weighted=bool(tables[0].get("is_weighted", False)))
 
 
 def _sketch_table(module: CafeEmbeddingBagCollection, layout: object) -> int:

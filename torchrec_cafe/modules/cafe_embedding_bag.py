@@ -301,6 +301,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "data_type": str(c.data_type),
                 "feature_names": list(c.feature_names),
                 "pooling": str(c.pooling),
+                "is_weighted": self._is_weighted,
                 "cafe": dataclasses.asdict(l.cafe) if l.cafe is not None else None,
                 "hot_rows": l.budget.num_hot if l.compressed else 0,
                 "shared_rows": l.budget.num_shared,
