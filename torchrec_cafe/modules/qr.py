@@ -1,0 +1,194 @@
+"""The quotient-remainder trick (Shi et al., KDD 2020) as an EmbeddingBagCollection at a memory budget.
+
+Each compressed logical table (N rows, dim d) becomes one physical table of ``R = Q + m`` rows,
+quotient rows ``[0, Q)`` then remainder rows ``[Q, Q + m)``. ID x (reduced to ``h = x mod N``)
+reads quotient row ``(h // m) mod Q`` plus remainder row ``Q + h mod m``. The two are *added*
+(the paper's "add" operation): addition commutes with pooling, so one pooled TBE lookup of both
+rows per ID gives exactly the pooled sum of per-ID embeddings for SUM, MEAN and weighted bags, and
+the physical table shards and trains with TorchRec's fused kernels like any table.
+
+Memory: ``R = floor(budget / row_bytes)`` with the budget of ``table_budget`` (the one CAFE gets,
+so every method has the same bytes per table); ``m`` is the smallest value >= 2 with
+``m * (R - m) >= N`` (every ID in [0, N) gets its own (quotient, remainder) pair, with as many
+quotient rows as the budget allows), or ``R // 2`` when no split is that large. Tables that CAFE
+keeps plain at this ratio stay plain. Bytes = rows * d * 4, nothing else.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_cafe.config import CafeConfig, table_budget
+
+_REMAINDER_SUFFIX = "@qr_remainder"
+
+
+@dataclass(frozen=True)
+class QRLayout:
+    """Physical sizes of one logical table (``remainder_rows == 0``: plain, ``quotient_rows == N``)."""
+
+    logical_bytes: int
+    budget_bytes: int
+    quotient_rows: int
+    remainder_rows: int
+    row_bytes: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.remainder_rows > 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.quotient_rows + self.remainder_rows) * self.row_bytes
+
+
+def qr_layout(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: int = 4) -> QRLayout:
+    """Splits the table's budget into quotient and remainder rows (see the module docstring)."""
+    budget = table_budget(table, CafeConfig(compression_ratio=compression_ratio), dtype_bytes)
+    n, row = table.num_embeddings, budget.row_bytes
+    rows = budget.budget_bytes // row
+    if not budget.compressed or rows < 2:
+        return QRLayout(budget.logical_bytes, budget.budget_bytes, n, 0, row)
+    if rows * rows >= 4 * n:
+        m = max(2, math.ceil((rows - math.sqrt(rows * rows - 4 * n)) / 2))
+        while m > 2 and (m - 1) * (rows - m + 1) >= n:  # float rounding of the root
+            m -= 1
+        while m * (rows - m) < n:
+            m += 1
+    else:
+        m = rows // 2
+    return QRLayout(budget.logical_bytes, budget.budget_bytes, rows - m, m, row)
+
+
+class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Drop-in ``EmbeddingBagCollection`` whose compressed tables use the quotient-remainder trick.
+
+    Output: the ``KeyedTensor`` (keys, order, dims) of ``EmbeddingBagCollection(tables)``;
+    ``embedding_bag_configs()`` returns the logical configs. Any int64 ID is valid (reduced mod N).
+    Physical tables keep the logical names; a compressed one also serves a second feature,
+    ``<feature>@qr_remainder``, for the remainder lookups.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression_ratio: float,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._configs = list(tables)
+        self._is_weighted = is_weighted
+        self._layouts: Dict[str, QRLayout] = {t.name: qr_layout(t, compression_ratio) for t in tables}
+        compressed = [t for t in tables if self._layouts[t.name].compressed]
+        plain = [t for t in tables if not self._layouts[t.name].compressed]
+        # Compressed features first: their remainder lookups are then a prefix of the values.
+        self._features = [(f, t) for t in compressed + plain for f in t.feature_names]
+        self._num_compressed = sum(len(t.feature_names) for t in compressed)
+        physical = []
+        for t in tables:
+            layout = self._layouts[t.name]
+            extra = {}
+            if layout.compressed:
+                # Two rows per ID: scale each so their sum starts like a row of the logical table.
+                bound = math.sqrt(1.0 / (2 * t.num_embeddings))
+                extra = {"weight_init_min": -bound, "weight_init_max": bound}
+            physical.append(
+                EmbeddingBagConfig(
+                    num_embeddings=layout.quotient_rows + layout.remainder_rows,
+                    embedding_dim=t.embedding_dim,
+                    name=t.name,
+                    feature_names=list(t.feature_names)
+                    + ([f + _REMAINDER_SUFFIX for f in t.feature_names] if layout.compressed else []),
+                    pooling=t.pooling,
+                    data_type=t.data_type,
+                    **extra,
+                )
+            )
+        self._embedding_bag_collection = EmbeddingBagCollection(physical, is_weighted, device)
+
+        per_feature = [self._layouts[t.name] for _, t in self._features]
+        self.register_buffer("_n", torch.tensor([t.num_embeddings for _, t in self._features]), persistent=False)
+        self.register_buffer("_m", torch.tensor([max(l.remainder_rows, 1) for l in per_feature]), persistent=False)
+        self.register_buffer("_q", torch.tensor([l.quotient_rows for l in per_feature]), persistent=False)
+        self.register_buffer("_is_qr", torch.tensor([l.compressed for l in per_feature]), persistent=False)
+        # Output columns: the logical order, each compressed feature = its quotient + remainder columns.
+        physical_cols = _columns(physical)
+        logical_cols = _columns(tables)
+        first, second, target = [], [], []
+        for t in tables:
+            for f in t.feature_names:
+                first.append(physical_cols[f])
+                if self._layouts[t.name].compressed:
+                    second.append(physical_cols[f + _REMAINDER_SUFFIX])
+                    target.append(logical_cols[f])
+        self.register_buffer("_first", torch.cat(first), persistent=False)
+        self.register_buffer("_second", torch.cat(second or [torch.zeros(0, dtype=torch.int64)]), persistent=False)
+        self.register_buffer("_target", torch.cat(target or [torch.zeros(0, dtype=torch.int64)]), persistent=False)
+        self._keys = [f for t in tables for f in t.feature_names]
+        self._length_per_key = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Raw-ID KJT (keys in any order) -> pooled KeyedTensor [B, sum dims] in the logical order."""
+        missing = sorted(set(f for f, _ in self._features) - set(features.keys()))
+        if missing:
+            raise ValueError(f"KJT lacks features {missing} of this module")
+        features = features.permute([features.keys().index(f) for f, _ in self._features])
+        lengths = features.length_per_key()
+        repeats = torch.tensor(lengths, device=features.values().device)
+        n, m, q, is_qr = (
+            torch.repeat_interleave(x, repeats, output_size=sum(lengths)) for x in (self._n, self._m, self._q, self._is_qr)
+        )
+        h = torch.remainder(features.values(), n)
+        quotient = torch.where(is_qr, torch.remainder(h // m, q), h)
+        n_qr = sum(lengths[: self._num_compressed])
+        remainder = q[:n_qr] + torch.remainder(h[:n_qr], m[:n_qr])
+        stride = features.stride()
+        weights = features.weights_or_none()
+        physical = KeyedJaggedTensor(
+            keys=features.keys() + [f + _REMAINDER_SUFFIX for f, _ in self._features[: self._num_compressed]],
+            values=torch.cat([quotient, remainder]),
+            lengths=torch.cat([features.lengths(), features.lengths()[: self._num_compressed * stride]]),
+            weights=None if weights is None else torch.cat([weights, weights[:n_qr]]),
+            stride=stride,
+        )
+        pooled = self._embedding_bag_collection(physical).values()
+        out = pooled.index_select(1, self._first).index_add(1, self._target, pooled.index_select(1, self._second))
+        return KeyedTensor(keys=self._keys, length_per_key=self._length_per_key, values=out)
+
+    def memory_report(self) -> Dict[str, Dict[str, float]]:
+        """Per logical table: rows and bytes (``total_bytes <= budget_bytes`` when compressed)."""
+        return {
+            name: {
+                "compressed": l.compressed,
+                "logical_bytes": l.logical_bytes,
+                "budget_bytes": l.budget_bytes,
+                "quotient_rows": l.quotient_rows,
+                "remainder_rows": l.remainder_rows,
+                "row_bytes": l.row_bytes,
+                "total_bytes": l.total_bytes,
+                "compression_ratio": l.logical_bytes / l.total_bytes,
+            }
+            for name, l in self._layouts.items()
+        }
+
+
+def _columns(tables: List[EmbeddingBagConfig]) -> Dict[str, torch.Tensor]:
+    """Feature -> int64 column indices of its pooled output in an EBC of ``tables``."""
+    cols, start = {}, 0
+    for t in tables:
+        for f in t.feature_names:
+            cols[f] = torch.arange(start, start + t.embedding_dim)
+            start += t.embedding_dim
+    return cols
