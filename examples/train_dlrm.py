@@ -1,26 +1,38 @@
 """Train TorchRec's DLRM with a chosen embedding method under a memory budget.
 
-Methods (same logical tables, same memory for every compressed one):
+Methods (same logical tables; every compressed table gets the same budget, logical bytes / CR):
   full      - plain EmbeddingBagCollection (the reference; needs the full memory);
   hash      - the hashing trick: N / CR rows per table;
-  cafe      - CafeEmbeddingBagCollection at CR (grad-norm importance);
+  qr        - the quotient-remainder trick (sum of a quotient and a remainder row);
+  mch_lfu   - TorchRec's ManagedCollisionEmbeddingBagCollection, MCH with LFU eviction;
+  mch_dlfu  - the same with DistanceLFU eviction;
+  cafe      - CafeEmbeddingBagCollection (grad-norm importance);
   cafe_ml   - CAFE with multi-level hashing;
   cafe_freq - CAFE with frequency importance.
 
+Data: the bundled synthetic generator, raw Criteo TSV (label, 13 counts, 26 categories) or libFM
+files with one-hot fields (e.g. Frappe); real data is read from the given paths, never copied.
 The model runs under DistributedModelParallel (gloo on CPU, nccl on CUDA, picked at run time) with
-fused TBE optimizers for the embeddings, as a TorchRec user would train it.
+fused TBE optimizers for the embeddings. Under torchrun every rank trains on its own share of each
+global batch; rank 0 prints and writes the JSON.
 
     python -m examples.train_dlrm --method cafe --compression-ratio 100
+    python -m examples.train_dlrm --data libfm --preset paper --epochs 10 --compression-ratio 5 \\
+        --train ../shared/data/frappe_ctr/frappe.validation.libfm.gz \\
+        --test ../shared/data/frappe_ctr/frappe.test.libfm.gz --out results/frappe_cafe_cr5.json
+    torchrun --nproc_per_node 2 -m examples.train_dlrm --method hash --batch-size 1024
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
+import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -30,19 +42,32 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.models.dlrm import DLRM
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
 
-from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
-from torchrec_cafe.datasets import SyntheticConfig, SyntheticCTR
-from torchrec_cafe.modules import HashingEmbeddingBagCollection
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, table_budget
+from torchrec_cafe.datasets import CRITEO_KAGGLE_CARDINALITIES, InMemoryCTR, SyntheticConfig, SyntheticCTR, local_batch, read_criteo_tsv, read_libfm
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder, ShardedCafeEmbeddingBagCollection
+from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBagCollection, QREmbeddingBagCollection, mch_sharder
 
-METHODS = ("full", "hash", "cafe", "cafe_ml", "cafe_freq")
+METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_ml", "cafe_freq")
+DATA = ("synthetic", "criteo", "libfm")
 EMBEDDING_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
+DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+# The paper's setting (official artifact: tasks/*.json and bench/*.sh, DLRM with bottom MLP
+# 512-256-64-16 and top MLP 512-256-1); CafeConfig's defaults give its threshold and hash-fraction
+# schedule by compression ratio.
+PRESETS: Dict[str, Dict[str, object]] = {
+    "paper": {
+        "embedding_dim": 16, "embedding_optimizer": "sgd", "embedding_lr": 0.1, "dense_optimizer": "sgd", "dense_lr": 0.1,
+        "batch_size": 128, "dense_arch": [512, 256, 64, 16], "over_arch": [512, 256, 1],
+    },
+}
 
 
 @dataclass
@@ -54,9 +79,13 @@ class TrainConfig:
     embedding_dim: int = 16
     embedding_optimizer: str = "rowwise_adagrad"
     embedding_lr: float = 0.05
+    dense_optimizer: str = "adagrad"
     dense_lr: float = 0.05
-    train_batches: int = 400
-    eval_batches: int = 40
+    batch_size: int = 512
+    epochs: int = 1
+    eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch only
+    train_batches: int = 400  # synthetic data only
+    eval_batches: int = 40  # synthetic data only
     seed: int = 0
     dense_arch: List[int] = field(default_factory=lambda: [64, 16])
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
@@ -65,12 +94,33 @@ class TrainConfig:
     cafe_update_interval: int = 1
     cafe_optimizer_state: str = "copy"
     cafe_sync: str = "aggregated"
+    mch_eviction_interval: int = 1
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer must be one of {tuple(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}")
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"dense_optimizer must be one of {tuple(DENSE_OPTIMIZERS)}, got {self.dense_optimizer!r}")
+        for name in ("embedding_dim", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass
+class Epochs:
+    """Training data that changes per epoch: ``batches(epoch)`` yields this rank's ``steps`` batches."""
+
+    batches: Callable[[int], Iterable[Batch]]
+    steps: int
+
+
+TrainData = Union[Sequence[Batch], Epochs]
+TestData = Union[Sequence[Batch], Callable[[int], Sequence[Batch]]]
 
 
 def quiet_logs() -> None:
@@ -116,6 +166,12 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         return EmbeddingBagCollection(tables, device=device)
     if cfg.method == "hash":
         return HashingEmbeddingBagCollection(tables, cfg.compression_ratio, device=device)
+    if cfg.method == "qr":
+        return QREmbeddingBagCollection(tables, cfg.compression_ratio, device=device)
+    if cfg.method.startswith("mch"):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        eviction = "lfu" if cfg.method == "mch_lfu" else "distance_lfu"
+        return MCHEmbeddingBagCollection(tables, cfg.compression_ratio, eviction, cfg.mch_eviction_interval, buckets=world, device=device)
     cafe = CafeConfig(
         compression_ratio=cfg.compression_ratio,
         threshold=cfg.cafe_threshold,
@@ -130,11 +186,17 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
 
 
 def embedding_bytes(ebc: nn.Module) -> int:
-    """Bytes of the embedding method: tables plus (for CAFE) the sketch, exactly."""
-    if isinstance(ebc, CafeEmbeddingBagCollection):
+    """Bytes of the embedding method, exactly: rows plus CAFE's sketch or MCH's id state."""
+    if hasattr(ebc, "memory_report"):
         return sum(int(r["total_bytes"]) for r in ebc.memory_report().values())
-    inner = getattr(ebc, "_embedding_bag_collection", ebc)
-    return sum(c.num_embeddings * c.embedding_dim * 4 for c in inner.embedding_bag_configs())
+    return sum(p.numel() * p.element_size() for p in ebc.parameters())
+
+
+def budget_bytes(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> int:
+    """The memory every compressed method may use: per table the CAFE budget, or the full table
+    where CAFE keeps it plain (too small to compress at this ratio)."""
+    budgets = [table_budget(t, CafeConfig(compression_ratio=compression_ratio)) for t in tables]
+    return sum(b.budget_bytes if b.compressed else b.logical_bytes for b in budgets)
 
 
 def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: int, device: torch.device) -> "tuple[DistributedModelParallel, torch.optim.Optimizer, int]":
@@ -148,29 +210,38 @@ def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: i
         over_arch_layer_sizes=cfg.over_arch,
         dense_device=device,
     )
-    inner = getattr(ebc, "_embedding_bag_collection", ebc)
-    apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], inner.parameters(), {"lr": cfg.embedding_lr})
-    dmp = DistributedModelParallel(model, device=device, plan=fused_plan(model, device))
+    apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], ebc.parameters(), {"lr": cfg.embedding_lr})
+    plan, sharders = shard_plan(model, device)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    return dmp, torch.optim.Adagrad(dense.values(), lr=cfg.dense_lr), nbytes
+    return dmp, DENSE_OPTIMIZERS[cfg.dense_optimizer](dense.values(), lr=cfg.dense_lr), nbytes
 
 
-def fused_plan(model: nn.Module, device: torch.device) -> ShardingPlan:
-    """Table-wise placement with fused kernels for every physical table.
+def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, List[ModuleSharder[nn.Module]]]":
+    """Fused kernels for every physical table: table-wise, except MCH tables, row-wise (the only
+    placement TorchRec's managed collisions support).
 
     Left alone, the planner makes small tables data-parallel with the dense kernel, whose optimizer
-    state CAFE migrations cannot reach (and which is slow on CPU).
+    state CAFE migrations cannot reach (and which is slow on CPU). Every rank plans (the planner is
+    deterministic), so an error cannot leave the other ranks waiting for a broadcast.
     """
     world = dist.get_world_size()
-    names = [n for m in model.modules() if isinstance(m, EmbeddingBagCollection) for n in m.embedding_bags]
-    constraints = {n: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for n in names}
+    constraints: Dict[str, ParameterConstraints] = {}
+    for m in model.modules():  # pre-order: an MC-EBC comes before its inner EBC
+        if isinstance(m, ManagedCollisionEmbeddingBagCollection):
+            for c in m._embedding_module.embedding_bag_configs():
+                constraints[c.name] = ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
+        elif isinstance(m, EmbeddingBagCollection):
+            for c in m.embedding_bag_configs():
+                constraints.setdefault(c.name, ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]))
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    return planner.collective_plan(model, [EmbeddingBagCollectionSharder()], dist.GroupMember.WORLD)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, storage_reservation=CafeStorageReservation(percentage=0.15))
+    sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(), mch_sharder(), RowWiseEverywhereEBCSharder()]
+    return planner.plan(model, sharders), sharders
 
 
-def cafe_modules(model: nn.Module) -> List[CafeEmbeddingBagCollection]:
-    return [m for m in model.modules() if isinstance(m, CafeEmbeddingBagCollection)]
+def cafe_modules(model: nn.Module) -> List[Union[CafeEmbeddingBagCollection, ShardedCafeEmbeddingBagCollection]]:
+    return [m for m in model.modules() if isinstance(m, (CafeEmbeddingBagCollection, ShardedCafeEmbeddingBagCollection))]
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], device: torch.device) -> "tuple[List[float], float]":
@@ -194,6 +265,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Dict[str, float]:
+    """Test AUC and logloss over ``batches`` (with several ranks: over all ranks' batches)."""
     model.eval()
     logits, labels = [], []
     for batch in batches:
@@ -202,30 +274,103 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
         labels.append(batch.labels)
     model.train()
     logit, label = torch.cat(logits), torch.cat(labels)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (logit.cpu(), label.cpu()))
+        logit, label = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return {
         "auc": float(binary_auroc(torch.sigmoid(logit), label.long())),
-        "logloss": float(nn.functional.binary_cross_entropy_with_logits(logit, label)),
+        "logloss": float(nn.functional.binary_cross_entropy_with_logits(logit, label.to(logit.dtype))),
     }
 
 
-def run(cfg: TrainConfig, data: SyntheticCTR, train: Sequence[Batch], test: Sequence[Batch]) -> Dict[str, object]:
-    """Trains one method on pre-built batches and evaluates it; returns a JSON-able dict."""
+def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainData, test: TestData, device: torch.device) -> Dict[str, object]:
+    """Trains ``cfg.epochs`` epochs, evaluating every ``cfg.eval_every`` steps and after every epoch.
+
+    ``test`` may be a function of the step (drifting data is tested at the current popularity).
+    Returns the eval history (``train_loss``: mean over the steps since the previous eval), the
+    losses, and the samples (all ranks) and seconds (slowest rank) spent in training steps.
+    """
+    epochs = train if isinstance(train, Epochs) else Epochs(lambda _: train, len(train))
+    test_at = test if callable(test) else (lambda _: test)
+    history: List[Dict[str, float]] = []
+    losses: List[float] = []
+    step, samples, seconds = 0, 0, 0.0
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    bar = tqdm(total=cfg.epochs * epochs.steps, disable=not (cfg.progress and rank0), unit="step", dynamic_ncols=True)
+
+    def eval_now(epoch: int) -> None:
+        for cafe in cafe_modules(model):
+            cafe.apply_pending_updates()
+        metrics = evaluate(model, test_at(step), device)
+        since = losses[history[-1]["step"] if history else 0 :]
+        history.append({"step": step, "epoch": epoch, **metrics, "train_loss": statistics.fmean(since)})
+        bar.set_postfix(auc=f"{metrics['auc']:.4f}", logloss=f"{metrics['logloss']:.4f}")
+
+    for epoch in range(cfg.epochs):
+        batches = iter(epochs.batches(epoch))
+        while True:
+            # Chunks end at eval points, and are short enough for a live progress bar.
+            chunk = list(itertools.islice(batches, min(cfg.eval_every - step % cfg.eval_every if cfg.eval_every else 50, 50)))
+            if not chunk:
+                break
+            chunk_losses, chunk_seconds = train_steps(model, optimizer, chunk, device)
+            losses += chunk_losses
+            seconds += chunk_seconds
+            samples += sum(b.labels.numel() for b in chunk)
+            step += len(chunk)
+            bar.update(len(chunk))
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                eval_now(epoch)
+        if not history or history[-1]["step"] != step:
+            eval_now(epoch)
+    bar.close()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        total_samples, slowest = torch.tensor(samples), torch.tensor(seconds, dtype=torch.float64)
+        dist.all_reduce(total_samples)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        samples, seconds = int(total_samples), float(slowest)
+    return {"history": history, "losses": losses, "steps": step, "samples": samples, "seconds": seconds}
+
+
+def data_shape(data: Union[SyntheticCTR, InMemoryCTR]) -> "tuple[List[int], int]":
+    """(cardinalities, number of dense features) of a data set."""
+    if isinstance(data, SyntheticCTR):
+        return list(data.config.cardinalities), data.config.num_dense
+    return list(data.cardinalities), data.num_dense
+
+
+def run(cfg: TrainConfig, data: Union[SyntheticCTR, InMemoryCTR], train: TrainData, test: TestData) -> Dict[str, object]:
+    """Trains one method and evaluates it; returns a JSON-able dict (final metrics = last eval).
+
+    Args:
+        data: gives the table sizes and dense width.
+        train: this rank's batches of one epoch (reused every epoch), or ``Epochs``.
+        test: this rank's test batches, or a function of the training step returning them.
+    """
     device = ensure_process_group()
-    tables = embedding_tables(data.config.cardinalities, cfg.embedding_dim)
-    model, optimizer, nbytes = build_model(cfg, tables, data.config.num_dense, device)
-    losses, seconds = train_steps(model, optimizer, train, device)
-    for cafe in cafe_modules(model):
-        cafe.apply_pending_updates()
-    metrics = evaluate(model, test, device)
+    cardinalities, num_dense = data_shape(data)
+    tables = embedding_tables(cardinalities, cfg.embedding_dim)
+    model, optimizer, nbytes = build_model(cfg, tables, num_dense, device)
+    out = fit(cfg, model, optimizer, train, test, device)
     full_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+    losses = out["losses"]
     result: Dict[str, object] = {
         **asdict(cfg),
-        **metrics,
+        **{k: v for k, v in out["history"][-1].items() if k in ("auc", "logloss")},
         "bytes": nbytes,
+        "budget_bytes": full_bytes if cfg.method == "full" else budget_bytes(tables, cfg.compression_ratio),
+        "full_bytes": full_bytes,
         "achieved_compression": full_bytes / nbytes,
-        "samples_per_s": len(train) * train[0].labels.numel() / seconds,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "samples_per_s": out["samples"] / out["seconds"],
+        "train_samples": out["samples"],
+        "steps": out["steps"],
+        "world_size": dist.get_world_size(),
+        "final_train_loss": statistics.fmean(losses[-20:]),
+        "history": out["history"],
     }
+    for mch in (m for m in model.modules() if isinstance(m, MCHEmbeddingBagCollection)):
+        result["uncharged_bytes"] = sum(int(r["uncharged_bytes"]) for r in mch.memory_report().values())
     for cafe in cafe_modules(model):
         stats = cafe.stats()
         result["hot_ids"] = sum(s["hot_ids"] for s in stats.values())
@@ -234,31 +379,85 @@ def run(cfg: TrainConfig, data: SyntheticCTR, train: Sequence[Batch], test: Sequ
     return result
 
 
-def synthetic(seed: int, batch_size: int, max_cardinality: int) -> SyntheticCTR:
-    return SyntheticCTR(SyntheticConfig(seed=seed, batch_size=batch_size, max_cardinality=max_cardinality))
+def synthetic(seed: int, batch_size: int, max_cardinality: int, drift_every: Optional[int] = None) -> SyntheticCTR:
+    return SyntheticCTR(SyntheticConfig(seed=seed, batch_size=batch_size, max_cardinality=max_cardinality, drift_every=drift_every))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def load(args: argparse.Namespace, cfg: TrainConfig) -> "tuple[Union[SyntheticCTR, InMemoryCTR], TrainData, TestData]":
+    """The data of ``args.data`` as (shape source, this rank's train data, this rank's test data)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if cfg.batch_size % world or args.eval_batch_size % world:
+        raise ValueError(f"batch sizes ({cfg.batch_size}, eval {args.eval_batch_size}) must divide by the world size {world}")
+    if args.data == "synthetic":
+        data = synthetic(cfg.seed, cfg.batch_size, args.max_cardinality, args.drift_every)
+        train = [local_batch(b, rank, world) for b in data.batches(cfg.train_batches, "train")]
+        return data, train, lambda step: [local_batch(b, rank, world) for b in data.batches(cfg.eval_batches, "test", start=step)]
+    if args.data == "libfm":
+        train_set, test_set = read_libfm([args.train, args.test])
+    else:
+        cards = [min(c, args.max_cardinality) for c in CRITEO_KAGGLE_CARDINALITIES] if args.criteo_hash_size is None else [args.criteo_hash_size] * 26
+        train_set, test_set = read_criteo_tsv(args.train, cards), read_criteo_tsv(args.test, cards)
+    epochs = Epochs(
+        lambda epoch: train_set.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch, drop_last=True, rank=rank, world_size=world),
+        train_set.num_batches(cfg.batch_size, drop_last=True),
+    )
+    return train_set, epochs, list(test_set.batches(args.eval_batch_size, rank=rank, world_size=world))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespace, TrainConfig]":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=DATA, default="synthetic")
+    p.add_argument("--train", help="training file (criteo: TSV, libfm: libFM; .gz allowed)")
+    p.add_argument("--test", help="test file, same format")
     p.add_argument("--method", choices=METHODS, default="cafe")
     p.add_argument("--compression-ratio", type=float, default=100.0)
-    p.add_argument("--train-batches", type=int, default=400)
-    p.add_argument("--eval-batches", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--max-cardinality", type=int, default=1_000_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper: DLRM dim 16 (MLPs 512-256-64-16 and 512-256-1), SGD lr 0.1 (embeddings and dense), batch 128")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (default 512, paper preset 128)")
+    p.add_argument("--eval-batch-size", type=int, default=4096, help="real data only")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: end of each epoch)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--dense-arch", type=int, nargs="+", help="DLRM bottom MLP sizes (last = embedding dim)")
+    p.add_argument("--over-arch", type=int, nargs="+", help="DLRM top MLP sizes (last = 1)")
+    p.add_argument("--embedding-optimizer", choices=sorted(EMBEDDING_OPTIMIZERS))
+    p.add_argument("--embedding-lr", type=float)
+    p.add_argument("--dense-optimizer", choices=sorted(DENSE_OPTIMIZERS))
+    p.add_argument("--dense-lr", type=float)
+    p.add_argument("--cafe-update-interval", type=int)
+    p.add_argument("--mch-eviction-interval", type=int)
+    p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
+    p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")
+    p.add_argument("--max-cardinality", type=int, default=1_000_000, help="synthetic and criteo: cap on table sizes")
+    p.add_argument("--drift-every", type=int, help="synthetic: the popular IDs change every N steps")
+    p.add_argument("--criteo-hash-size", type=int, help="criteo: rows of every table (default: Kaggle sizes, capped)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="write the result JSON here (rank 0)")
     args = p.parse_args(argv)
+    if args.data != "synthetic" and not (args.train and args.test):
+        raise ValueError(f"--data {args.data} needs --train PATH and --test PATH")
+    names = {f.name for f in fields(TrainConfig)}
+    explicit = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = TrainConfig(**{**PRESETS.get(args.preset or "", {}), **explicit, "method": args.method,
+                         "compression_ratio": args.compression_ratio, "progress": not args.no_progress})
+    return args, cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args, cfg = parse_args(argv)
     quiet_logs()
-    data = synthetic(args.seed, args.batch_size, args.max_cardinality)
-    cfg = TrainConfig(method=args.method, compression_ratio=args.compression_ratio, train_batches=args.train_batches, eval_batches=args.eval_batches, seed=args.seed)
-    train = list(data.batches(cfg.train_batches, "train"))
-    test = list(data.batches(cfg.eval_batches, "test"))
+    start = time.perf_counter()
+    ensure_process_group()
+    data, train, test = load(args, cfg)
     result = run(cfg, data, train, test)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    result.update(data=args.data, train_path=args.train, test_path=args.test, wall_s=time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":
