@@ -1,0 +1,1 @@
+"""TorchX components for torchrec_cafe (registered as ``cafe.*``; see ``launch.components``)."""
