@@ -391,7 +391,16 @@ def load(args: argparse.Namespace, cfg: TrainConfig) -> "tuple[Union[SyntheticCT
     if args.data == "synthetic":
         data = synthetic(cfg.seed, cfg.batch_size, args.max_cardinality, args.drift_every)
         train = [local_batch(b, rank, world) for b in data.batches(cfg.train_batches, "train")]
-        return data, train, lambda step: [local_batch(b, rank, world) for b in data.batches(cfg.eval_batches, "test", start=step)]
+        tests: Dict[int, List[Batch]] = {}
+
+        def test_at(step: int) -> List[Batch]:
+            """Test batches of the popularity of the last training step (fixed without drift)."""
+            start = (step - 1) // args.drift_every * args.drift_every if args.drift_every and step else 0
+            if start not in tests:
+                tests[start] = [local_batch(b, rank, world) for b in data.batches(cfg.eval_batches, "test", start=start)]
+            return tests[start]
+
+        return data, train, test_at
     if args.data == "libfm":
         train_set, test_set = read_libfm([args.train, args.test])
     else:

@@ -15,10 +15,11 @@ import argparse
 import os
 import statistics
 import sys
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from examples.benchmarks.report import group, markdown_table, mean_std, plot, write_json
-from examples.train_dlrm import METHODS, TrainConfig, ensure_process_group, quiet_logs, run, synthetic
+from examples.train_dlrm import METHODS, ensure_process_group, load, parse_args, quiet_logs, run
 
 
 def recovery(history: List[Dict[str, float]], drift_at: int, tolerance: float = 0.01) -> Dict[str, Optional[float]]:
@@ -49,14 +50,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     d = args.drift_at
     runs = []
     for seed in args.seeds:
-        data = synthetic(seed, args.batch_size, args.max_cardinality, drift_every=d)
-        train = list(data.batches(2 * d))
-        # Eval at step s follows training steps < s: test on the popularity of step s - 1.
-        tests = {start: list(data.batches(args.eval_batches, "test", start=start)) for start in (0, d)}
+        train_args, base = parse_args(["--drift-every", str(d), "--train-batches", str(2 * d), "--eval-batches", str(args.eval_batches),
+                                       "--batch-size", str(args.batch_size), "--max-cardinality", str(args.max_cardinality),
+                                       "--compression-ratio", str(args.compression_ratio), "--eval-every", str(args.eval_every),
+                                       "--seed", str(seed), "--no-progress"])
+        data, train, test = load(train_args, base)  # test(step): batches of the popularity of step - 1
         for method in args.methods:
-            cfg = TrainConfig(method=method, compression_ratio=args.compression_ratio, seed=seed, eval_every=args.eval_every,
-                              batch_size=args.batch_size, train_batches=2 * d, eval_batches=args.eval_batches)
-            r = run(cfg, data, train, lambda step: tests[(step - 1) // d * d])
+            r = run(replace(base, method=method), data, train, test)
             r.update(recovery(r["history"], d))
             runs.append(r)
             print(f"seed {seed} {method:<9} pre-drift AUC {r['pre_drift_auc']:.4f}  min after {r['min_auc_after']:.4f}  "
