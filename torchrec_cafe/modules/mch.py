@@ -151,7 +151,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         super().__init__()
         if eviction_interval < 1:
             raise ValueError(f"eviction_interval must be >= 1, got {eviction_interval}")
-        _policy(eviction)
+        _policy(eviction)  # validates it even when no table is compressed
         self._configs = list(tables)
         self._is_weighted = is_weighted
         self._layouts = {t.name: mch_layout(t, compression_ratio, eviction, buckets) for t in tables}
