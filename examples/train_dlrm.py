@@ -50,7 +50,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
-from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, table_budget
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, checkpoint, table_budget
 from torchrec_cafe.datasets import CRITEO_KAGGLE_CARDINALITIES, InMemoryCTR, SyntheticConfig, SyntheticCTR, local_batch, read_criteo_tsv, read_libfm
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder, ShardedCafeEmbeddingBagCollection
 from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBagCollection, QREmbeddingBagCollection, mch_sharder
@@ -96,6 +96,8 @@ class TrainConfig:
     cafe_sync: str = "aggregated"
     mch_eviction_interval: int = 1
     progress: bool = False
+    checkpoint_dir: Optional[str] = None  # resume from its latest checkpoint; save every checkpoint_every steps
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,6 +111,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
+            raise ValueError(f"checkpoint_every must be >= 0 and needs checkpoint_dir, got {self.checkpoint_every}, {self.checkpoint_dir!r}")
 
 
 @dataclass
@@ -290,14 +294,23 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
     ``test`` may be a function of the step (drifting data is tested at the current popularity).
     Returns the eval history (``train_loss``: mean over the steps since the previous eval), the
     losses, and the samples (all ranks) and seconds (slowest rank) spent in training steps.
+
+    With ``cfg.checkpoint_dir``, starts from its latest checkpoint (model, fused and dense optimizer
+    state, this loop's progress; any world size) and saves one every ``cfg.checkpoint_every`` steps:
+    a restarted job skips the batches it already trained on and ends as an uninterrupted one.
     """
     epochs = train if isinstance(train, Epochs) else Epochs(lambda _: train, len(train))
     test_at = test if callable(test) else (lambda _: test)
-    history: List[Dict[str, float]] = []
-    losses: List[float] = []
-    step, samples, seconds = 0, 0, 0.0
+    optimizers = {"sparse": model.fused_optimizer, "dense": optimizer}
+    progress = {"step": 0, "history": [], "losses": [], "samples": 0, "seconds": 0.0}
+    resume = checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if resume:
+        progress = checkpoint.load(resume, model, optimizers)["progress"]
+    history: List[Dict[str, float]] = progress["history"]
+    losses: List[float] = progress["losses"]
+    step, samples, seconds = progress["step"], progress["samples"], progress["seconds"]
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    bar = tqdm(total=cfg.epochs * epochs.steps, disable=not (cfg.progress and rank0), unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.epochs * epochs.steps, initial=step, disable=not (cfg.progress and rank0), unit="step", dynamic_ncols=True)
 
     def eval_now(epoch: int) -> None:
         for cafe in cafe_modules(model):
@@ -307,11 +320,14 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
         history.append({"step": step, "epoch": epoch, **metrics, "train_loss": statistics.fmean(since)})
         bar.set_postfix(auc=f"{metrics['auc']:.4f}", logloss=f"{metrics['logloss']:.4f}")
 
-    for epoch in range(cfg.epochs):
-        batches = iter(epochs.batches(epoch))
+    def until_next(every: int) -> int:
+        return every - step % every if every else 50
+
+    for epoch in range(step // epochs.steps, cfg.epochs):
+        batches = itertools.islice(epochs.batches(epoch), step - epoch * epochs.steps, None)  # resumed mid-epoch
         while True:
-            # Chunks end at eval points, and are short enough for a live progress bar.
-            chunk = list(itertools.islice(batches, min(cfg.eval_every - step % cfg.eval_every if cfg.eval_every else 50, 50)))
+            # Chunks end at eval and checkpoint points, and are short enough for a live progress bar.
+            chunk = list(itertools.islice(batches, min(until_next(cfg.eval_every), until_next(cfg.checkpoint_every), 50)))
             if not chunk:
                 break
             chunk_losses, chunk_seconds = train_steps(model, optimizer, chunk, device)
@@ -322,15 +338,20 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
             bar.update(len(chunk))
             if cfg.eval_every and step % cfg.eval_every == 0:
                 eval_now(epoch)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                state = {"step": step, "history": history, "losses": losses, "samples": samples, "seconds": seconds}
+                checkpoint.save(checkpoint.checkpoint_path(cfg.checkpoint_dir, step), model, optimizers, extra={"progress": state})
         if not history or history[-1]["step"] != step:
             eval_now(epoch)
+    if not history or history[-1]["step"] != step:  # resumed from a checkpoint of the last step
+        eval_now(cfg.epochs - 1)
     bar.close()
     if dist.is_initialized() and dist.get_world_size() > 1:
         total_samples, slowest = torch.tensor(samples), torch.tensor(seconds, dtype=torch.float64)
         dist.all_reduce(total_samples)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         samples, seconds = int(total_samples), float(slowest)
-    return {"history": history, "losses": losses, "steps": step, "samples": samples, "seconds": seconds}
+    return {"history": history, "losses": losses, "steps": step, "samples": samples, "seconds": seconds, "resumed_from": resume}
 
 
 def data_shape(data: Union[SyntheticCTR, InMemoryCTR]) -> "tuple[List[int], int]":
@@ -365,6 +386,7 @@ def run(cfg: TrainConfig, data: Union[SyntheticCTR, InMemoryCTR], train: TrainDa
         "samples_per_s": out["samples"] / out["seconds"],
         "train_samples": out["samples"],
         "steps": out["steps"],
+        "resumed_from": out["resumed_from"],
         "world_size": dist.get_world_size(),
         "final_train_loss": statistics.fmean(losses[-20:]),
         "history": out["history"],
@@ -440,6 +462,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--max-cardinality", type=int, default=1_000_000, help="synthetic and criteo: cap on table sizes")
     p.add_argument("--drift-every", type=int, help="synthetic: the popular IDs change every N steps")
     p.add_argument("--criteo-hash-size", type=int, help="criteo: rows of every table (default: Kaggle sizes, capped)")
+    p.add_argument("--checkpoint-dir", help="resume from the latest checkpoint here (if any) and save new ones here")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (needs --checkpoint-dir)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write the result JSON here (rank 0)")
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, List
 
@@ -178,3 +179,18 @@ def test_two_ranks_share_each_global_batch(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1]  # metrics over all ranks' test samples
     for auc, logloss, world, samples in ranks[0].values():
         assert world == 2 and samples == 8 * 64 and 0.0 <= auc <= 1.0 and math.isfinite(logloss)
+
+
+def test_restarted_run_resumes_from_its_checkpoint_and_ends_as_uninterrupted(tmp_path) -> None:
+    """The trainer's --checkpoint-dir: a run cut short (its later checkpoints lost) and restarted
+    resumes from the latest checkpoint and writes the same metrics as an uninterrupted run."""
+    common = ["--method", "cafe", "--train-batches", "24", "--eval-batches", "3", "--batch-size", "64",
+              "--max-cardinality", "5000", "--checkpoint-every", "8", "--eval-every", "12", "--no-progress"]
+    full = main(common + ["--checkpoint-dir", str(tmp_path / "a")])
+    assert sorted(os.listdir(tmp_path / "a")) == ["step-00000008", "step-00000016", "step-00000024"]
+    shutil.copytree(tmp_path / "a" / "step-00000008", tmp_path / "b" / "step-00000008")
+    resumed = main(common + ["--checkpoint-dir", str(tmp_path / "b")])
+    assert resumed["resumed_from"] == str(tmp_path / "b" / "step-00000008")
+    run_dependent = {"samples_per_s", "wall_s", "resumed_from", "checkpoint_dir"}
+    assert {k: v for k, v in resumed.items() if k not in run_dependent} == {k: v for k, v in full.items() if k not in run_dependent}
+    assert full["promotions"] > 0 and len(full["history"]) == 2

@@ -85,7 +85,8 @@ def save(
         path: directory to create; must not exist.
         model: a ``DistributedModelParallel`` or any module (unsharded models save from one process).
         optimizer: anything with ``state_dict``/``load_state_dict`` (torch optimizer,
-            ``KeyedOptimizer``, ``CombinedOptimizer``, ``dmp.fused_optimizer``).
+            ``KeyedOptimizer``, ``CombinedOptimizer``, ``dmp.fused_optimizer``), or a dict of them
+            (e.g. ``{"sparse": dmp.fused_optimizer, "dense": dense_optimizer}``).
         extra: JSON-able values returned by ``load`` (e.g. ``{"step": 1000}``).
 
     Returns ``path``. Raises ``FileExistsError`` if ``path`` exists, ``RuntimeError`` if the sketch
@@ -157,7 +158,10 @@ def load(
         no_dist=not _distributed(process_group),
     )
     model.load_state_dict(state["model"])
-    if optimizer is not None:
+    if isinstance(optimizer, Mapping):
+        for name, opt in optimizer.items():
+            opt.load_state_dict(state["optim"][name])
+    elif optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     for cafe in cafes:
         cafe.discard_pending()
@@ -169,7 +173,9 @@ def load(
 
 def _state(model: nn.Module, optimizer: Optional[Any]) -> Dict[str, Any]:
     state: Dict[str, Any] = {"model": model.state_dict()}
-    if optimizer is not None:
+    if isinstance(optimizer, Mapping):
+        state["optim"] = {name: opt.state_dict() for name, opt in optimizer.items()}
+    elif optimizer is not None:
         state["optim"] = optimizer.state_dict()
     return state
 
