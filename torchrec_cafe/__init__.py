@@ -1,8 +1,10 @@
 """torchrec_cafe: CAFE (Compact, Adaptive, Fast Embedding) as a TorchRec module.
 
 Layers, each readable alone: ``sketch`` (HotSketch, pure tensor ops) -> ``remap`` (raw IDs ->
-physical rows) -> ``modules`` (CafeEmbeddingBagCollection) -> ``distributed`` (sketch sync across
-ranks); ``datasets`` holds the synthetic CTR generator.
+physical rows) -> ``modules`` (CafeEmbeddingBagCollection; hashing, QR and MCH baselines) ->
+``distributed`` (sharder, sketch sync across ranks) -> ``checkpoint`` (DCP save/load, any world
+size) and ``inference`` (export for serving); ``datasets`` holds the synthetic generator and the
+Criteo / libFM readers.
 """
 
 from torchrec_cafe.config import CafeConfig, TableBudget, paper_schedule, table_budget
