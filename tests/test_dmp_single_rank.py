@@ -1,5 +1,6 @@
 """CafeEmbeddingBagCollection under DistributedModelParallel (world size 1, fused TBE optimizers)."""
 
+import copy
 from typing import Any, Dict, Type
 
 import pytest
@@ -135,3 +136,133 @@ def test_meta_device_module_is_materialised_by_dmp(single_rank_pg: None) -> None
         dmp(kjt).values().sum().backward()
     dmp.module.apply_pending_updates()
     assert int(dmp.module._sketch.query(torch.tensor([5]))) >= 0
+
+
+def _data_parallel_dmp(cafe: CafeEmbeddingBagCollection) -> DistributedModelParallel:
+    """``cafe`` under DMP with every table data-parallel (dense kernel), planned by the CAFE sharder."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    from torchrec_cafe import CafeEmbeddingBagCollectionSharder
+
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    constraints = {c.name: ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"]) for c in cafe.embedding_bag_configs()}
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(cafe, sharders)
+    return DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
+
+
+@pytest.mark.parametrize(
+    "optimizer, kwargs, num_states",
+    [
+        (torch.optim.SGD, {"lr": 0.1}, 0),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, 1),
+        (torch.optim.Adagrad, {"lr": 0.1}, 1),
+        (RowWiseAdagrad, {"lr": 0.1}, 1),
+        (torch.optim.Adam, {"lr": 0.01}, 2),
+    ],
+)
+def test_promotion_copies_data_parallel_rows_and_state(
+    single_rank_pg: None, optimizer: Type[torch.optim.Optimizer], kwargs: Dict[str, Any], num_states: int
+) -> None:
+    """Data-parallel tables: the weights are a view of FBGEMM's dense TBE, the state lives in the
+    dense optimizer that steps them; a promotion copies both into the hot row."""
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+
+    from torchrec_cafe.distributed.sharder import ShardedCafeEmbeddingBagCollection
+    from torchrec_cafe.rows import dense_shards
+
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a", "b"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    dmp = _data_parallel_dmp(cafe)
+    module = dmp.module
+    assert isinstance(module, ShardedCafeEmbeddingBagCollection)
+    assert dmp.plan.plan[""]["t"].compute_kernel == EmbeddingComputeKernel.DENSE.value
+    (weight,) = [p for n, p in dmp.named_parameters() if n.endswith("embedding_bags.t.weight")]
+    opt = optimizer([weight], **kwargs)
+    module.cafe.attach_optimizer(opt)
+    kjt = KeyedJaggedTensor(keys=["b", "a"], values=torch.tensor([42, 5, 42, 9, 11]), lengths=torch.tensor([1, 1, 2, 1]))
+    for _ in range(2):  # 42 scores 2 per step: promoted by the 2nd update
+        dmp(kjt).values().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    # As after a checkpoint load: new state tensors, which the groups cached at the first update
+    # (inside the 2nd forward) do not alias.
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    (shard,) = dense_shards(module._embedding_bag_collection, ["t"], opt)
+    assert len(shard.states) == num_states and shard.weight.data_ptr() == weight.data_ptr()
+    src = int(shared_rows(torch.tensor([42]), module.cafe._layout("t").budget))
+    row = weight[src].detach().clone()
+    states = [s[src].clone() for s in shard.states]
+    assert all(bool(s.abs().sum() > 0) for s in states)  # trained state, not the initial zeros
+    module.apply_pending_updates()
+    hot = int(module._sketch.query(torch.tensor([42])))
+    assert hot >= 0
+    assert torch.equal(weight[hot], row)
+    for (key, value), expected in zip([(k, v) for k, v in opt.state[weight].items() if v.dim() > 0], states):
+        assert torch.equal(value[hot], expected), key  # in the optimizer's own state tensors
+    module.eval()
+    single = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([42]), lengths=torch.tensor([1, 0]))
+    assert torch.equal(dmp(single).to_dict()["a"][0], row)  # the forward reads the hot row
+
+
+def test_data_parallel_refuses_unreachable_optimizer_state(single_rank_pg: None) -> None:
+    """No attached optimizer, or one whose state is not per row: refused, never skipped."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    dmp = _data_parallel_dmp(cafe)
+    module = dmp.module
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 9]), lengths=torch.tensor([2, 1]))
+    dmp(kjt).values().sum().backward()
+    with pytest.raises(ValueError, match="'t' is data-parallel.*attach_optimizer"):
+        module.apply_pending_updates()
+    (weight,) = [p for n, p in dmp.named_parameters() if n.endswith("embedding_bags.t.weight")]
+    opt = torch.optim.Adafactor([weight], lr=0.01)  # factored second moment: a [1, dim] column state
+    module.cafe.attach_optimizer(opt)
+    dmp(kjt).values().sum().backward()
+    opt.step()
+    with pytest.raises(NotImplementedError, match="Adafactor keeps state 'col_var'"):
+        module.apply_pending_updates()
+
+
+def test_fused_and_data_parallel_tables_in_one_module_both_migrate(single_rank_pg: None) -> None:
+    """A fused table-wise table (state in its TBE) next to a data-parallel one (state in the dense
+    optimizer): one update promotes in both, each from its own storage."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    from torchrec_cafe import CafeEmbeddingBagCollectionSharder
+    from torchrec_cafe.rows import dense_shards
+
+    tables = [
+        EmbeddingBagConfig(name="f", embedding_dim=8, num_embeddings=30_000, feature_names=["fa"]),
+        EmbeddingBagConfig(name="d", embedding_dim=4, num_embeddings=20_000, feature_names=["fd"]),
+    ]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    constraints = {
+        "f": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]),
+        "d": ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"]),
+    }
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(cafe, sharders)
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    module = dmp.module
+    (weight,) = [p for n, p in dmp.named_parameters() if n.endswith("embedding_bags.d.weight")]
+    opt = torch.optim.Adagrad([weight], lr=0.1)  # TorchRec leaves dense kernels to the dense optimizer
+    module.cafe.attach_optimizer(opt)
+    kjt = KeyedJaggedTensor(keys=["fa", "fd"], values=torch.tensor([7, 7, 3, 11, 11]), lengths=torch.tensor([2, 1, 2, 0]))
+    for _ in range(2):
+        dmp(kjt).values().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    inner = module._embedding_bag_collection
+    shards = {s.table: s for s in tbe_shards(inner, ["f", "d"]) + dense_shards(inner, ["f", "d"], opt)}
+    assert sorted(shards) == ["d", "f"] and len(shards["f"].states) == len(shards["d"].states) == 1
+    before = {}
+    for name, id_ in (("f", 7), ("d", 11)):
+        src = int(shared_rows(torch.tensor([id_]), module.cafe._layout(name).budget))
+        before[name] = (shards[name].weight[src].clone(), shards[name].states[0][src].clone())
+    module.apply_pending_updates()
+    for t, (name, id_) in enumerate((("f", 7), ("d", 11))):
+        hot = int(module._sketch.query(torch.tensor([id_]), torch.tensor([t])))
+        assert hot >= 0
+        assert torch.equal(shards[name].weight[hot], before[name][0])
+        assert torch.equal(shards[name].states[0][hot], before[name][1])

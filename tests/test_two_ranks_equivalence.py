@@ -1,7 +1,9 @@
 """Two gloo ranks against one process: DLRM over CafeEmbeddingBagCollection sharded by
 CafeEmbeddingBagCollectionSharder, 30 steps, each rank fed half of every global batch, versus the
-same model at world size 1 fed the global batches. Sketches end bit-identical (frequency
-importance), and updated tables and pooled outputs match within float tolerance."""
+same model at world size 1 fed the global batches (tables table-wise, fused row-wise Adagrad).
+Sketches end bit-identical (frequency importance), and updated tables and pooled outputs match
+within float tolerance. Data-parallel tables (dense kernel, stepped by the dense row-wise Adagrad
+attached to CAFE) must also end bit-identical on both ranks."""
 
 import os
 from typing import Dict
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
@@ -54,20 +57,29 @@ def _run(rank: int, world: int, sharding: str, sync: str = "aggregated") -> Dict
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     sharders = [CafeEmbeddingBagCollectionSharder()]
-    constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
+    kernel = "dense" if sharding == "data_parallel" else "fused"
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=[kernel]) for t in TABLES}
     topology = Topology(world_size=world, compute_device="cpu", local_world_size=world)
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(model, sharders)
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
     dmp.load_state_dict(initial)  # CPU shards are not copied from the module
     dense = [p for n, p in dmp.named_parameters() if "embedding_bag" not in n]
     opt = torch.optim.SGD(dense, lr=0.1)
+    sharded = dmp.module.sparse_arch.embedding_bag_collection
+    opts = [opt]
+    if sharding == "data_parallel":
+        # TorchRec steps dense-kernel tables with the dense optimizer (in-backward ones are
+        # dropped); FBGEMM's eps, to match the fused reference.
+        table_params = [p for n, p in dmp.named_parameters() if "embedding_bags" in n]
+        opts.append(RowWiseAdagrad(table_params, lr=0.1, eps=1e-8))
+        sharded.cafe.attach_optimizer(opts[-1])
     for step in range(STEPS):
         d, kjt, labels = _half(step, rank, world)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(d, kjt).squeeze(-1), labels)
         loss.backward()
-        opt.step()
-        opt.zero_grad()
-    sharded = dmp.module.sparse_arch.embedding_bag_collection
+        for o in opts:
+            o.step()
+            o.zero_grad()
     sharded.apply_pending_updates()
     dmp.eval()
     probe_dense, probe, _ = _half(STEPS, rank, world)
@@ -76,8 +88,11 @@ def _run(rank: int, world: int, sharding: str, sync: str = "aggregated") -> Dict
     tables = {}
     for name, tensor in dmp.state_dict().items():
         if "embedding_bags" in name and name.endswith(".weight"):
-            full = torch.zeros(tensor.size()) if rank == 0 else None
-            tensor.gather(dst=0, out=full)  # collective: whole ShardedTensor on rank 0
+            if isinstance(tensor, ShardedTensor):
+                full = torch.zeros(tensor.size()) if rank == 0 else None
+                tensor.gather(dst=0, out=full)  # collective: whole ShardedTensor on rank 0
+            else:
+                full = tensor.detach().clone()  # data-parallel: this rank's full replica
             tables[name] = full
     return {"sketch": sharded._sketch.state_dict(), "pooled": pooled, "tables": tables}
 
@@ -94,7 +109,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, sync: str) -> None:
 @pytest.mark.parametrize(
     "sharding, sync",
     [("table_wise", "aggregated"), ("row_wise", "aggregated"), ("column_wise", "aggregated"),
-     ("table_row_wise", "aggregated"), ("row_wise", "occurrences")],
+     ("table_row_wise", "aggregated"), ("row_wise", "occurrences"), ("data_parallel", "aggregated")],
 )
 def test_two_ranks_equal_one_process(tmp_path, single_rank_pg: None, sharding: str, sync: str) -> None:
     mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path), sync), nprocs=2, start_method="spawn")
@@ -107,3 +122,5 @@ def test_two_ranks_equal_one_process(tmp_path, single_rank_pg: None, sharding: s
     torch.testing.assert_close(torch.cat([r["pooled"] for r in ranks]), reference["pooled"], rtol=1e-4, atol=1e-5)
     for name, full in ranks[0]["tables"].items():
         torch.testing.assert_close(full, reference["tables"][name], rtol=1e-4, atol=1e-5)
+        if sharding == "data_parallel":  # replicas: same updates and migrations on every rank
+            assert torch.equal(ranks[1]["tables"][name], full), name

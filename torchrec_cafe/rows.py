@@ -6,7 +6,10 @@ live depends on how the inner ``EmbeddingBagCollection`` runs:
 - unsharded: an ``nn.EmbeddingBag`` weight per table, optimizer state in a plain torch optimizer;
 - wrapped by ``DistributedModelParallel``: FBGEMM TBE shards whose ``split_embedding_weights()`` and
   ``split_optimizer_states()`` are live views (in-place writes reach the next forward and the fused
-  optimizer's state dict).
+  optimizer's state dict);
+- data-parallel under ``DistributedModelParallel`` (dense kernel): a full replica per rank, whose
+  per-table parameter is a view of FBGEMM's dense TBE weights and whose optimizer state lives in
+  the torch optimizer that steps it (every rank applies the same copies, replicas stay identical).
 
 Tables whose rows share one storage (all tables of one TBE) form a ``RowGroup``: one aliasing view
 over the storage, so one scatter migrates the promotions of all its tables at once.
@@ -17,7 +20,7 @@ shared row (``CafeConfig.optimizer_state="copy"``) or zeroed (``"reset"``).
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,6 +114,25 @@ def group_shards(shards: Sequence[RowShard]) -> List[RowGroup]:
         group.base[shard.table] = [offset for _, offset in aliases]
         group.row_offset[shard.table] = shard.row_offset
     return list(groups.values())
+
+
+def indexed_groups(
+    shards: Sequence[RowShard], names: Sequence[str], device: torch.device
+) -> List[Tuple[RowGroup, List[torch.Tensor], torch.Tensor]]:
+    """``group_shards`` plus, per group, each tensor's row base per table (``base - row_offset``,
+    0 for tables not in the group) [T] int64 and the group's membership [T] bool, for ``migrate_group``.
+
+    Built from host lists (a host-to-device copy): callers cache it per storage layout.
+    """
+    out = []
+    for g in group_shards(shards):
+        bases = [
+            torch.tensor([g.base[n][k] - g.row_offset[n] if n in g.base else 0 for n in names], device=device)
+            for k in range(1 + len(g.states))
+        ]
+        member = torch.tensor([n in g.base for n in names], device=device)
+        out.append((g, bases, member))
+    return out
 
 
 @torch.no_grad()
@@ -226,29 +248,104 @@ def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch
     return [RowShard(table, weight.data, states, 0)]
 
 
-def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
-    """Local shards of ``tables`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels."""
-    wanted = set(tables)
-    shards: List[RowShard] = []
+def _kernels(sharded_ebc: nn.Module) -> Iterator[Tuple[nn.Module, Optional[nn.Module]]]:
+    """(TorchRec kernel, its FBGEMM module) of every lookup of a ``ShardedEmbeddingBagCollection``."""
     for lookup in sharded_ebc._lookups:
         lookup = getattr(lookup, "module", lookup)  # unwrap DistributedDataParallel
         for emb in getattr(lookup, "_emb_modules", []):
-            tbe = getattr(emb, "_emb_module", None)
-            for k, cfg in enumerate(emb._config.embedding_tables):
-                if cfg.name not in wanted:
-                    continue
-                if not hasattr(tbe, "split_optimizer_states"):
-                    raise NotImplementedError(
-                        f"table {cfg.name!r}: CAFE migrations need a fused compute kernel (the "
-                        f"optimizer state must live in the table), got {type(emb).__name__}; "
-                        f"constrain the table to compute_kernels=['fused'] (not data_parallel)"
-                    )
-                states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
-                row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
-                weight = tbe.split_embedding_weights()[k]
-                split = cfg.local_rows != cfg.num_embeddings
-                shards.append(RowShard(cfg.name, weight, list(states), row_offset, split))
+            yield emb, getattr(emb, "_emb_module", None)
+
+
+def _is_dense(tbe: Optional[nn.Module]) -> bool:
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen
+
+    return isinstance(tbe, DenseTableBatchedEmbeddingBagsCodegen)
+
+
+def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
+    """Local shards of ``tables`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels
+    (dense-kernel tables are ``dense_shards``')."""
+    wanted = set(tables)
+    shards: List[RowShard] = []
+    for emb, tbe in _kernels(sharded_ebc):
+        if _is_dense(tbe):
+            continue
+        for k, cfg in enumerate(emb._config.embedding_tables):
+            if cfg.name not in wanted:
+                continue
+            if not hasattr(tbe, "split_optimizer_states"):
+                raise NotImplementedError(
+                    f"table {cfg.name!r}: CAFE migrations need a fused or dense compute kernel, got "
+                    f"{type(emb).__name__}; constrain the table to compute_kernels=['fused'] "
+                    f"(or data_parallel with ['dense'])"
+                )
+            states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
+            row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
+            weight = tbe.split_embedding_weights()[k]
+            split = cfg.local_rows != cfg.num_embeddings
+            shards.append(RowShard(cfg.name, weight, list(states), row_offset, split))
     return shards
+
+
+def dense_shards(
+    sharded_ebc: nn.Module, tables: Sequence[str], optimizer: Optional[torch.optim.Optimizer]
+) -> List[RowShard]:
+    """Data-parallel (dense-kernel) shards of ``tables`` in a ``ShardedEmbeddingBagCollection``.
+
+    Each is a whole table [rows, dim]: the per-table ``TableBatchedEmbeddingSlice`` parameter, a view
+    of ``DenseTableBatchedEmbeddingBagsCodegen.weights``. Its optimizer state is ``optimizer``'s
+    (TorchRec 1.8 leaves dense kernels to the dense optimizer; in-backward optimizers are dropped),
+    read afresh on each call: torch optimizers create state lazily and ``load_state_dict`` replaces it.
+
+    Raises ``ValueError`` when a data-parallel table is not stepped by ``optimizer`` (its state
+    would be unreachable), ``NotImplementedError`` when that optimizer keeps state that is not per
+    row (a migration could not carry it).
+    """
+    wanted = set(tables)
+    shards: List[RowShard] = []
+    for emb, tbe in _kernels(sharded_ebc):
+        if not _is_dense(tbe):
+            continue
+        for k, cfg in enumerate(emb._config.embedding_tables):
+            if cfg.name not in wanted:
+                continue
+            param = emb._param_per_table[cfg.name]  # the parameter the dense optimizer steps
+            weight = tbe.split_embedding_weights()[k]
+            if cfg.local_rows != cfg.num_embeddings or param.shape != weight.shape:
+                raise NotImplementedError(f"table {cfg.name!r}: CAFE supports the dense kernel for data_parallel only")
+            states = param_states(param, cfg.name, optimizer)
+            shards.append(RowShard(cfg.name, weight, states, 0))
+    return shards
+
+
+def param_states(param: torch.Tensor, table: str, optimizer: Optional[torch.optim.Optimizer]) -> List[torch.Tensor]:
+    """Row-shaped state tensors ([rows, ...]) of ``param`` in a torch optimizer (or a TorchRec
+    ``KeyedOptimizer``/``CombinedOptimizer``); scalars such as Adam's ``step`` are per parameter,
+    shared by all rows, as in FBGEMM's fused optimizers."""
+    if optimizer is None or not any(p is param for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(
+            f"table {table!r} is data-parallel: its optimizer state lives in the dense optimizer that "
+            f"steps it, which CAFE promotions must copy; pass that optimizer to attach_optimizer()"
+            + (f" (the attached {type(optimizer).__name__} does not hold this table)" if optimizer is not None else "")
+        )
+    states: List[torch.Tensor] = []
+    for key, value in optimizer.state.get(param, {}).items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == param.shape[0]:
+            states.append(value)
+        elif not (value is None or isinstance(value, (int, float)) or (torch.is_tensor(value) and value.dim() == 0)):
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise NotImplementedError(
+                f"table {table!r}: {type(optimizer).__name__} keeps state {key!r} ({shape}) that is not "
+                f"per row, so CAFE promotions cannot carry it; use an optimizer with per-row or "
+                f"per-element state (SGD, Adagrad, RowWiseAdagrad, Adam, ...) or a fused kernel"
+            )
+    return states
+
+
+def storage_key(shards: Sequence[RowShard]) -> Tuple[Tuple[str, int, Tuple[int, ...]], ...]:
+    """Identifies the storages behind ``shards`` (host-side, no sync): cached groups over them stay
+    valid while it is unchanged (the groups' aliases keep those storages alive)."""
+    return tuple((s.table, s.weight.data_ptr(), tuple(t.data_ptr() for t in s.states)) for s in shards)
 
 
 def _has_state(tbe: nn.Module) -> bool:

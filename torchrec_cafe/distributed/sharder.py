@@ -4,7 +4,7 @@ The physical tables (hot rows + shared rows, one per compressed logical table) a
 TorchRec's own ``EmbeddingBagCollectionSharder`` (wrapped, not forked); the sketch stays a
 replicated set of buffers under the same names as in the unsharded module. Raw IDs are remapped on
 each rank's local batch *before* the input all-to-all, so every placement TorchRec offers for the
-physical tables works, row-wise included.
+physical tables works, row-wise and data-parallel included.
 
 ``ShardedCafeEmbeddingBagCollection`` implements ``input_dist`` / ``compute_and_output_dist`` by
 delegation, so ``TrainPipelineSparseDist`` pipelines it: ``input_dist`` (remap with the sketch as
@@ -16,7 +16,12 @@ from typing import Any, Dict, Iterator, List, Optional, Type
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embedding_types import (
+    BaseEmbeddingSharder,
+    EmbeddingComputeKernel,
+    KJTList,
+    ShardedEmbeddingModule,
+)
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import ParameterConstraints, Topology
@@ -33,13 +38,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 
-_SHARDING_TYPES = [
+_MODEL_PARALLEL_TYPES = [
     ShardingType.TABLE_WISE,
     ShardingType.COLUMN_WISE,
     ShardingType.TABLE_COLUMN_WISE,
     ShardingType.ROW_WISE,
     ShardingType.TABLE_ROW_WISE,
 ]
+_SHARDING_TYPES = _MODEL_PARALLEL_TYPES + [ShardingType.DATA_PARALLEL]
 
 
 class ShardedCafeEmbeddingBagCollection(
@@ -145,13 +151,19 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
     """Shards ``CafeEmbeddingBagCollection``'s physical tables with TorchRec's EBC sharder.
 
     Offers table-, column-, table-column-, row- and table-row-wise placements with fused kernels
-    on every device (row-wise ones run on CPU/gloo too); not data-parallel, whose dense kernel
-    keeps optimizer state outside the tables where migrations cannot reach it.
+    on every device (row-wise ones run on CPU/gloo too), and data-parallel with the dense kernel.
+    A data-parallel table is a full replica on every rank (its gradient all-reduced by DDP) and is
+    stepped by the dense optimizer, not by ``apply_optimizer_in_backward`` (TorchRec drops that on
+    dense kernels): hand that optimizer to ``cafe.attach_optimizer`` so that promotions copy its
+    per-row state, identically on every rank.
 
     Example::
 
         dmp = DistributedModelParallel(model, sharders=[CafeEmbeddingBagCollectionSharder(),
                                                         EmbeddingBagCollectionSharder()])
+        # with data-parallel CAFE tables: the optimizer stepping them (e.g. TorchRec's
+        # in_backward_optimizer_filter(dmp.named_parameters()) set) must be attached
+        sharded_cafe.cafe.attach_optimizer(dense_optimizer)
     """
 
     def __init__(
@@ -174,9 +186,17 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         unknown = sorted(set(params) - tables)
         if unknown:
             raise ValueError(f"the plan names tables {unknown} that {type(module).__name__} does not have ({sorted(tables)})")
+        device_type = device.type if device else "cpu"
         for name, sharding in params.items():
-            if sharding.sharding_type not in self.sharding_types(device.type if device else "cpu"):
+            if sharding.sharding_type not in self.sharding_types(device_type):
                 raise ValueError(f"table {name!r}: sharding type {sharding.sharding_type!r} is not supported by CAFE")
+            # Migrations find rows by kernel: fused tables in their TBE, dense ones as full replicas.
+            dense = sharding.compute_kernel == EmbeddingComputeKernel.DENSE.value
+            if dense != (sharding.sharding_type == ShardingType.DATA_PARALLEL.value):
+                raise ValueError(
+                    f"table {name!r}: compute kernel {sharding.compute_kernel!r} with sharding type "
+                    f"{sharding.sharding_type!r} is not supported by CAFE (dense goes with data_parallel only)"
+                )
         return ShardedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn)
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
@@ -190,6 +210,8 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         return [t.value for t in _SHARDING_TYPES]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        if sharding_type == ShardingType.DATA_PARALLEL.value:
+            return [EmbeddingComputeKernel.DENSE.value]
         return ["fused", "fused_uvm"] if compute_device_type == "cuda" else ["fused"]
 
 
@@ -198,7 +220,7 @@ class RowWiseEverywhereEBCSharder(EmbeddingBagCollectionSharder):
     (TorchRec lists them for CUDA only). For plain EBCs next to CAFE ones in CPU jobs and tests."""
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        return [t.value for t in _SHARDING_TYPES]
+        return [t.value for t in _MODEL_PARALLEL_TYPES]
 
 
 class CafeStorageReservation(HeuristicalStorageReservation):

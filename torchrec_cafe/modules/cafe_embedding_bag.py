@@ -339,32 +339,32 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """(row groups of the whole-row shards, with per-tensor row bases [T] and membership [T];
         per row-split table, its sketch index and local shards, in the same order on every rank).
 
-        Fused (TBE) tables are views that never move, so this is cached; a plain torch optimizer
-        may create state lazily, so unsharded groups are rebuilt each time.
+        Fused (TBE) tables are views that never move, so their part is cached. The state of plain
+        torch optimizers (unsharded tables; data-parallel ones, stepped by the dense optimizer) is
+        created lazily and replaced by ``load_state_dict``: unsharded groups are rebuilt each time,
+        data-parallel ones whenever their storages change (no host-to-device copy otherwise).
         """
+        from torchrec_cafe.rows import dense_shards, indexed_groups, storage_key
+
         inner = self._embedding_bag_collection
         names = [l.config.name for l in self._compressed]
+        device = self._remapper.table_hot.device
         if isinstance(inner, EmbeddingBagCollection):
             shards = [
                 s for n in names for s in parameter_shards(inner.embedding_bags[n].weight, n, self._optimizer)
             ]
-        elif self._cached_groups is not None and self._cached_groups[0] is inner:
-            return self._cached_groups[1]
-        else:
+            return indexed_groups(shards, names, device), _row_split_tables(names, shards, device)
+        if self._cached_groups is None or self._cached_groups[0] is not inner:
             shards = tbe_shards(inner, names)
-        device = self._remapper.table_hot.device
-        row_split = _row_split_tables(names, shards, device)
-        groups = []
-        for g in group_shards([s for s in shards if not s.row_split]):
-            bases = [
-                torch.tensor([g.base[n][k] - g.row_offset[n] if n in g.base else 0 for n in names], device=device)
-                for k in range(1 + len(g.states))
-            ]
-            member = torch.tensor([n in g.base for n in names], device=device)
-            groups.append((g, bases, member))
-        if not isinstance(inner, EmbeddingBagCollection):
-            self._cached_groups = (inner, (groups, row_split))
-        return groups, row_split
+            fused = indexed_groups([s for s in shards if not s.row_split], names, device)
+            # [fused groups, row-split tables, data-parallel storage key, data-parallel groups]
+            self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device), None, []])
+        cache = self._cached_groups[1]
+        dense = dense_shards(inner, names, self._optimizer)
+        key = storage_key(dense)
+        if key != cache[2]:
+            cache[2:] = [key, indexed_groups(dense, names, device)]
+        return cache[0] + cache[3], cache[1]
 
     # ------------------------------------------------------------------ reporting
 
