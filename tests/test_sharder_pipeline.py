@@ -159,15 +159,16 @@ def test_sharder_refuses_bad_plans() -> None:
     sharder = CafeEmbeddingBagCollectionSharder()
     cafe = CafeEmbeddingBagCollection(TABLES, CafeConfig(compression_ratio=20))
     assert set(sharder.shardable_parameters(cafe)) == {"rw", "tw", "cw"}
-    assert "data_parallel" not in sharder.sharding_types("cpu")
+    assert "data_parallel" in sharder.sharding_types("cpu") and sharder.compute_kernels("data_parallel", "cpu") == ["dense"]
     from torchrec.distributed.types import ParameterSharding, ShardingEnv
 
     bogus = {"nope": ParameterSharding(sharding_type="table_wise", compute_kernel="fused", ranks=[0])}
     with pytest.raises(ValueError, match="names tables \\['nope'\\]"):
         sharder.shard(cafe, bogus, ShardingEnv.from_local(1, 0), torch.device("cpu"))
-    dp = {"rw": ParameterSharding(sharding_type="data_parallel", compute_kernel="dense", ranks=[0])}
-    with pytest.raises(ValueError, match="data_parallel"):
-        sharder.shard(cafe, dp, ShardingEnv.from_local(1, 0), torch.device("cpu"))
+    for sharding_type, kernel in (("table_wise", "dense"), ("data_parallel", "fused")):
+        bad = {"rw": ParameterSharding(sharding_type=sharding_type, compute_kernel=kernel, ranks=[0])}
+        with pytest.raises(ValueError, match="dense goes with data_parallel"):
+            sharder.shard(cafe, bad, ShardingEnv.from_local(1, 0), torch.device("cpu"))
 
 
 def test_storage_reservation_counts_the_replicated_sketch() -> None:

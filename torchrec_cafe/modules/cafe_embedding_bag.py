@@ -16,13 +16,15 @@ from torchrec_cafe.config import CafeConfig, table_budget
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
 from torchrec_cafe.rows import (
-    RowGroup,
     RowExchange,
+    RowGroup,
     RowShard,
+    dense_shards,
     exchange_rows,
-    group_shards,
+    indexed_groups,
     migrate_group,
     parameter_shards,
+    storage_key,
     tbe_shards,
 )
 from torchrec_cafe.sketch.hot_sketch import HotSketch
@@ -128,7 +130,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets promotions copy the optimizer state of plain torch optimizers (unsharded use).
 
-        Not needed under ``DistributedModelParallel``: fused optimizer state lives in the tables.
+        Under ``DistributedModelParallel`` fused tables need nothing (their optimizer state lives in
+        the tables); data-parallel tables are stepped by the dense optimizer, which must be
+        attached (``sharded.cafe.attach_optimizer(opt)``) so promotions copy its state.
         """
         self._optimizer = optimizer
 
@@ -344,7 +348,6 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         created lazily and replaced by ``load_state_dict``: unsharded groups are rebuilt each time,
         data-parallel ones whenever their storages change (no host-to-device copy otherwise).
         """
-        from torchrec_cafe.rows import dense_shards, indexed_groups, storage_key
 
         inner = self._embedding_bag_collection
         names = [l.config.name for l in self._compressed]
