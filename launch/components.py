@@ -5,6 +5,13 @@ Registered under the ``torchx.components`` entry point as ``cafe`` (``torchx run
 a module, so the job's working directory must be the repository root: it is for ``local_cwd`` and
 ``slurm`` when ``torchx`` runs from there, and must be the image's WORKDIR on ``kubernetes``.
 Trainer flags other than ``--out``/``--checkpoint-dir`` go after ``--`` and reach the trainer as is.
+
+Elastic restart: ``max_retries`` is both the scheduler's retry count (slurm requeue, Volcano
+RestartJob) and torchrun's ``--max-restarts`` (as ``PET_MAX_RESTARTS``), so when a worker dies
+torchrun stops the others and restarts the worker group in place, on every scheduler (``local_cwd``
+has no retries of its own). With ``checkpoint_dir`` (and ``-- --checkpoint-every N``) a restarted or
+retried job resumes from the latest complete checkpoint there, and ends with the metrics of an
+uninterrupted run; without it, it starts from scratch.
 """
 
 from typing import Dict, List, Optional
@@ -36,8 +43,9 @@ def train(
             see ``python -m examples.train_dlrm --help``
         out: the metrics JSON the trainer writes (``--out``), relative to the job's working directory;
             on several nodes put it on shared storage (see ``mounts``)
-        checkpoint_dir: ``--checkpoint-dir`` for the trainer, forwarded only when set; needs the
-            trainer's checkpoint support
+        checkpoint_dir: ``--checkpoint-dir`` for the trainer, forwarded only when set: the job resumes
+            from the latest checkpoint there (also after a restart, see ``max_retries``) and saves
+            one every ``-- --checkpoint-every N`` steps; on several nodes put it on shared storage
         name: ``{experiment}/{run}`` (the run defaults to ``train_dlrm``)
         image: container image with this repository at its WORKDIR and its dependencies installed
             (kubernetes, docker); local_cwd and slurm run in the current directory's environment instead
@@ -47,7 +55,9 @@ def train(
         gpu: GPUs per node
         memMB: host memory per node in MB
         env: extra environment variables (e.g. ``NCCL_DEBUG=INFO``)
-        max_retries: how many times the scheduler may restart the job after a failure
+        max_retries: how many times torchrun restarts the workers after one fails (``PET_MAX_RESTARTS``)
+            and the scheduler restarts the job after a failure (slurm, kubernetes); restarts resume
+            from the latest checkpoint in ``checkpoint_dir``
         mounts: ``type=bind,src=/host,dst=/job[,readonly]`` or ``type=volume,src=claim,dst=/data`` entries
         rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs only)
     """
@@ -64,7 +74,10 @@ def train(
         cpu=cpu,
         gpu=gpu,
         memMB=memMB,
-        env=env,
+        # torchrun's own store is reused across restarts without a per-attempt prefix (torch 2.13,
+        # pytorch/pytorch#135712, #167288): restarted workers read the killed attempt's gloo/NCCL
+        # addresses; a fresh store per rendezvous round (rank 0 hosts it) avoids that
+        env={**(env or {}), "PET_MAX_RESTARTS": str(max_retries), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         max_retries=max_retries,
         mounts=mounts,
         rdzv_port=rdzv_port,
@@ -75,6 +88,7 @@ def smoke(
     *script_args: str,
     out: str = "cafe_smoke_metrics.json",
     checkpoint_dir: Optional[str] = None,
+    max_retries: int = 0,
 ) -> specs.AppDef:
     """CPU smoke run: CAFE on 1 node x 2 gloo processes, a few steps on tiny synthetic data.
 
@@ -82,8 +96,10 @@ def smoke(
         script_args: extra trainer flags, after the smoke settings so they override them
             (e.g. ``-- --train-batches 20``)
         out: the metrics JSON the trainer writes (``--out``), relative to the job's working directory
-        checkpoint_dir: ``--checkpoint-dir`` for the trainer, forwarded only when set; needs the
-            trainer's checkpoint support
+        checkpoint_dir: ``--checkpoint-dir`` for the trainer, forwarded only when set: the job resumes
+            from the latest checkpoint there and saves one every ``-- --checkpoint-every N`` steps
+        max_retries: how many times torchrun restarts the 2 workers after one fails, each restart
+            resuming from the latest checkpoint in ``checkpoint_dir`` (see ``train``)
     """
     return train(
         "--method",
@@ -107,4 +123,5 @@ def smoke(
         gpu=0,
         memMB=4096,
         env={"CUDA_VISIBLE_DEVICES": ""},
+        max_retries=max_retries,
     )

@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+from torch.distributed.checkpoint.planner import LoadPlan
 
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 
@@ -154,6 +156,7 @@ def load(
     dcp.load(
         state,
         storage_reader=FileSystemReader(path),
+        planner=_LoadPlanner(),
         process_group=process_group,
         no_dist=not _distributed(process_group),
     )
@@ -169,6 +172,16 @@ def load(
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner without its guess that a checkpoint holding keys this rank lacks
+    was written before torch 2.4: under a table-wise plan a rank's state dict has only its own
+    tables (and their fused optimizer state), and the guess re-flattens it the old way and fails
+    (``Missing key in checkpoint state_dict: optim.dense.param_groups``)."""
+
+    def create_local_plan(self) -> LoadPlan:
+        return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
 
 
 def _state(model: nn.Module, optimizer: Optional[Any]) -> Dict[str, Any]:

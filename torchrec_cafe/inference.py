@@ -19,7 +19,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.checkpoint import _read_manifest, _verify_files
+from torchrec_cafe.checkpoint import _LoadPlanner, _read_manifest, _verify_files
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
@@ -193,7 +193,7 @@ def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
     for prefix, description in zip(manifest["prefixes"], manifest["modules"]):
         module = _module_from_description(description)
         state = {f"model.{prefix}{k}": v for k, v in module.state_dict().items()}
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, checkpoint_id=path, planner=_LoadPlanner(), no_dist=True)
         module.load_state_dict({k[len(f"model.{prefix}") :]: v for k, v in state.items()})
         served[prefix.rstrip(".")] = export_for_inference(module.eval())
     return served
