@@ -57,8 +57,8 @@ def main() -> None:
     by_method = {m: [r for r in results if r["method"] == m] for m in args.methods}
     print(f"\nDLRM on synthetic CTR, CR {args.compression_ratio:g}, seeds {args.seeds}, "
           f"{args.train_batches} x {args.batch_size} training samples")
-    print(f"| method | test AUC | logloss | embedding bytes | samples/s |")
-    print(f"|---|---|---|---|---|")
+    print("| method | test AUC | logloss | embedding bytes | samples/s |")
+    print("|---|---|---|---|---|")
     for m, rs in by_method.items():
         print(f"| {m} | {_mean_std([r['auc'] for r in rs])} | {_mean_std([r['logloss'] for r in rs])} | "
               f"{int(rs[0]['bytes']):,} | {statistics.mean([r['samples_per_s'] for r in rs]):,.0f} |")

@@ -51,8 +51,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, checkpoint, table_budget
+from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import CRITEO_KAGGLE_CARDINALITIES, InMemoryCTR, SyntheticConfig, SyntheticCTR, local_batch, read_criteo_tsv, read_libfm
-from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder, ShardedCafeEmbeddingBagCollection
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
 from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBagCollection, QREmbeddingBagCollection, mch_sharder
 
 METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_ml", "cafe_freq")
@@ -225,8 +226,9 @@ def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, L
     """Fused kernels for every physical table: table-wise, except MCH tables, row-wise (the only
     placement TorchRec's managed collisions support).
 
-    Left alone, the planner makes small tables data-parallel with the dense kernel, whose optimizer
-    state CAFE migrations cannot reach (and which is slow on CPU). Every rank plans (the planner is
+    Left alone, the planner makes small tables data-parallel with the dense kernel, which TorchRec
+    steps with the dense optimizer instead of the fused one (CAFE would then need it attached) and
+    which is slow on CPU. Every rank plans (the planner is
     deterministic), so an error cannot leave the other ranks waiting for a broadcast.
     """
     world = dist.get_world_size()
@@ -242,10 +244,6 @@ def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, L
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, storage_reservation=CafeStorageReservation(percentage=0.15))
     sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(), mch_sharder(), RowWiseEverywhereEBCSharder()]
     return planner.plan(model, sharders), sharders
-
-
-def cafe_modules(model: nn.Module) -> List[Union[CafeEmbeddingBagCollection, ShardedCafeEmbeddingBagCollection]]:
-    return [m for m in model.modules() if isinstance(m, (CafeEmbeddingBagCollection, ShardedCafeEmbeddingBagCollection))]
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], device: torch.device) -> "tuple[List[float], float]":
@@ -336,15 +334,13 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
             samples += sum(b.labels.numel() for b in chunk)
             step += len(chunk)
             bar.update(len(chunk))
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                eval_now(epoch)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == (epoch + 1) * epochs.steps:
+                eval_now(epoch)  # before a checkpoint of the same step: a resumed run never redoes it
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 state = {"step": step, "history": history, "losses": losses, "samples": samples, "seconds": seconds}
                 checkpoint.save(checkpoint.checkpoint_path(cfg.checkpoint_dir, step), model, optimizers, extra={"progress": state})
-        if not history or history[-1]["step"] != step:
+        if not history or history[-1]["step"] != step:  # an epoch shorter than epochs.steps
             eval_now(epoch)
-    if not history or history[-1]["step"] != step:  # resumed from a checkpoint of the last step
-        eval_now(cfg.epochs - 1)
     bar.close()
     if dist.is_initialized() and dist.get_world_size() > 1:
         total_samples, slowest = torch.tensor(samples), torch.tensor(seconds, dtype=torch.float64)

@@ -14,9 +14,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from examples.export_model import export
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, load, save
-from torchrec_cafe.inference import _mix, export_for_inference, load_for_inference
+from torchrec_cafe.inference import export_for_inference, load_for_inference
 from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
-from torchrec_cafe.sketch.hashing import _GOLDEN, _as_int64, mix64
+from torchrec_cafe.sketch.hashing import _M1, _M2, _POSITIVE, _shr, finalise64, mix64, seed_offset
 
 
 def _tables(pooling: PoolingType = PoolingType.SUM):
@@ -43,10 +43,15 @@ def _trained(pooling: PoolingType, weighted: bool, multi_level: bool) -> CafeEmb
     return cafe.eval()
 
 
-def test_frozen_hash_is_the_training_hash() -> None:
-    ids = torch.tensor([0, 1, -1, 2**62, -(2**63), 123456789], dtype=torch.int64)
-    for seed in (SHARED_SEED, SECOND_SEED, 0):
-        assert torch.equal(_mix(ids, _as_int64((seed + 1) * _GOLDEN)), mix64(ids, seed))
+def test_scriptable_finaliser_is_splitmix64() -> None:
+    """``finalise64``'s literals against the named constants, through the shift-emulating form."""
+    z = torch.tensor([0, 1, -1, 2**62, -(2**63), 123456789], dtype=torch.int64)
+    reference = (z ^ _shr(z, 30)) * _M1
+    reference = (reference ^ _shr(reference, 27)) * _M2
+    reference = (reference ^ _shr(reference, 31)) & _POSITIVE
+    assert torch.equal(torch.jit.script(finalise64)(z), reference)
+    for seed in (SHARED_SEED, SECOND_SEED):
+        assert torch.equal(mix64(z, seed), finalise64(z + seed_offset(seed)))
 
 
 @pytest.mark.parametrize("multi_level", [False, True])

@@ -28,32 +28,35 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import _init_optim_state
+from torchrec.optim.keyed import KeyedOptimizer
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 from torch.distributed.checkpoint.planner import LoadPlan
 
+from torchrec_cafe.distributed.sharder import ShardedCafeEmbeddingBagCollection
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 
 MANIFEST = "cafe_manifest.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+T = TypeVar("T")
 
 
 def cafe_modules(model: nn.Module) -> List[CafeEmbeddingBagCollection]:
-    """The CAFE modules of ``model``, sharded (their CAFE logic) or not, in module order."""
-    found = []
+    """The CAFE modules of ``model`` (for sharded ones, their CAFE logic), each once, in module order."""
+    found: Dict[int, CafeEmbeddingBagCollection] = {}
     for m in model.modules():
-        if isinstance(m, CafeEmbeddingBagCollection):
-            found.append(m)
-        elif isinstance(getattr(m, "cafe", None), CafeEmbeddingBagCollection):
-            found.append(m.cafe)
-    return found
+        cafe = m.cafe if isinstance(m, ShardedCafeEmbeddingBagCollection) else m
+        if isinstance(cafe, CafeEmbeddingBagCollection):
+            found.setdefault(id(cafe), cafe)
+    return list(found.values())
 
 
 def checkpoint_path(root: str, step: int) -> str:
@@ -95,18 +98,19 @@ def save(
     replicas differ between ranks (they must be identical; DCP keeps one copy).
     """
     path = os.fspath(path)
-    if os.path.exists(path):
-        raise FileExistsError(f"checkpoint {path!r} already exists; checkpoints are never overwritten")
-    rank = _rank(process_group)
+    partial = path + ".partial"
+
+    def prepare() -> None:
+        if os.path.exists(path):
+            raise FileExistsError(f"checkpoint {path!r} already exists; checkpoints are never overwritten")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        os.makedirs(partial)
+
+    _on_rank0(prepare, process_group)
     cafes = cafe_modules(model)
     for cafe in cafes:
         cafe.apply_pending_updates()
     _check_replicas(cafes, process_group)
-    partial = path + ".partial"
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
-        os.makedirs(partial)
-    _barrier(process_group)
     state = _state(model, optimizer)
     dcp.save(
         state,
@@ -116,7 +120,8 @@ def save(
         no_dist=not _distributed(process_group),
     )
     _barrier(process_group)  # every rank's files are written
-    if rank == 0:
+
+    def finish() -> None:
         manifest = {
             "format_version": FORMAT_VERSION,
             "world_size": dist.get_world_size(process_group) if _distributed(process_group) else 1,
@@ -128,7 +133,8 @@ def save(
         _write_json(os.path.join(partial, MANIFEST), manifest)
         os.replace(partial, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    _barrier(process_group)
+
+    _on_rank0(finish, process_group)
     return path
 
 
@@ -143,20 +149,29 @@ def load(
     Any world size and plan: ShardedTensors are resharded by DCP, the replicated sketch is read
     whole by every rank. Returns the ``extra`` given to ``save``.
 
-    Raises ``ValueError`` naming the problem, before changing anything, when ``path`` is not a
-    complete checkpoint, a file is missing, truncated or corrupted, or the model's CAFE tables or
-    settings differ from the checkpoint's.
+    Raises ``ValueError`` on every rank, naming the problem, before the model or optimizer is
+    touched, when ``path`` is not a complete checkpoint, a file is missing, truncated or corrupted,
+    or the model's CAFE tables or settings differ from the checkpoint's (rank 0 checks; ranks whose
+    settings differ from rank 0's are refused at the first sketch update).
     """
     path = os.fspath(path)
-    manifest = _read_manifest(path)
-    _verify_files(path, manifest["files"])
     cafes = cafe_modules(model)
-    _check_descriptions(manifest["modules"], [cafe.describe() for cafe in cafes], path)
+    described = [cafe.describe() for cafe in cafes]
+
+    def check() -> Dict[str, Any]:
+        manifest = verified_manifest(path)
+        _check_descriptions(manifest["modules"], described, path)
+        return manifest
+
+    manifest = _on_rank0(check, process_group)
+    for opt in _optimizers(optimizer).values():
+        if isinstance(opt, torch.optim.Optimizer) and not isinstance(opt, KeyedOptimizer):
+            _init_optim_state(opt)  # lazily created state (momentum, Adam) must exist to be loaded into
     state = _state(model, optimizer)
     dcp.load(
         state,
         storage_reader=FileSystemReader(path),
-        planner=_LoadPlanner(),
+        planner=CheckpointLoadPlanner(),
         process_group=process_group,
         no_dist=not _distributed(process_group),
     )
@@ -171,17 +186,50 @@ def load(
     return manifest["extra"]
 
 
-# ---------------------------------------------------------------------- helpers
+def verified_manifest(path: str) -> Dict[str, Any]:
+    """The manifest of a complete checkpoint whose files all match it (sizes and SHA-256).
+
+    Raises ``ValueError`` naming the problem otherwise."""
+    manifest = _read_manifest(path)
+    _verify_files(path, manifest["files"])
+    return manifest
 
 
-class _LoadPlanner(DefaultLoadPlanner):
+class CheckpointLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner without its guess that a checkpoint holding keys this rank lacks
     was written before torch 2.4: under a table-wise plan a rank's state dict has only its own
     tables (and their fused optimizer state), and the guess re-flattens it the old way and fails
-    (``Missing key in checkpoint state_dict: optim.dense.param_groups``)."""
+    (``Missing key in checkpoint state_dict: optim.dense.param_groups``). Every key the state dict
+    asks for must still be in the checkpoint."""
 
     def create_local_plan(self) -> LoadPlan:
         return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _optimizers(optimizer: Optional[Any]) -> Dict[str, Any]:
+    if optimizer is None:
+        return {}
+    return dict(optimizer) if isinstance(optimizer, Mapping) else {"": optimizer}
+
+
+def _on_rank0(fn: Callable[[], T], process_group: Optional[dist.ProcessGroup]) -> T:
+    """Runs ``fn`` on rank 0 only; every rank returns its result or raises its error, so no rank is
+    left waiting in a collective when one check or file operation fails."""
+    outcome: List[Any] = [None]
+    if _rank(process_group) == 0:
+        try:
+            outcome = [(True, fn())]
+        except (OSError, ValueError, RuntimeError) as e:
+            outcome = [(False, e)]
+    if _distributed(process_group):
+        dist.broadcast_object_list(outcome, group=process_group, group_src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _state(model: nn.Module, optimizer: Optional[Any]) -> Dict[str, Any]:
@@ -199,7 +247,9 @@ def _prefixes(keys: List[str], cafes: List[CafeEmbeddingBagCollection]) -> List[
     out, taken = [], set()
     for cafe in cafes:
         suffix = f"_embedding_bag_collection.embedding_bags.{cafe._layouts[0].config.name}.weight"
-        key = next(k for k in keys if k.endswith(suffix) and k not in taken)
+        key = next((k for k in keys if k.endswith(suffix) and k not in taken), None)
+        if key is None:
+            raise RuntimeError(f"no state-dict entry ends with {suffix!r}: cannot locate a CAFE module's tables")
         taken.add(key)
         out.append(key[: -len(suffix)])
     return out
@@ -228,7 +278,7 @@ def _check_replicas(cafes: List[CafeEmbeddingBagCollection], process_group: Opti
         if cafe._sketch is None:
             continue
         for _, buf in sorted(cafe._sketch.state_dict().items()):
-            raw = buf.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)
+            raw = buf.detach().reshape(-1).contiguous().view(torch.int32).to(torch.int64)  # every buffer is 4k bytes
             weights = torch.arange(raw.numel(), device=raw.device) % 65521 + 1  # order-sensitive
             sums.append((raw * weights).sum())
     if not sums:

@@ -19,24 +19,14 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.checkpoint import _LoadPlanner, _read_manifest, _verify_files
+from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
-from torchrec_cafe.sketch.hashing import _GOLDEN, _as_int64
+from torchrec_cafe.sketch.hashing import finalise64, seed_offset
 from torchrec_cafe.sketch.hot_sketch import EMPTY
 
 _MEDIUM = -1  # frozen map value of a medium (not hot) ID; a literal in TorchScript code
-
-
-def _mix(ids: torch.Tensor, offset: int) -> torch.Tensor:
-    """``sketch.hashing.mix64`` with its seed offset precomputed: TorchScript has neither big ints
-    nor globals, so the constants are literals (``_M1``, ``_M2``, ``_POSITIVE``; tested equal)."""
-    z = ids + offset
-    z = (z ^ ((z >> 30) & 17179869183)) * -4658895280553007687
-    z = (z ^ ((z >> 27) & 137438953471)) * -7723592293110705685
-    z = z ^ ((z >> 31) & 8589934591)
-    return z & 9223372036854775807
 
 
 class CafeInferenceEBC(nn.Module):
@@ -75,8 +65,8 @@ class CafeInferenceEBC(nn.Module):
         self._map_offsets = map_offsets
         self._is_weighted = is_weighted
         self._weighted_out = is_weighted or any(mean_as_weights)
-        self._seed1 = _as_int64((SHARED_SEED + 1) * _GOLDEN)
-        self._seed2 = _as_int64((SECOND_SEED + 1) * _GOLDEN)
+        self._seed1 = seed_offset(SHARED_SEED)  # TorchScript has no big ints: offsets precomputed
+        self._seed2 = seed_offset(SECOND_SEED)
         self.register_buffer("map_ids", map_ids)
         self.register_buffer("map_rows", map_rows)
 
@@ -122,7 +112,7 @@ class CafeInferenceEBC(nn.Module):
         if t < 0:
             return torch.remainder(ids, self._num_rows[f]), none
         lo, hi = self._map_offsets[t], self._map_offsets[t + 1]
-        shared = self._num_hot[f] + torch.remainder(_mix(ids, self._seed1), self._num_shared[f])
+        shared = self._num_hot[f] + torch.remainder(finalise64(ids + self._seed1), self._num_shared[f])
         if hi == lo:
             return shared, none
         keys = self.map_ids[lo:hi]
@@ -132,7 +122,7 @@ class CafeInferenceEBC(nn.Module):
         first = torch.where(value >= 0, value, shared)
         if not self._multi_level[f]:
             return first, none
-        second = self._num_hot[f] + torch.remainder(_mix(ids, self._seed2), self._num_shared[f])
+        second = self._num_hot[f] + torch.remainder(finalise64(ids + self._seed2), self._num_shared[f])
         return first, torch.where(value == -1, second, none)  # -1: medium
 
     def nbytes(self) -> Dict[str, int]:
@@ -187,13 +177,12 @@ def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
 
     The checkpoint is verified first (``ValueError`` when incomplete or damaged).
     """
-    manifest = _read_manifest(path)
-    _verify_files(path, manifest["files"])
+    manifest = verified_manifest(path)
     served = {}
     for prefix, description in zip(manifest["prefixes"], manifest["modules"]):
         module = _module_from_description(description)
         state = {f"model.{prefix}{k}": v for k, v in module.state_dict().items()}
-        dcp.load(state, checkpoint_id=path, planner=_LoadPlanner(), no_dist=True)
+        dcp.load(state, checkpoint_id=path, planner=CheckpointLoadPlanner(), no_dist=True)
         module.load_state_dict({k[len(f"model.{prefix}") :]: v for k, v in state.items()})
         served[prefix.rstrip(".")] = export_for_inference(module.eval())
     return served
@@ -220,7 +209,7 @@ def _sketch_table(module: CafeEmbeddingBagCollection, layout: object) -> int:
     return next((t for t, l in enumerate(module._compressed) if l is layout), -1)
 
 
-def _frozen_map(module: CafeEmbeddingBagCollection) -> "tuple[torch.Tensor, torch.Tensor, List[int]]":
+def _frozen_map(module: CafeEmbeddingBagCollection) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Every tracked ID that is hot or (multi-level) medium, sorted by (table, id): ids [M], row or
     -1 for medium [M], and the per-table offsets [T + 1]."""
     sketch = module._sketch

@@ -12,7 +12,6 @@ Writes ``<out>.json`` and ``<out>.png``, prints a markdown table.
 """
 
 import argparse
-import os
 import statistics
 import sys
 from dataclasses import replace

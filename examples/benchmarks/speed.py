@@ -14,7 +14,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 

@@ -75,7 +75,7 @@ class ShardedCafeEmbeddingBagCollection(
         self._embedding_bag_collection = sharded
         self._sketch = module._sketch
         self._remapper = module._remapper
-        self.register_load_state_dict_post_hook(lambda sharded, _: sharded.cafe.discard_pending())
+        self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
     @property
     def cafe(self) -> CafeEmbeddingBagCollection:
@@ -145,6 +145,9 @@ class ShardedCafeEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> Type[CafeEmbeddingBagCollection]:
         return CafeEmbeddingBagCollection
+
+def _discard_pending_after_load(sharded: ShardedCafeEmbeddingBagCollection, _incompatible: object) -> None:
+    sharded.cafe.discard_pending()  # a named function: modules with hooks must stay picklable
 
 
 class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCollection]):

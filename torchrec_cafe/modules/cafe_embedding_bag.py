@@ -117,7 +117,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._steps_since_update = 0
         self._sync = self._compressed[0].cafe.sync if self._compressed else "aggregated"
         self._ranks_checked = False
-        self.register_load_state_dict_post_hook(lambda module, _: module.discard_pending())
+        self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
     # ------------------------------------------------------------------ EBC interface
 
@@ -250,7 +250,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         rank applies the all-gathered, exactly pre-aggregated occurrences of all ranks, so the
         replicated sketches stay bit-identical. Training ``forward`` calls it on every rank at the same steps.
         """
-        if self._sketch is None:
+        if self._sketch is None or self._steps_since_update == 0:
+            # No training step since the last update: nothing to apply. The counter is host state
+            # that every rank advances alike, so all ranks skip the collective together.
             return
         pending, self._pending, self._steps_since_update = self._pending, [], 0
         if pending:
@@ -410,6 +412,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
             out[layout.config.name] = s
         return out
+
+def _discard_pending_after_load(module: CafeEmbeddingBagCollection, _incompatible: object) -> None:
+    module.discard_pending()  # a named function: modules with hooks must stay picklable
 
 
 def _row_split_tables(

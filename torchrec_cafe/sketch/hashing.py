@@ -26,11 +26,21 @@ def _as_int64(v: int) -> int:
 
 def mix64(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Hashes int64 ``x`` (any values, negative included) to non-negative int64, elementwise."""
-    z = x.to(torch.int64) + _as_int64((seed + 1) * _GOLDEN)
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    z = z ^ _shr(z, 31)
-    return z & _POSITIVE
+    return finalise64(x.to(torch.int64) + seed_offset(seed))
+
+
+def seed_offset(seed: int) -> int:
+    """The int64 that ``mix64(x, seed)`` adds to ``x`` before the finaliser."""
+    return _as_int64((seed + 1) * _GOLDEN)
+
+
+def finalise64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, masked to non-negative. TorchScript-able: it has neither big ints nor
+    globals, so ``_M1``, ``_M2``, ``_POSITIVE`` and the shift masks are literals (tested equal)."""
+    z = (z ^ ((z >> 30) & 17179869183)) * -4658895280553007687
+    z = (z ^ ((z >> 27) & 137438953471)) * -7723592293110705685
+    z = z ^ ((z >> 31) & 8589934591)
+    return z & 9223372036854775807
 
 
 def hash_mod(x: torch.Tensor, seed: int, n: int) -> torch.Tensor:

@@ -111,6 +111,10 @@ def _quantise(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.round(q).to(torch.int64), ok
 
 
+
+def _sync_host_step_after_load(module: "HotSketch", _incompatible: object) -> None:
+    module._sync_host_step()  # a named function: modules with hooks must stay picklable
+
 class HotSketch(nn.Module):
     """Device-resident HotSketches of T tables: ``K_t`` buckets x ``c`` slots, ``H_t`` hot indices.
 
@@ -209,7 +213,7 @@ class HotSketch(nn.Module):
         )
         # Host mirror of ``step`` so the renormalisation schedule needs no sync; restored on load.
         self._host_step = 0
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync_host_step())
+        self.register_load_state_dict_post_hook(_sync_host_step_after_load)
 
     def _sync_host_step(self) -> None:
         self._host_step = int(self.step)
