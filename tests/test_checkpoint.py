@@ -170,3 +170,24 @@ def test_manifest_records_tables_and_files(tmp_path) -> None:
     assert manifest["extra"] == {"step": 0, "seed": 3}
     assert [t["name"] for t in manifest["modules"][0]] == ["t0", "t1"]
     assert set(manifest["files"]) == set(os.listdir(path)) - {MANIFEST}
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.Adam(p, lr=0.01)])
+def test_lazily_created_optimizer_state_is_restored(tmp_path, make) -> None:
+    """Momentum and Adam create their state at the first step: a fresh optimizer has none, and
+    loading must still restore it, not silently keep it empty."""
+    torch.manual_seed(0)
+    cafe = CafeEmbeddingBagCollection(TABLES, CONFIG)
+    opt = make(cafe.parameters())
+    cafe.attach_optimizer(opt)
+    _train(cafe, opt, range(6))
+    path = save(checkpoint_path(str(tmp_path), 6), cafe, opt)
+    expected = _train(cafe, opt, range(6, 12))
+    torch.manual_seed(0)
+    resumed = CafeEmbeddingBagCollection(TABLES, CONFIG)
+    resumed_opt = make(resumed.parameters())
+    resumed.attach_optimizer(resumed_opt)
+    assert not resumed_opt.state
+    load(path, resumed, resumed_opt)
+    assert _train(resumed, resumed_opt, range(6, 12)) == expected
+    _assert_same(_snapshot(cafe, opt), _snapshot(resumed, resumed_opt))
