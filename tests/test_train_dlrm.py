@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 import torch
@@ -39,6 +39,15 @@ def test_every_method_learns_within_budget(single_rank_pg: None, method: str) ->
         assert r["bytes"] == r["full_bytes"] == r["budget_bytes"]
     else:
         assert r["bytes"] <= r["budget_bytes"] < r["full_bytes"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_left() -> Iterator[None]:
+    """``main`` joins (or starts) a world-size-1 group as a launched trainer would; later test
+    modules start their own."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def test_paper_preset_and_explicit_flags() -> None:
