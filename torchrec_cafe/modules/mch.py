@@ -43,6 +43,7 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.modules.columns import output_columns
 
 EVICTION_POLICIES = ("lfu", "distance_lfu")
 _UNCHARGED_BUFFERS = ("_output_segments_tensor",)
@@ -185,11 +186,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._plain_features = [f for t in plain for f in t.feature_names]
         self.register_buffer("_n", torch.tensor([t.num_embeddings for t in managed + plain for _ in t.feature_names]), persistent=False)
         # Output columns: [managed outputs | plain outputs] -> the logical order.
-        start, cols = 0, {}
-        for t in managed + plain:
-            for f in t.feature_names:
-                cols[f] = torch.arange(start, start + t.embedding_dim)
-                start += t.embedding_dim
+        cols = output_columns(managed + plain)
         self._keys = [f for t in tables for f in t.feature_names]
         self._length_per_key = [t.embedding_dim for t in tables for _ in t.feature_names]
         self.register_buffer("_columns", torch.cat([cols[f] for f in self._keys]), persistent=False)

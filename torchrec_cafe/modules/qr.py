@@ -24,6 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.modules.columns import output_columns
 
 _REMAINDER_SUFFIX = "@qr_remainder"
 
@@ -118,8 +119,8 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer("_q", torch.tensor([l.quotient_rows for l in per_feature]), persistent=False)
         self.register_buffer("_is_qr", torch.tensor([l.compressed for l in per_feature]), persistent=False)
         # Output columns: the logical order, each compressed feature = its quotient + remainder columns.
-        physical_cols = _columns(physical)
-        logical_cols = _columns(tables)
+        physical_cols = output_columns(physical)
+        logical_cols = output_columns(tables)
         first, second, target = [], [], []
         for t in tables:
             for f in t.feature_names:
@@ -182,13 +183,3 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             }
             for name, l in self._layouts.items()
         }
-
-
-def _columns(tables: List[EmbeddingBagConfig]) -> Dict[str, torch.Tensor]:
-    """Feature -> int64 column indices of its pooled output in an EBC of ``tables``."""
-    cols, start = {}, 0
-    for t in tables:
-        for f in t.feature_names:
-            cols[f] = torch.arange(start, start + t.embedding_dim)
-            start += t.embedding_dim
-    return cols
