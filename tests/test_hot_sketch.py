@@ -595,3 +595,21 @@ def test_grouped_tables_equal_independent_sketches():
     assert fresh.query_scores(torch.cat([x, x]), torch.tensor([0, 1])).tolist() == [40.0, 1.0]
     assert fresh.query(x, torch.tensor([1])).item() == -1
     assert [fresh.stats(t)["tracked_ids"] for t in range(T)] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("minor_range", [(0, 50), (0, I64_MAX), (-5, 5)], ids=["packable", "too-wide", "negative"])
+def test_lexsort_packed_and_two_sort_orders_agree(descending, minor_range):
+    """The one-sort packed path (CPU) and the two-sort path (accelerators) give the same stable
+    (major asc, minor asc/desc) order, including ties, wide and negative keys (which fall back)."""
+    from torchrec_cafe.sketch.ops import lexsort
+
+    g = torch.Generator().manual_seed(3)
+    lo, hi = minor_range
+    n = 500
+    major = torch.randint(0, 7, (n,), generator=g)
+    minor = torch.randint(lo, min(hi, 1 << 62), (n,), generator=g)
+    minor[:50] = minor[50:100]  # ties
+    expected = sorted(range(n), key=lambda i: (int(major[i]), -int(minor[i]) if descending else int(minor[i]), i))
+    for may_sync in (False, True):
+        assert lexsort(major, minor, descending, may_sync).tolist() == expected

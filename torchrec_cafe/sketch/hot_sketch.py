@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from torchrec_cafe.sketch.hashing import mix64
-from torchrec_cafe.sketch.ops import first_in_row, first_in_segment, rank_in_segment, segment_last, take
+from torchrec_cafe.sketch.ops import first_in_row, first_in_segment, lexsort, rank_in_segment, segment_last, take
 
 EMPTY = -2
 COLD = -1
@@ -364,8 +364,8 @@ class HotSketch(nn.Module):
         # Untracked IDs get -1 so that no level >= 0 counts them as having been medium.
         prior = torch.where(present, prior / take(self.scale, utab), -1.0).float()
         self._add_present(flat, present, utab, uq)
-        self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
-        order, promoted_hot, promoted = self._promote(uid, utab, valid)
+        written = self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
+        order, promoted_hot, promoted = self._promote(uid, utab, valid, torch.where(present, flat, written))
         accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=uid.device).index_add_(0, utab, uq)
         accepted = accepted.to(torch.float64) / _Q
         demoted = self._decay_and_demote(accepted)
@@ -385,8 +385,7 @@ class HotSketch(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique (table, id) pairs sorted by (table, id), padded to [N], with exact integer sums of
         the quanta ``q``, validity (a valid occurrence ``ok``), and the number of pairs (0-dim)."""
-        order = torch.sort(ids, stable=True).indices
-        order = take(order, torch.sort(take(tables, order), stable=True).indices)
+        order = lexsort(tables, ids, may_sync=self._host_is_free())
         sid, stab, q, ok = (take(x, order) for x in (ids, tables, q, ok))
         seg = torch.cumsum(first_in_segment(stab, sid), 0) - 1
         n = ids.numel()
@@ -414,16 +413,18 @@ class HotSketch(nn.Module):
 
     def _insert_newcomers(
         self, new: torch.Tensor, bucket: torch.Tensor, uid: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor
-    ) -> None:
+    ) -> torch.Tensor:
+        """Inserts the ``new`` pairs; returns the flat slot each pair was written to, -1 if none. [N]"""
         k, c = self.num_buckets, self.slots_per_bucket
+        keep = torch.arange(new.numel(), device=new.device)
+        written = torch.full_like(uid, -1)
         if self._host_is_free():
             keep = new.nonzero().squeeze(1)
             new, bucket, uid, utab, uq = (take(x, keep) for x in (new, bucket, uid, utab, uq))
         bucket = torch.where(new, bucket, torch.full_like(uid, k))
         # Order by (bucket asc, score desc, id asc): uid ascends within a table (a bucket belongs to
         # one table) and the sorts are stable.
-        order = torch.sort(uq, descending=True, stable=True).indices
-        order = take(order, torch.sort(take(bucket, order), stable=True).indices)
+        order = lexsort(bucket, uq, descending_minor=True, may_sync=self._host_is_free())
         b, q, sid, tab = (take(x, order) for x in (bucket, uq, uid, utab))
         is_new = b < k
         rank = rank_in_segment(b)
@@ -449,6 +450,8 @@ class HotSketch(nn.Module):
         self._write_slots(taken, sid, low + self._to_stored(rest, tab))
         lost = torch.where(win & ~can, rest, torch.zeros_like(rest))
         self.dropped_mass += torch.zeros_like(self.promotions).index_add_(0, tab, lost).to(torch.float64) / _Q
+        slot = torch.where(fill, fill_slot, torch.where(can, low_slot, -1))
+        return written.index_copy_(0, take(keep, order), slot)
 
     def _write_slots(self, flat: torch.Tensor, ids: torch.Tensor, stored: torch.Tensor) -> None:
         """Writes (id, score, cold) at flat slots; the trash slot is reset after the write."""
@@ -463,17 +466,23 @@ class HotSketch(nn.Module):
         self.slot_hot[-1].fill_(EMPTY)
 
     def _promote(
-        self, uid: torch.Tensor, utab: torch.Tensor, valid: torch.Tensor
+        self, uid: torch.Tensor, utab: torch.Tensor, valid: torch.Tensor, written: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (positions of the unique pairs, candidates first, hot index within table,
-        promoted): [N] each on the fixed-shape path, [number of candidates] on the CPU path."""
+        promoted): [N] each on the fixed-shape path, [number of candidates] on the CPU path.
+
+        ``written`` [N]: the slot each pair held or was written to in this update (-1 if none). A
+        later newcomer of the same update may have taken that slot over, hence the id check (it
+        replaces a second probe of the buckets).
+        """
         h, t = self.num_hot, self.num_tables
-        flat = self._probe(uid, utab)
-        safe = flat.clamp(min=0)
+        safe = written.clamp(min=0)
+        flat = written
         stored = take(self.slot_scores.view(-1), safe)
         cand = (
             valid
-            & (flat >= 0)
+            & (written >= 0)
+            & (take(self.slot_ids.view(-1), safe) == uid)
             & (take(self.slot_hot.view(-1), safe) == COLD)
             & (stored >= take(self._stored(self._threshold), utab))
         )
