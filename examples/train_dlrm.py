@@ -93,6 +93,7 @@ class TrainConfig:
     cafe_threshold: Optional[float] = None
     cafe_hash_fraction: Optional[float] = None
     cafe_update_interval: int = 1
+    cafe_slots_per_bucket: int = 4
     cafe_optimizer_state: str = "copy"
     cafe_sync: str = "aggregated"
     mch_eviction_interval: int = 1
@@ -184,6 +185,7 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         multi_level=cfg.method == "cafe_ml",
         importance="frequency" if cfg.method == "cafe_freq" else "grad_norm",
         update_interval=cfg.cafe_update_interval,
+        slots_per_bucket=cfg.cafe_slots_per_bucket,
         optimizer_state=cfg.cafe_optimizer_state,
         sync=cfg.cafe_sync,
     )
@@ -452,6 +454,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--dense-optimizer", choices=sorted(DENSE_OPTIMIZERS))
     p.add_argument("--dense-lr", type=float)
     p.add_argument("--cafe-update-interval", type=int)
+    p.add_argument("--cafe-threshold", type=float, help="default: the paper's schedule by compression ratio")
+    p.add_argument("--cafe-slots-per-bucket", type=int, help="sketch slots per bucket (paper: 4)")
+    p.add_argument("--cafe-hash-fraction", type=float, help="share of the budget for shared rows (default: the paper's schedule)")
     p.add_argument("--mch-eviction-interval", type=int)
     p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
     p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")
