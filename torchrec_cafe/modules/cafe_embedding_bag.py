@@ -111,7 +111,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"] = []
         self._last_context: Optional[RemapContext] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._column_features: Dict["tuple[str, ...]", torch.Tensor] = {}
+        self._column_features: Dict["tuple[str, ...]", "tuple[int, torch.Tensor]"] = {}
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
         self._steps_since_update = 0
@@ -219,23 +219,36 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             columns = self._columns_of(kt)
             values.register_hook(lambda g: self._on_output_grad(g, context, columns))
 
-    def _columns_of(self, kt: KeyedTensor) -> torch.Tensor:
-        """Feature index (module order) of each output column, by key name: [sum(dims)]."""
+    def _columns_of(self, kt: KeyedTensor) -> "tuple[int, torch.Tensor]":
+        """How to sum each feature's output columns, by key name. When every key has the same dim
+        d (DLRM's case): (d, output position of each module feature [F]), a reshape and a sum;
+        otherwise (0, feature index of each output column [sum(dims)]), an index_add_ over columns.
+        Either way a non-finite gradient column stays within its own feature."""
         keys = tuple(kt.keys())
         if keys not in self._column_features:
+            dims = kt.length_per_key()
             index = {f: i for i, f in enumerate(self._feature_names)}
-            per_column = [index[k] for k, d in zip(keys, kt.length_per_key()) for _ in range(d)]
-            self._column_features[keys] = torch.tensor(per_column, device=kt.values().device)
+            device = kt.values().device
+            if len(set(dims)) == 1:
+                position = {k: i for i, k in enumerate(keys)}
+                plan = (dims[0], torch.tensor([position[f] for f in self._feature_names], device=device))
+            else:
+                plan = (0, torch.tensor([index[k] for k, d in zip(keys, dims) for _ in range(d)], device=device))
+            self._column_features[keys] = plan
         return self._column_features[keys]
 
-    def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: torch.Tensor) -> None:
+    def _on_output_grad(self, grad: torch.Tensor, context: RemapContext, columns: "tuple[int, torch.Tensor]") -> None:
         """Per-occurrence importance = ||d loss / d pooled bag|| * |weight| (/ len for MEAN).
         Stashes norms only: rescaling (a collective with several ranks) and state changes happen
         at the next update, never inside backward."""
         with torch.no_grad():
-            f = self._remapper.num_features
-            squares = torch.zeros(grad.shape[0], f, dtype=torch.float32, device=grad.device)
-            squares.index_add_(1, columns, grad.float().pow(2))
+            dim, index = columns
+            g2 = grad.float().pow(2)
+            if dim:
+                squares = g2.reshape(grad.shape[0], -1, dim).sum(dim=2).index_select(1, index)  # [B, F]
+            else:
+                squares = torch.zeros(grad.shape[0], self._remapper.num_features, device=grad.device)
+                squares.index_add_(1, index, g2)
             bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
             norms = bag_norms.index_select(0, context.bag) * context.factor
             self._pending.append((context.ids, context.tables, norms, context.feature))
