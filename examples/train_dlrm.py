@@ -417,7 +417,7 @@ def load(args: argparse.Namespace, cfg: TrainConfig) -> "tuple[Union[SyntheticCT
             """Test batches of the popularity of the last training step (fixed without drift)."""
             start = (step - 1) // args.drift_every * args.drift_every if args.drift_every and step else 0
             if start not in tests:
-                tests[start] = [local_batch(b, rank, world) for b in data.batches(cfg.eval_batches, "test", start=start)]
+                tests[start] = [local_batch(b, rank, world) for b in data.batches(cfg.eval_batches, args.eval_split, start=start)]
             return tests[start]
 
         return data, train, test_at
@@ -461,6 +461,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
     p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")
     p.add_argument("--max-cardinality", type=int, default=1_000_000, help="synthetic and criteo: cap on table sizes")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test", help="synthetic: the split that evaluates (tune knobs on val, report test); real data: --test is the eval file")
     p.add_argument("--drift-every", type=int, help="synthetic: the popular IDs change every N steps")
     p.add_argument("--criteo-hash-size", type=int, help="criteo: rows of every table (default: Kaggle sizes, capped)")
     p.add_argument("--checkpoint-dir", help="resume from the latest checkpoint here (if any) and save new ones here")

@@ -24,3 +24,24 @@ def test_every_method_trains_on_tiny_data(single_rank_pg: None, method: str) -> 
         assert r["bytes"] <= sum(b.budget_bytes if b.compressed else b.logical_bytes for b in budgets)
     if method.startswith("cafe"):
         assert r["promotions"] > 0
+
+
+def test_quality_sweep_writes_tables_and_resumes(single_rank_pg: None, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """The sweep on tiny synthetic data: JSON of every run, a markdown table with mean ± std and the
+    achieved compression, and --resume runs only what is missing."""
+    import json
+
+    from examples.benchmarks import quality_sweep
+
+    out = str(tmp_path / "q")
+    tiny = ["--", "--data", "synthetic", "--train-batches", "4", "--eval-batches", "2", "--batch-size", "64",
+            "--max-cardinality", "5000"]
+    quality_sweep.main(["--methods", "hash", "--crs", "10", "--seeds", "0", "1", "--out", out, *tiny])
+    runs = json.load(open(out + ".json"))["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("hash", 0), ("hash", 1)]
+    quality_sweep.main(["--methods", "hash", "cafe", "--crs", "10", "--seeds", "0", "1", "--resume", "--out", out, *tiny])
+    runs = json.load(open(out + ".json"))["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("cafe", 0), ("cafe", 1), ("hash", 0), ("hash", 1)]
+    md = open(out + ".md").read()
+    hash_row = next(line for line in md.splitlines() if line.startswith("| hash |"))
+    assert "±" in hash_row and "x)" in md.split("Embedding bytes")[1]

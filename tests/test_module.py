@@ -350,3 +350,16 @@ def test_untracked_id_is_not_initialised_as_medium() -> None:
     cafe.apply_pending_updates()
     hot = int(cafe._sketch.query(torch.tensor([42])))
     assert hot >= 0 and torch.equal(weight[hot].detach(), row)
+
+
+def test_a_table_too_small_for_its_budget_stays_full_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    tables = [
+        EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=1_000_000, feature_names=["b"]),
+        EmbeddingBagConfig(name="small", embedding_dim=16, num_embeddings=900, feature_names=["s"]),
+    ]
+    with caplog.at_level("WARNING"):
+        cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1000), device=torch.device("meta"))
+    report = cafe.memory_report()
+    assert report["big"]["compressed"] and not report["small"]["compressed"]
+    assert report["small"]["total_bytes"] == 900 * 64
+    assert [r.getMessage() for r in caplog.records if "'small'" in r.getMessage()] and "'big'" not in caplog.text

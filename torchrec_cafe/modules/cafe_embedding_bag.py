@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import logging
 from typing import Dict, List, Mapping, Optional, Union
 
 import torch
@@ -28,6 +29,8 @@ from torchrec_cafe.rows import (
     tbe_shards,
 )
 from torchrec_cafe.sketch.hot_sketch import HotSketch
+
+logger: logging.Logger = logging.getLogger(__name__)
 
 
 def _normalised_scores(
@@ -504,6 +507,12 @@ def _layouts(
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
         dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
         budget = table_budget(t, c, dtype_bytes) if c is not None else table_budget(t, _PLAIN, dtype_bytes)
+        if c is not None and c.compression_ratio > 1 and not budget.compressed:
+            logger.warning(
+                "table %r: its budget of %d B (compression ratio %g) cannot hold one hot row, one "
+                "shared row and their sketch; it stays a full table of %d B",
+                t.name, budget.budget_bytes, c.compression_ratio, budget.total_bytes,
+            )
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
     if not is_weighted and any(l.mean_as_weights for l in layouts):
         # Multi-level MEAN needs weights, and a KJT carries weights for every feature or none:
