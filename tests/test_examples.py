@@ -1,6 +1,7 @@
 """The example trainer end to end on tiny synthetic data: every method trains, evaluates and stays
 within its memory."""
 
+import json
 import math
 
 import pytest
@@ -29,7 +30,6 @@ def test_every_method_trains_on_tiny_data(single_rank_pg: None, method: str) -> 
 def test_quality_sweep_writes_tables_and_resumes(single_rank_pg: None, tmp_path, capsys: pytest.CaptureFixture) -> None:
     """The sweep on tiny synthetic data: JSON of every run, a markdown table with mean ± std and the
     achieved compression, and --resume runs only what is missing."""
-    import json
 
     from examples.benchmarks import quality_sweep
 
@@ -45,3 +45,15 @@ def test_quality_sweep_writes_tables_and_resumes(single_rank_pg: None, tmp_path,
     md = open(out + ".md").read()
     hash_row = next(line for line in md.splitlines() if line.startswith("| hash |"))
     assert "±" in hash_row and "x)" in md.split("Embedding bytes")[1]
+
+
+def test_tune_cafe_scores_every_grid_point_on_validation(single_rank_pg: None, tmp_path) -> None:
+    from examples.benchmarks import tune_cafe
+
+    out = str(tmp_path / "t")
+    best = tune_cafe.main(["--crs", "10", "--hash-fractions", "0.1", "0.3", "--thresholds", "2", "--out", out, "--",
+                           "--data", "synthetic", "--train-batches", "4", "--eval-batches", "2", "--max-cardinality", "5000"])
+    runs = json.load(open(out + ".json"))["runs"]
+    assert sorted(r["cafe_hash_fraction"] for r in runs) == [0.1, 0.3]
+    assert best[10.0]["val_auc"] == max(r["auc"] for r in runs)
+    assert "**" in open(out + ".md").read()
