@@ -42,7 +42,12 @@ def test_quality_sweep_writes_tables_and_resumes(single_rank_pg: None, tmp_path,
     quality_sweep.main(["--methods", "hash", "cafe", "--crs", "10", "--seeds", "0", "1", "--resume", "--out", out, *tiny])
     runs = json.load(open(out + ".json"))["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == [("cafe", 0), ("cafe", 1), ("hash", 0), ("hash", 1)]
+    quality_sweep.main(["--methods", "cafe", "--crs", "10", "--seeds", "0", "--resume", "--label", "[th 1]", "--out", out,
+                        *tiny, "--cafe-threshold", "1"])
+    variant = [r for r in json.load(open(out + ".json"))["runs"] if r["method"] == "cafe[th 1]"]
+    assert len(variant) == 1 and variant[0]["cafe_threshold"] == 1.0
     md = open(out + ".md").read()
+    assert "| cafe[th 1] |" in md
     hash_row = next(line for line in md.splitlines() if line.startswith("| hash |"))
     assert "±" in hash_row and "x)" in md.split("Embedding bytes")[1]
 

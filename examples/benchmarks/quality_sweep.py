@@ -38,8 +38,11 @@ SUITES: Dict[str, Dict[str, object]] = {
 }
 
 
-def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], train_args: List[str], out: str, resume: bool) -> List[Dict[str, object]]:
-    """Runs every missing (method, CR, seed); returns all runs (errors recorded, e.g. a budget MCH cannot fit)."""
+def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], train_args: List[str], out: str, resume: bool,
+          label: str = "") -> List[Dict[str, object]]:
+    """Runs every missing (method, CR, seed); returns all runs (errors recorded, e.g. a budget MCH cannot fit).
+    ``label`` is appended to the recorded method names but full's (a variant's settings in the
+    train arguments, e.g. tuned CAFE knobs, sit beside the default runs in one file)."""
     path = out + ".json"
     runs: List[Dict[str, object]] = []
     if resume and os.path.exists(path):
@@ -53,7 +56,8 @@ def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], tr
         data = None
         for method in methods:
             for cr in ([1.0] if method == "full" else crs):
-                if (method, float(cr), seed) in done:
+                name = method if method == "full" else method + label
+                if (name, float(cr), seed) in done:
                     continue
                 if data is None:
                     data, train, test = load(args, cfg)
@@ -63,9 +67,10 @@ def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], tr
                 except ValueError as e:
                     r = {**asdict(replace(cfg, method=method, compression_ratio=float(cr))), "error": str(e)}
                 r["wall_s"] = time.perf_counter() - start
+                r["method"] = name
                 runs.append(r)
                 status = r.get("error") or f"auc {r['auc']:.4f} logloss {r['logloss']:.4f} bytes {r['bytes']:,}"
-                print(f"seed {seed} {method:<9} CR {cr:>7g}: {status} ({r['wall_s']:.0f} s)", flush=True)
+                print(f"seed {seed} {name:<9} CR {cr:>7g}: {status} ({r['wall_s']:.0f} s)", flush=True)
                 write_json(path, {"train_args": train_args, "runs": runs})
     return runs
 
@@ -129,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=None, help="output prefix (default results/quality_<suite>)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in <out>.json")
+    p.add_argument("--label", default="", help="suffix of the recorded method names (a variant, e.g. '[hf 0.02, th 5]')")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments of examples.train_dlrm (default: the suite's)")
     args = p.parse_args(argv)
     quiet_logs()
@@ -136,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     crs = args.crs or suite["crs"]
     train_args = [a for a in args.train_args if a != "--"] or list(suite["train_args"])
     out = args.out or f"results/quality_{args.suite}"
-    runs = sweep(args.methods, crs, args.seeds, train_args, out, args.resume)
+    runs = sweep(args.methods, crs, args.seeds, train_args, out, args.resume, args.label)
     text = tables(runs, crs)
     text += f"\nCommand: python -m examples.benchmarks.quality_sweep {' '.join(argv if argv is not None else sys.argv[1:])}\n"
     print(text)
