@@ -32,10 +32,12 @@ class RefSketch:
         decay: float = 0.99,
         decay_mass: Optional[float] = None,
         quarantine: int = 0,
+        displace_ratio: float = 2.0,
         bucket_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.K, self.H, self.c = num_buckets, num_hot, slots_per_bucket
         self.threshold, self.decay, self.quarantine = float(threshold), float(decay), quarantine
+        self.displace_ratio = float(displace_ratio)
         self.decay_mass = float(
             decay_mass if decay_mass is not None else 10.0 * num_buckets * max(threshold, 1.0)
         )
@@ -117,6 +119,19 @@ class RefSketch:
             self.hot_owner[h] = x
             self.promotions += 1
 
+        # 4b. waiting candidates (strongest first) displace hot ids (weakest first) they outscore.
+        displaced = []
+        if self.displace_ratio > 0:
+            held = sorted((self.slot(x)[1], h) for h, x in enumerate(self.hot_owner) if x is not None)
+            for x, (score, h) in zip(cands[len(free):], held):
+                if self.slot(x)[1] > self.displace_ratio * score:
+                    displaced.append(h)
+        for h in displaced:
+            self.slot(self.hot_owner[h])[2] = COLD
+            self.hot_owner[h] = None
+            self.freed_at[h] = self.t
+            self.demotions += 1
+
         # 5. eager decay once the mass since the last decay exceeds decay_mass, then demotions.
         mass = self.last_mass_q = sum(agg.values())
         self.inserted_q += mass
@@ -128,7 +143,7 @@ class RefSketch:
                         s[1] *= self.decay
             self.mass_since_decay_q = 0
             self.decays += 1
-        self.last_demoted = []
+        self.last_demoted = displaced
         for h, x in enumerate(self.hot_owner):
             if x is not None and self.slot(x)[1] < self.threshold:
                 self.last_demoted.append(h)
@@ -136,6 +151,7 @@ class RefSketch:
                 self.hot_owner[h] = None
                 self.freed_at[h] = self.t
                 self.demotions += 1
+        self.last_demoted.sort()
         self.t += 1
 
     # ---------------------------------------------------------------- views for the tests

@@ -261,7 +261,8 @@ def same_bucket_ids(sk, n, start=0):
 def test_hot_slot_never_taken_over():
     # H = 1: only `victim` can be hot; a flood of much heavier newcomers into its bucket keeps
     # taking over the cold slots but never the hot one, although it has by far the lowest score.
-    sk, ref = make_pair(num_buckets=4, num_hot=1, threshold=5.0, slots_per_bucket=4, decay=1.0)
+    # (Without displacement: with it the flood would demote the victim first, see below.)
+    sk, ref = make_pair(num_buckets=4, num_hot=1, threshold=5.0, slots_per_bucket=4, decay=1.0, displace_ratio=0.0)
     ids = same_bucket_ids(sk, 200)
     victim, flood = ids[0], ids[1:]
     feed(sk, ref, [victim], [5.0])
@@ -323,6 +324,39 @@ def test_demotion_frees_hot_index_with_quarantine():
     assert out.promoted_ids[0].item() == C and out.promoted_hot[0].item() == 0
     assert int(sk.promotions) == 3 and int(sk.demotions) == 1
     assert_same(sk, ref, exact=True, out=out, probe=[A, B, C] + fillers)
+
+
+def distinct_bucket_ids(sk, n):
+    cand = torch.arange(10_000, dtype=torch.int64)
+    out, seen = [], set()
+    for x, b in zip(cand.tolist(), sk.bucket_of(cand).tolist()):
+        if b not in seen:
+            seen.add(b)
+            out.append(x)
+    return out[:n]
+
+
+@pytest.mark.parametrize("ratio", [2.0, 0.0], ids=["displace", "paper"])
+def test_waiting_candidate_displaces_the_weakest_hot_id(ratio):
+    # A full hot set (H = 2, no decay): C waits until it scores more than ratio x the weakest hot
+    # ID (A, 6); then A is demoted (still tracked) and C takes its index at the next update.
+    # With ratio 0 (the paper) the first IDs to cross the threshold keep the hot set forever.
+    sk, ref = make_pair(num_buckets=64, num_hot=2, threshold=5.0, decay=1.0, displace_ratio=ratio)
+    A, B, C = distinct_bucket_ids(sk, 3)
+    out = feed(sk, ref, [A, B], [6.0, 30.0])
+    assert sk.hot_ids().tolist() == [B, A]
+    out = feed(sk, ref, [C], [11.0])  # 11 < 2 x 6: waits
+    assert sk.hot_ids().tolist() == [B, A] and not out.demoted.any()
+    out = feed(sk, ref, [C], [2.0])  # 13 > 12: A's index is freed in this update
+    assert_same(sk, ref, exact=True, out=out, probe=[A, B, C])
+    if ratio == 0.0:
+        assert sk.hot_ids().tolist() == [B, A] and int(sk.demotions) == 0
+        return
+    assert sk.hot_ids().tolist() == [B, -1] and out.demoted.tolist() == [False, True]
+    assert sk.query_scores(torch.tensor([A])).tolist() == [6.0] and int(sk.hot_free_since[1]) == 2
+    out = feed(sk, ref, [C], [1.0])  # free from update 2 + quarantine 0 + 1 = 3
+    assert sk.hot_ids().tolist() == [B, C] and out.promoted_ids[0].item() == C
+    assert_same(sk, ref, exact=True, out=out, probe=[A, B, C])
 
 
 def test_decay_fires_strictly_above_decay_mass():

@@ -63,6 +63,10 @@ class CafeConfig:
         optimizer_state: on promotion, the hot row's optimizer state is ``"copy"``-ed from the ID's
             shared row (it keeps the step size it trained with) or ``"reset"`` to zero (a fresh
             row: with Adagrad-like optimizers, large first steps).
+        displace_ratio: a table whose hot rows are all taken demotes its weakest hot ID when a
+            waiting candidate scores more than this multiple of it (its row goes to the strongest
+            candidate at a later update); 0 disables (paper: the hot set then changes only by
+            decay, so on stationary data it keeps the first IDs to cross the threshold).
         update_interval: training steps whose scores are gathered into one sketch update (paper:
             1). An update is a function of the multiset of its scores, so k steps in one update
             see the same scores as k updates, only merged; it divides the sketch's cost by ~k.
@@ -80,6 +84,7 @@ class CafeConfig:
     update_interval: int = 1
     optimizer_state: str = "copy"
     sync: str = "aggregated"
+    displace_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):
@@ -111,6 +116,8 @@ class CafeConfig:
             raise ValueError(f"optimizer_state must be 'copy' or 'reset', got {self.optimizer_state!r}")
         if self.sync not in ("aggregated", "occurrences"):
             raise ValueError(f"sync must be 'aggregated' or 'occurrences', got {self.sync!r}")
+        if not (self.displace_ratio >= 0 and math.isfinite(self.displace_ratio)):
+            raise ValueError(f"displace_ratio must be a finite number >= 0, got {self.displace_ratio}")
         if self.update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
 

@@ -465,7 +465,7 @@ def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device])
     """One HotSketch for all compressed tables: one batch of ops per step whatever their count."""
     if not compressed:
         return None
-    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync"):
+    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync", "displace_ratio"):
         values = {getattr(l.cafe, field) for l in compressed}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
@@ -476,6 +476,7 @@ def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device])
         slots_per_bucket=compressed[0].cafe.slots_per_bucket,
         decay=[l.cafe.decay for l in compressed],
         quarantine=compressed[0].cafe.quarantine,
+        displace_ratio=compressed[0].cafe.displace_ratio,
         device=device,
     )
 

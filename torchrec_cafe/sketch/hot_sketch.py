@@ -34,6 +34,10 @@ any reduction order give bit-identical state. Per update and table:
 4. promotions: tracked, non-hot IDs of this update with score >= threshold, ordered by (score
    desc, id asc), take the lowest free hot indices; a hot index freed in update t is free again
    from update t + quarantine + 1;
+4b. displacement: the candidates left waiting (no free index), strongest first, are paired with
+   their table's hot IDs, weakest first (score asc, hot index asc); each pair whose candidate
+   scores above ``displace_ratio`` x the hot ID's score demotes that hot ID (its index is freed in
+   this update, so the candidates compete for it in a later one);
 5. decay: once the mass inserted since the last decay exceeds ``decay_mass``
    (official: 10 * K * threshold), all scores are multiplied by ``decay``; hot IDs that fall below
    threshold are demoted and free their hot index.
@@ -130,6 +134,10 @@ class HotSketch(nn.Module):
             threshold from decaying at every update).
         quarantine: updates a freed hot index waits before it is handed out again (pipelined
             training remaps a batch before the previous update lands).
+        displace_ratio: a full table frees the hot index of its weakest hot ID when a waiting
+            candidate's score exceeds this multiple of that ID's score (step 4b); 0 never (the
+            paper: a full hot set changes only by decay, so on stationary data it keeps the first
+            IDs that crossed the threshold rather than the strongest).
         device: where the buffers live; all work happens there.
     """
 
@@ -146,6 +154,7 @@ class HotSketch(nn.Module):
         decay: PerTable = 0.99,
         decay_mass: Optional[PerTable] = None,
         quarantine: int = 0,
+        displace_ratio: float = 2.0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
@@ -164,6 +173,9 @@ class HotSketch(nn.Module):
             raise ValueError(f"decay must be in (0, 1], got {decays}")
         if quarantine < 0:
             raise ValueError(f"quarantine must be >= 0, got {quarantine}")
+        if not (displace_ratio >= 0 and math.isfinite(displace_ratio)):
+            raise ValueError(f"displace_ratio must be a finite number >= 0, got {displace_ratio}")
+        self.displace_ratio = float(displace_ratio)
         if decay_mass is None:
             masses = [10.0 * k * max(th, 1.0) for k, th in zip(ks, thresholds)]
         else:
@@ -365,10 +377,10 @@ class HotSketch(nn.Module):
         prior = torch.where(present, prior / take(self.scale, utab), -1.0).float()
         self._add_present(flat, present, utab, uq)
         written = self._insert_newcomers(valid & ~present, bucket, uid, utab, uq)
-        order, promoted_hot, promoted = self._promote(uid, utab, valid, torch.where(present, flat, written))
+        order, promoted_hot, promoted, displaced = self._promote(uid, utab, valid, torch.where(present, flat, written))
         accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=uid.device).index_add_(0, utab, uq)
         accepted = accepted.to(torch.float64) / _Q
-        demoted = self._decay_and_demote(accepted)
+        demoted = self._decay_and_demote(accepted) | displaced
         self.step += 1
         self._maybe_renormalise()
         return SketchUpdate(
@@ -495,7 +507,7 @@ class HotSketch(nn.Module):
         order = torch.sort(torch.where(cand, stored, torch.full_like(stored, -1.0)), descending=True, stable=True).indices
         group = torch.where(cand, utab, torch.full_like(utab, t))
         order = take(order, torch.sort(take(group, order), stable=True).indices)
-        cand, flat, tab, group, index = (take(x, order) for x in (cand, flat, utab, group, index))
+        cand, flat, tab, group, index, stored = (take(x, order) for x in (cand, flat, utab, group, index, stored))
         cand_rank = rank_in_segment(group)
 
         # Free hot indices of each table, lowest first: free_list[hot_offset[t] + j] is table t's
@@ -521,7 +533,33 @@ class HotSketch(nn.Module):
         self.hot_slot[h] = -1
         self.promotions.index_add_(0, tab, promoted.to(torch.int64))
         local = torch.where(promoted, hot - offset, torch.zeros_like(hot))
-        return index, local, promoted
+        waiting = cand & ~promoted
+        displaced = self._displace(waiting, cand_rank - take(n_free, tab), tab, stored)
+        return index, local, promoted, displaced
+
+    def _displace(self, waiting: torch.Tensor, rank: torch.Tensor, tab: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """Frees the hot indices of the weakest hot IDs that waiting candidates outscore by
+        ``displace_ratio``: the j-th strongest waiting candidate of a table (``rank`` j, sorted by
+        score desc) against the table's j-th weakest hot ID (score asc, index asc). Returns the
+        freed indices [sum H] bool; the candidates compete for them from the next free update on.
+        """
+        h = self.num_hot
+        none = torch.zeros(h, dtype=torch.bool, device=waiting.device)
+        if self.displace_ratio <= 0 or (self._host_is_free() and not bool(waiting.any())):
+            return none
+        owner = self.hot_slot[:h]
+        table = self._table_of_hot[:h].to(torch.int64)
+        score = torch.where(owner >= 0, take(self.slot_scores.view(-1), owner.clamp(min=0)), float("inf"))
+        # Non-negative float32 scores order like their int32 bits; tables own contiguous index
+        # ranges, so the sort keeps each table's indices within its own range.
+        weakest = lexsort(table, score.view(torch.int32).to(torch.int64), may_sync=self._host_is_free())
+        size = take(self._hot_offset[1:] - self._hot_offset[:-1], tab)
+        paired = take(weakest, (take(self._hot_offset, tab) + rank.clamp(min=0, max=h)).clamp(max=h - 1))
+        outscored = stored > take(score, paired) * self.displace_ratio
+        target = torch.where(waiting & (rank < size) & outscored, paired, h)
+        displaced = torch.zeros(h + 1, dtype=torch.bool, device=waiting.device).index_fill_(0, target, True)[:h]
+        self._free_hot(displaced, owner, table)
+        return displaced
 
     def _decay_and_demote(self, accepted: torch.Tensor) -> torch.Tensor:
         self.mass_since_decay += accepted
@@ -536,13 +574,18 @@ class HotSketch(nn.Module):
         score = take(self.slot_scores.view(-1), owner.clamp(min=0))
         table = self._table_of_hot[:h].to(torch.int64)
         demoted = (owner >= 0) & (score < take(self._stored(self._threshold), table))
-        slot = torch.where(demoted, owner, self._trash_slot)
+        self._free_hot(demoted, owner, table)
+        return demoted
+
+    def _free_hot(self, freed: torch.Tensor, owner: torch.Tensor, table: torch.Tensor) -> None:
+        """Demotes the owners of the ``freed`` hot indices [sum H] (owner: their flat slots)."""
+        h = self.num_hot
+        slot = torch.where(freed, owner, self._trash_slot)
         self.slot_hot.view(-1).index_fill_(0, slot, COLD)
         self._clear_sentinels()
-        self.hot_slot[:h] = torch.where(demoted, -1, owner)
-        self.hot_free_since[:h] = torch.where(demoted, self.step, self.hot_free_since[:h])
-        self.demotions.index_add_(0, table, demoted.to(torch.int64))
-        return demoted
+        self.hot_slot[:h] = torch.where(freed, -1, owner)
+        self.hot_free_since[:h] = torch.where(freed, self.step, self.hot_free_since[:h])
+        self.demotions.index_add_(0, table, freed.to(torch.int64))
 
     def _maybe_renormalise(self) -> None:
         # The only host sync of the sketch, once every ``_renorm_interval`` updates; scheduled by
