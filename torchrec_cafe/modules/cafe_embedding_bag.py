@@ -280,8 +280,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if not (pending or distributed):
             return
         scores = _normalised_scores(norms, feature, self._remapper.num_features, distributed)
-        frequency = self._remapper.frequency.index_select(0, tables)
-        scores = torch.where(frequency, torch.ones_like(scores), scores)
+        if self._remapper.frequency_tables:
+            frequency = self._remapper.frequency.index_select(0, tables)
+            scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
             self._check_ranks_agree()
             if self._sync == "aggregated":
@@ -290,6 +291,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
         else:
             update = self._sketch.update(ids, scores, tables)
+        if self._sketch.host_reads_are_free() and not bool(update.promoted.any()):
+            return  # nothing to migrate (a free check on CPU; every rank agrees: replicas are identical)
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )

@@ -142,7 +142,7 @@ class HotSketch(nn.Module):
     """
 
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
-    # both paths. See _host_is_free.
+    # both paths. See host_reads_are_free.
     fixed_shapes: bool = False
 
     def __init__(
@@ -367,7 +367,7 @@ class HotSketch(nn.Module):
     def _update_pairs(
         self, uid: torch.Tensor, utab: torch.Tensor, uq: torch.Tensor, valid: torch.Tensor, num_unique: torch.Tensor
     ) -> SketchUpdate:
-        if self._host_is_free():
+        if self.host_reads_are_free():
             n = int(num_unique)
             uid, utab, uq, valid = uid[:n], utab[:n], uq[:n], valid[:n]
         flat, bucket = self._probe_bucket(uid, utab)
@@ -387,7 +387,7 @@ class HotSketch(nn.Module):
             take(uid, order), take(utab, order), promoted_hot, take(prior, order), promoted, demoted, accepted.sum()
         )
 
-    def _host_is_free(self) -> bool:
+    def host_reads_are_free(self) -> bool:
         """On CPU reading a scalar costs nothing, so an update trims padding and skips empty phases;
         on accelerators it keeps fixed shapes and never syncs. Both give the same state (tested)."""
         return self.slot_ids.device.type == "cpu" and not self.fixed_shapes
@@ -397,7 +397,7 @@ class HotSketch(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique (table, id) pairs sorted by (table, id), padded to [N], with exact integer sums of
         the quanta ``q``, validity (a valid occurrence ``ok``), and the number of pairs (0-dim)."""
-        order = lexsort(tables, ids, may_sync=self._host_is_free())
+        order = lexsort(tables, ids, may_sync=self.host_reads_are_free())
         sid, stab, q, ok = (take(x, order) for x in (ids, tables, q, ok))
         seg = torch.cumsum(first_in_segment(stab, sid), 0) - 1
         n = ids.numel()
@@ -430,13 +430,13 @@ class HotSketch(nn.Module):
         k, c = self.num_buckets, self.slots_per_bucket
         keep = torch.arange(new.numel(), device=new.device)
         written = torch.full_like(uid, -1)
-        if self._host_is_free():
+        if self.host_reads_are_free():
             keep = new.nonzero().squeeze(1)
             new, bucket, uid, utab, uq = (take(x, keep) for x in (new, bucket, uid, utab, uq))
         bucket = torch.where(new, bucket, torch.full_like(uid, k))
         # Order by (bucket asc, score desc, id asc): uid ascends within a table (a bucket belongs to
         # one table) and the sorts are stable.
-        order = lexsort(bucket, uq, descending_minor=True, may_sync=self._host_is_free())
+        order = lexsort(bucket, uq, descending_minor=True, may_sync=self.host_reads_are_free())
         b, q, sid, tab = (take(x, order) for x in (bucket, uq, uid, utab))
         is_new = b < k
         rank = rank_in_segment(b)
@@ -499,7 +499,7 @@ class HotSketch(nn.Module):
             & (stored >= take(self._stored(self._threshold), utab))
         )
         index = torch.arange(cand.numel(), device=cand.device)
-        if self._host_is_free():
+        if self.host_reads_are_free():
             index = cand.nonzero().squeeze(1)
             cand, flat, stored, utab = (take(x, index) for x in (cand, flat, stored, utab))
         # Candidates first, grouped by table, by (score desc, id asc) within a table: uid ascends
@@ -545,14 +545,14 @@ class HotSketch(nn.Module):
         """
         h = self.num_hot
         none = torch.zeros(h, dtype=torch.bool, device=waiting.device)
-        if self.displace_ratio <= 0 or (self._host_is_free() and not bool(waiting.any())):
+        if self.displace_ratio <= 0 or (self.host_reads_are_free() and not bool(waiting.any())):
             return none
         owner = self.hot_slot[:h]
         table = self._table_of_hot[:h].to(torch.int64)
         score = torch.where(owner >= 0, take(self.slot_scores.view(-1), owner.clamp(min=0)), float("inf"))
         # Non-negative float32 scores order like their int32 bits; tables own contiguous index
         # ranges, so the sort keeps each table's indices within its own range.
-        weakest = lexsort(table, score.view(torch.int32).to(torch.int64), may_sync=self._host_is_free())
+        weakest = lexsort(table, score.view(torch.int32).to(torch.int64), may_sync=self.host_reads_are_free())
         size = take(self._hot_offset[1:] - self._hot_offset[:-1], tab)
         paired = take(weakest, (take(self._hot_offset, tab) + rank.clamp(min=0, max=h)).clamp(max=h - 1))
         outscored = stored > take(score, paired) * self.displace_ratio
@@ -567,7 +567,7 @@ class HotSketch(nn.Module):
         self.scale.copy_(torch.where(due, self.scale / self._decay, self.scale))
         self.mass_since_decay.copy_(torch.where(due, torch.zeros_like(accepted), self.mass_since_decay))
         h = self.num_hot
-        if self._host_is_free() and not bool(due.any()):
+        if self.host_reads_are_free() and not bool(due.any()):
             # Scores only grow between decays, so nobody can fall below the threshold.
             return torch.zeros(h, dtype=torch.bool, device=accepted.device)
         owner = self.hot_slot[:h]
