@@ -94,7 +94,7 @@ class TrainConfig:
     cafe_hash_fraction: Optional[float] = None
     cafe_update_interval: int = 1
     cafe_slots_per_bucket: int = 4
-    cafe_displace_ratio: float = 2.0
+    cafe_displace_ratio: float = 4.0
     cafe_optimizer_state: str = "copy"
     cafe_sync: str = "aggregated"
     mch_eviction_interval: int = 1
@@ -464,7 +464,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--dense-lr", type=float)
     p.add_argument("--cafe-update-interval", type=int)
     p.add_argument("--cafe-threshold", type=float, help="default: the paper's schedule by compression ratio")
-    p.add_argument("--cafe-displace-ratio", type=float, help="a waiting candidate displaces a hot ID it outscores this many times (0: never, the paper; default 2)")
+    p.add_argument("--cafe-displace-ratio", type=float, help="a waiting candidate displaces a hot ID it outscores this many times (0: never, the paper; default 4)")
     p.add_argument("--cafe-slots-per-bucket", type=int, help="sketch slots per bucket (paper: 4)")
     p.add_argument("--cafe-hash-fraction", type=float, help="share of the budget for shared rows (default: the paper's schedule)")
     p.add_argument("--mch-eviction-interval", type=int)

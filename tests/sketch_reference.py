@@ -32,7 +32,7 @@ class RefSketch:
         decay: float = 0.99,
         decay_mass: Optional[float] = None,
         quarantine: int = 0,
-        displace_ratio: float = 2.0,
+        displace_ratio: float = 4.0,
         bucket_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.K, self.H, self.c = num_buckets, num_hot, slots_per_bucket

@@ -84,7 +84,7 @@ class CafeConfig:
     update_interval: int = 1
     optimizer_state: str = "copy"
     sync: str = "aggregated"
-    displace_ratio: float = 2.0
+    displace_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):

@@ -154,7 +154,7 @@ class HotSketch(nn.Module):
         decay: PerTable = 0.99,
         decay_mass: Optional[PerTable] = None,
         quarantine: int = 0,
-        displace_ratio: float = 2.0,
+        displace_ratio: float = 4.0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
