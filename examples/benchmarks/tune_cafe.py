@@ -44,27 +44,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[float, Dict[str, float]]:
                 runs.append(r)
                 print(f"CR {cr:g} hash_fraction {hf:g} threshold {th:g}: val AUC {r['auc']:.4f}, hot IDs {r['hot_ids']}", flush=True)
                 write_json(args.out + ".json", {"train_args": extra, "split": "val", "runs": runs})
-    best = {}
-    for cr in args.crs:
-        mine = [r for r in runs if r["compression_ratio"] == cr]
-        top = max(mine, key=lambda r: r["auc"])
-        best[cr] = {"hash_fraction": top["cafe_hash_fraction"], "threshold": top["cafe_threshold"], "val_auc": top["auc"]}
-    rows = []
-    for cr in args.crs:
-        for hf in args.hash_fractions:
-            cells = []
-            for th in args.thresholds:
-                r = next(r for r in runs if (r["compression_ratio"], r["cafe_hash_fraction"], r["cafe_threshold"]) == (cr, hf, th))
-                cell = f"{r['auc']:.4f} ({r['hot_ids']:,} hot)"
-                cells.append(f"**{cell}**" if (hf, th) == (best[cr]["hash_fraction"], best[cr]["threshold"]) else cell)
-            rows.append([f"{cr:g}", f"{hf:g}", *cells])
-    text = (f"Validation AUC of CAFE (seed {args.seed}) by hash fraction and threshold\n\n"
-            + markdown_table(["CR", "hash fraction", *[f"threshold {th:g}" for th in args.thresholds]], rows)
-            + f"\n\nCommand: python -m examples.benchmarks.tune_cafe {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    text, best = report(runs, args.crs, args.hash_fractions, args.thresholds)
+    text = (f"Validation AUC of CAFE (seed {args.seed}) by hash fraction and threshold\n\n{text}"
+            f"\n\nCommand: python -m examples.benchmarks.tune_cafe {' '.join(argv if argv is not None else sys.argv[1:])}\n")
     print(text)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     return best
+
+
+def report(runs: List[Dict[str, object]], crs: Sequence[float], hash_fractions: Sequence[float],
+           thresholds: Sequence[float]) -> "tuple[str, Dict[float, Dict[str, float]]]":
+    """Markdown grid (best eligible cell per CR in bold) and the best settings per CR. A setting is
+    eligible only within the budget: a small hash fraction can leave a table too few shared rows to
+    compress it, and a table kept full costs far more than its budget."""
+    best: Dict[float, Dict[str, float]] = {}
+    for cr in crs:
+        fits = [r for r in runs if r["compression_ratio"] == cr and r["bytes"] <= r["budget_bytes"]]
+        if fits:
+            top = max(fits, key=lambda r: r["auc"])
+            best[cr] = {"hash_fraction": top["cafe_hash_fraction"], "threshold": top["cafe_threshold"], "val_auc": top["auc"]}
+    rows = []
+    for cr in crs:
+        for hf in hash_fractions:
+            cells = []
+            for th in thresholds:
+                r = next(r for r in runs if (r["compression_ratio"], r["cafe_hash_fraction"], r["cafe_threshold"]) == (cr, hf, th))
+                cell = f"{r['auc']:.4f} ({r['hot_ids']:,} hot)" + ("" if r["bytes"] <= r["budget_bytes"] else " over budget")
+                chosen = cr in best and (hf, th) == (best[cr]["hash_fraction"], best[cr]["threshold"])
+                cells.append(f"**{cell}**" if chosen else cell)
+            rows.append([f"{cr:g}", f"{hf:g}", *cells])
+    return markdown_table(["CR", "hash fraction", *[f"threshold {th:g}" for th in thresholds]], rows), best
 
 
 if __name__ == "__main__":
