@@ -55,7 +55,7 @@ def lexsort(major: torch.Tensor, minor: torch.Tensor, descending_minor: bool = F
     if may_sync and minor.numel():
         lo, hi = int(minor.min()), int(minor.max())
         bits = hi.bit_length()
-        if lo >= 0 and int(major.min()) >= 0 and int(major.max()) < (1 << (62 - bits)):
+        if lo >= 0 and bits <= 62 and int(major.min()) >= 0 and int(major.max()) < (1 << (62 - bits)):
             packed = (major << bits) | ((hi - minor) if descending_minor else minor)
             return torch.sort(packed, stable=True).indices
     order = torch.sort(minor, descending=descending_minor, stable=True).indices
