@@ -291,12 +291,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
         else:
             update = self._sketch.update(ids, scores, tables)
+        groups, row_split = self._row_groups()  # also refuses optimizer state it cannot migrate
         if self._sketch.host_reads_are_free() and not bool(update.promoted.any()):
             return  # nothing to migrate (a free check on CPU; every rank agrees: replicas are identical)
         src, src2, medium, reset = self._remapper.migration_sources(
             update.promoted_ids, update.promoted_tables, update.prior_scores
         )
-        groups, row_split = self._row_groups()
         for group, bases, member in groups:
             migrate_group(
                 group,
