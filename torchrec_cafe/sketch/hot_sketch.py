@@ -479,9 +479,10 @@ class HotSketch(nn.Module):
 
     def _promote(
         self, uid: torch.Tensor, utab: torch.Tensor, valid: torch.Tensor, written: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (positions of the unique pairs, candidates first, hot index within table,
-        promoted): [N] each on the fixed-shape path, [number of candidates] on the CPU path.
+        promoted): [N] each on the fixed-shape path, [number of candidates] on the CPU path; and
+        the hot indices displacement freed [sum H].
 
         ``written`` [N]: the slot each pair held or was written to in this update (-1 if none). A
         later newcomer of the same update may have taken that slot over, hence the id check (it
