@@ -51,6 +51,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, checkpoint, table_budget
+from torchrec_cafe.config import TableBudget
 from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import CRITEO_KAGGLE_CARDINALITIES, InMemoryCTR, SyntheticConfig, SyntheticCTR, local_batch, read_criteo_tsv, read_libfm
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
@@ -205,13 +206,16 @@ def embedding_bytes(ebc: nn.Module) -> int:
 def budget_bytes(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> int:
     """The memory every compressed method may use: per table the CAFE budget, or the full table
     where CAFE keeps it plain (too small to compress at this ratio)."""
-    budgets = [table_budget(t, CafeConfig(compression_ratio=compression_ratio)) for t in tables]
-    return sum(b.budget_bytes if b.compressed else b.logical_bytes for b in budgets)
+    return sum(b.budget_bytes if b.compressed else b.logical_bytes for b in _budgets(tables, compression_ratio))
 
 
 def full_tables(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> List[str]:
     """Tables too small to compress at this ratio (every method keeps them full)."""
-    return [t.name for t in tables if not table_budget(t, CafeConfig(compression_ratio=compression_ratio)).compressed]
+    return [t.name for t, b in zip(tables, _budgets(tables, compression_ratio)) if not b.compressed]
+
+
+def _budgets(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> List[TableBudget]:
+    return [table_budget(t, CafeConfig(compression_ratio=compression_ratio)) for t in tables]
 
 
 def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: int, device: torch.device) -> "tuple[DistributedModelParallel, torch.optim.Optimizer, int]":

@@ -60,7 +60,7 @@ def report(runs: List[Dict[str, object]], crs: Sequence[float], hash_fractions: 
     compress it, and a table kept full costs far more than its budget."""
     best: Dict[float, Dict[str, float]] = {}
     for cr in crs:
-        fits = [r for r in runs if r["compression_ratio"] == cr and r["bytes"] <= r["budget_bytes"]]
+        fits = [r for r in runs if r["compression_ratio"] == cr and _fits(r)]
         if fits:
             top = max(fits, key=lambda r: r["auc"])
             best[cr] = {"hash_fraction": top["cafe_hash_fraction"], "threshold": top["cafe_threshold"], "val_auc": top["auc"]}
@@ -70,11 +70,15 @@ def report(runs: List[Dict[str, object]], crs: Sequence[float], hash_fractions: 
             cells = []
             for th in thresholds:
                 r = next(r for r in runs if (r["compression_ratio"], r["cafe_hash_fraction"], r["cafe_threshold"]) == (cr, hf, th))
-                cell = f"{r['auc']:.4f} ({r['hot_ids']:,} hot)" + ("" if r["bytes"] <= r["budget_bytes"] else " over budget")
+                cell = f"{r['auc']:.4f} ({r['hot_ids']:,} hot)" + ("" if _fits(r) else " over budget")
                 chosen = cr in best and (hf, th) == (best[cr]["hash_fraction"], best[cr]["threshold"])
                 cells.append(f"**{cell}**" if chosen else cell)
             rows.append([f"{cr:g}", f"{hf:g}", *cells])
     return markdown_table(["CR", "hash fraction", *[f"threshold {th:g}" for th in thresholds]], rows), best
+
+
+def _fits(run: Dict[str, object]) -> bool:
+    return run["bytes"] <= run["budget_bytes"]
 
 
 if __name__ == "__main__":

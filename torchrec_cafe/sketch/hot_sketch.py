@@ -548,9 +548,7 @@ class HotSketch(nn.Module):
         none = torch.zeros(h, dtype=torch.bool, device=waiting.device)
         if self.displace_ratio <= 0 or (self.host_reads_are_free() and not bool(waiting.any())):
             return none
-        owner = self.hot_slot[:h]
-        table = self._table_of_hot[:h].to(torch.int64)
-        score = torch.where(owner >= 0, take(self.slot_scores.view(-1), owner.clamp(min=0)), float("inf"))
+        owner, table, score = self._hot_map()
         # Non-negative float32 scores order like their int32 bits; tables own contiguous index
         # ranges, so the sort keeps each table's indices within its own range.
         weakest = lexsort(table, score.view(torch.int32).to(torch.int64), may_sync=self.host_reads_are_free())
@@ -571,12 +569,16 @@ class HotSketch(nn.Module):
         if self.host_reads_are_free() and not bool(due.any()):
             # Scores only grow between decays, so nobody can fall below the threshold.
             return torch.zeros(h, dtype=torch.bool, device=accepted.device)
-        owner = self.hot_slot[:h]
-        score = take(self.slot_scores.view(-1), owner.clamp(min=0))
-        table = self._table_of_hot[:h].to(torch.int64)
+        owner, table, score = self._hot_map()
         demoted = (owner >= 0) & (score < take(self._stored(self._threshold), table))
         self._free_hot(demoted, owner, table)
         return demoted
+
+    def _hot_map(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per hot index [sum H]: owning flat slot (-1 if free), table, stored score (inf if free)."""
+        owner = self.hot_slot[: self.num_hot]
+        score = torch.where(owner >= 0, take(self.slot_scores.view(-1), owner.clamp(min=0)), float("inf"))
+        return owner, self._table_of_hot[: self.num_hot].to(torch.int64), score
 
     def _free_hot(self, freed: torch.Tensor, owner: torch.Tensor, table: torch.Tensor) -> None:
         """Demotes the owners of the ``freed`` hot indices [sum H] (owner: their flat slots)."""
