@@ -222,6 +222,9 @@ def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: i
     torch.manual_seed(cfg.seed)
     ebc = build_ebc(cfg, tables, device)
     nbytes = embedding_bytes(ebc)
+    # The dense part starts alike for every method of a seed (the embedding methods draw different
+    # amounts of randomness): comparisons between methods are then paired, not also between inits.
+    torch.manual_seed(cfg.seed + 1_000_003)
     model = DLRM(
         embedding_bag_collection=ebc,
         dense_in_features=num_dense,
@@ -439,6 +442,10 @@ def load(args: argparse.Namespace, cfg: TrainConfig) -> "tuple[Union[SyntheticCT
     else:
         cards = [min(c, args.max_cardinality) for c in CRITEO_KAGGLE_CARDINALITIES] if args.criteo_hash_size is None else [args.criteo_hash_size] * 26
         train_set, test_set = read_criteo_tsv(args.train, cards), read_criteo_tsv(args.test, cards)
+    if args.eval_split == "val":
+        # Tuning: train on the rest of the training file, evaluate on its held-out part; the test
+        # file is never evaluated (the split does not depend on the run's seed).
+        train_set, test_set = train_set.split(args.val_fraction)
     epochs = Epochs(
         lambda epoch: train_set.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch, drop_last=True, rank=rank, world_size=world),
         train_set.num_batches(cfg.batch_size, drop_last=True),
@@ -475,7 +482,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
     p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")
     p.add_argument("--max-cardinality", type=int, default=1_000_000, help="synthetic and criteo: cap on table sizes")
-    p.add_argument("--eval-split", choices=["test", "val"], default="test", help="synthetic: the split that evaluates (tune knobs on val, report test); real data: --test is the eval file")
+    p.add_argument("--eval-split", choices=["test", "val"], default="test",
+                   help="the split that evaluates: tune knobs on val, report test. synthetic: its val stream; "
+                        "real data: val holds --val-fraction of the --train file out (the --test file is not evaluated)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="real data, --eval-split val: held-out share of the training file")
     p.add_argument("--drift-every", type=int, help="synthetic: the popular IDs change every N steps")
     p.add_argument("--criteo-hash-size", type=int, help="criteo: rows of every table (default: Kaggle sizes, capped)")
     p.add_argument("--checkpoint-dir", help="resume from the latest checkpoint here (if any) and save new ones here")

@@ -60,6 +60,19 @@ class InMemoryCTR:
     def num_dense(self) -> int:
         return self.dense.shape[1]
 
+    def split(self, fraction: float, seed: int = 0) -> "tuple[InMemoryCTR, InMemoryCTR]":
+        """(rest, held out): a deterministic random ``fraction`` of the rows held out, e.g. a
+        validation split of a training file for tuning without touching the test file. Both keep
+        this set's feature names and cardinalities (so tables are sized alike)."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        cut = len(self) - max(1, int(round(fraction * len(self))))
+        return self._subset(order[:cut].sort().values), self._subset(order[cut:].sort().values)
+
+    def _subset(self, rows: torch.Tensor) -> "InMemoryCTR":
+        return InMemoryCTR(self.dense[rows], self.ids[rows], self.labels[rows], list(self.feature_names), list(self.cardinalities))
+
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
