@@ -6,9 +6,10 @@ Methods (same logical tables; every compressed table gets the same budget, logic
   qr        - the quotient-remainder trick (sum of a quotient and a remainder row);
   mch_lfu   - TorchRec's ManagedCollisionEmbeddingBagCollection, MCH with LFU eviction;
   mch_dlfu  - the same with DistanceLFU eviction;
-  cafe      - CafeEmbeddingBagCollection (grad-norm importance);
-  cafe_ml   - CAFE with multi-level hashing;
-  cafe_freq - CAFE with frequency importance.
+  cafe       - CafeEmbeddingBagCollection at its defaults (grad-norm importance, adaptive bars,
+               composed cold rows);
+  cafe_paper - CAFE with the paper's settings (fixed threshold schedule, one hashed row per cold ID);
+  cafe_freq  - CAFE with frequency importance.
 
 Data: the bundled synthetic generator, raw Criteo TSV (label, 13 counts, 26 categories) or libFM
 files with one-hot fields (e.g. Frappe); real data is read from the given paths, never copied.
@@ -50,14 +51,14 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
-from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, checkpoint, table_budget
-from torchrec_cafe.config import TableBudget
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, checkpoint, table_budget_bytes
 from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import CRITEO_KAGGLE_CARDINALITIES, InMemoryCTR, SyntheticConfig, SyntheticCTR, local_batch, read_criteo_tsv, read_libfm
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
 from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBagCollection, QREmbeddingBagCollection, mch_sharder
 
-METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_ml", "cafe_freq")
+METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_paper", "cafe_freq")
+_CAFE = CafeConfig(compression_ratio=1.0)  # the defaults of the cafe_* knobs
 DATA = ("synthetic", "criteo", "libfm")
 EMBEDDING_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
 DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
@@ -91,13 +92,17 @@ class TrainConfig:
     seed: int = 0
     dense_arch: List[int] = field(default_factory=lambda: [64, 16])
     over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
-    cafe_threshold: Optional[float] = None
-    cafe_hash_fraction: Optional[float] = None
-    cafe_update_interval: int = 1
-    cafe_slots_per_bucket: int = 4
-    cafe_displace_ratio: float = 4.0
-    cafe_optimizer_state: str = "copy"
-    cafe_sync: str = "aggregated"
+    # CAFE knobs: CafeConfig's defaults
+    cafe_threshold: Optional[float] = _CAFE.threshold
+    cafe_promote_load: float = _CAFE.promote_load
+    cafe_demote_load: float = _CAFE.demote_load
+    cafe_cold_rows: str = _CAFE.cold_rows
+    cafe_block_fraction: float = _CAFE.block_fraction
+    cafe_sketch_slots_per_row: float = _CAFE.sketch_slots_per_row
+    cafe_update_interval: int = _CAFE.update_interval
+    cafe_slots_per_bucket: int = _CAFE.slots_per_bucket
+    cafe_optimizer_state: str = _CAFE.optimizer_state
+    cafe_sync: str = _CAFE.sync
     mch_eviction_interval: int = 1
     progress: bool = False
     checkpoint_dir: Optional[str] = None  # resume from its latest checkpoint; save every checkpoint_every steps
@@ -181,19 +186,30 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         world = dist.get_world_size() if dist.is_initialized() else 1
         eviction = "lfu" if cfg.method == "mch_lfu" else "distance_lfu"
         return MCHEmbeddingBagCollection(tables, cfg.compression_ratio, eviction, cfg.mch_eviction_interval, buckets=world, device=device)
-    cafe = CafeConfig(
-        compression_ratio=cfg.compression_ratio,
+    return CafeEmbeddingBagCollection(tables, cafe_config(cfg), device=device)
+
+
+def cafe_config(cfg: TrainConfig) -> CafeConfig:
+    """The CafeConfig of a ``cafe*`` method: the trainer's ``cafe_*`` fields; ``cafe_paper`` starts
+    from the paper's settings (threshold schedule, hashed cold rows) unless they are given."""
+    settings = dict(
         threshold=cfg.cafe_threshold,
-        hash_fraction=cfg.cafe_hash_fraction,
-        multi_level=cfg.method == "cafe_ml",
+        promote_load=cfg.cafe_promote_load,
+        demote_load=cfg.cafe_demote_load,
+        cold_rows=cfg.cafe_cold_rows,
+        block_fraction=cfg.cafe_block_fraction,
+        sketch_slots_per_row=cfg.cafe_sketch_slots_per_row,
         importance="frequency" if cfg.method == "cafe_freq" else "grad_norm",
         update_interval=cfg.cafe_update_interval,
         slots_per_bucket=cfg.cafe_slots_per_bucket,
-        displace_ratio=cfg.cafe_displace_ratio,
         optimizer_state=cfg.cafe_optimizer_state,
         sync=cfg.cafe_sync,
     )
-    return CafeEmbeddingBagCollection(tables, cafe, device=device)
+    if cfg.method == "cafe_paper":
+        paper = CafeConfig.paper(cfg.compression_ratio)
+        settings["cold_rows"] = paper.cold_rows
+        settings["threshold"] = paper.threshold if cfg.cafe_threshold is None else cfg.cafe_threshold
+    return CafeConfig(compression_ratio=cfg.compression_ratio, **settings)
 
 
 def embedding_bytes(ebc: nn.Module) -> int:
@@ -204,18 +220,8 @@ def embedding_bytes(ebc: nn.Module) -> int:
 
 
 def budget_bytes(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> int:
-    """The memory every compressed method may use: per table the CAFE budget, or the full table
-    where CAFE keeps it plain (too small to compress at this ratio)."""
-    return sum(b.budget_bytes if b.compressed else b.logical_bytes for b in _budgets(tables, compression_ratio))
-
-
-def full_tables(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> List[str]:
-    """Tables too small to compress at this ratio (every method keeps them full)."""
-    return [t.name for t, b in zip(tables, _budgets(tables, compression_ratio)) if not b.compressed]
-
-
-def _budgets(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> List[TableBudget]:
-    return [table_budget(t, CafeConfig(compression_ratio=compression_ratio)) for t in tables]
+    """The memory every compressed method may use: the sum of the tables' budgets (logical bytes / CR)."""
+    return sum(table_budget_bytes(t, compression_ratio) for t in tables)
 
 
 def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: int, device: torch.device) -> "tuple[DistributedModelParallel, torch.optim.Optimizer, int]":
@@ -394,7 +400,6 @@ def run(cfg: TrainConfig, data: Union[SyntheticCTR, InMemoryCTR], train: TrainDa
         **{k: v for k, v in out["history"][-1].items() if k in ("auc", "logloss")},
         "bytes": nbytes,
         "budget_bytes": full_bytes if cfg.method == "full" else budget_bytes(tables, cfg.compression_ratio),
-        "full_tables": [] if cfg.method == "full" else full_tables(tables, cfg.compression_ratio),
         "full_bytes": full_bytes,
         "achieved_compression": full_bytes / nbytes,
         "samples_per_s": out["samples"] / out["seconds"],
@@ -474,10 +479,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--dense-optimizer", choices=sorted(DENSE_OPTIMIZERS))
     p.add_argument("--dense-lr", type=float)
     p.add_argument("--cafe-update-interval", type=int)
-    p.add_argument("--cafe-threshold", type=float, help="default: the paper's schedule by compression ratio")
-    p.add_argument("--cafe-displace-ratio", type=float, help="a waiting candidate displaces a hot ID it outscores this many times (0: never, the paper; default 4)")
+    p.add_argument("--cafe-threshold", type=float, help="fixed promotion score (default: adaptive; cafe_paper: the paper's schedule)")
+    p.add_argument("--cafe-promote-load", type=float, help="adaptive promotion bar, x the average pool-row load (default 0.1)")
+    p.add_argument("--cafe-demote-load", type=float, help="adaptive demotion bar, x the average pool-row load (default 0.05)")
+    p.add_argument("--cafe-cold-rows", choices=["composed", "hashed"], help="cold IDs: pool + block row (default) or one hashed row (paper)")
+    p.add_argument("--cafe-block-fraction", type=float, help="share of the rows that are block rows (default 0.5)")
+    p.add_argument("--cafe-sketch-slots-per-row", type=float, help="sketch slots per physical row (default 1)")
     p.add_argument("--cafe-slots-per-bucket", type=int, help="sketch slots per bucket (paper: 4)")
-    p.add_argument("--cafe-hash-fraction", type=float, help="share of the budget for shared rows (default: the paper's schedule)")
+    p.add_argument("--cafe-optimizer-state", choices=["copy", "reset"], help="a promoted ID's optimizer state: copied from the row it read (default) or reset")
     p.add_argument("--mch-eviction-interval", type=int)
     p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
     p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")

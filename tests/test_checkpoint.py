@@ -135,7 +135,8 @@ def test_damaged_checkpoint_is_refused_and_nothing_changes(tmp_path, damage: str
     [
         ({"compression_ratio": 10}, "compression_ratio"),
         ({"slots_per_bucket": 2}, "slots_per_bucket"),
-        ({"multi_level": True}, "multi_level"),
+        ({"block_fraction": 0.25}, "block_fraction"),
+        ({"promote_load": 0.5, "demote_load": 0.25}, "promote_load"),
     ],
 )
 def test_mismatched_config_is_refused(tmp_path, change: Dict[str, object], message: str) -> None:

@@ -56,9 +56,10 @@ def test_tune_cafe_scores_every_grid_point_on_validation(single_rank_pg: None, t
     from examples.benchmarks import tune_cafe
 
     out = str(tmp_path / "t")
-    best = tune_cafe.main(["--crs", "10", "--hash-fractions", "0.1", "0.3", "--thresholds", "2", "--out", out, "--",
+    best = tune_cafe.main(["--crs", "10", "--block-fractions", "0.25", "0.75", "--promote-loads", "0.5", "--out", out, "--",
                            "--data", "synthetic", "--train-batches", "4", "--eval-batches", "2", "--max-cardinality", "5000"])
     runs = json.load(open(out + ".json"))["runs"]
-    assert sorted(r["cafe_hash_fraction"] for r in runs) == [0.1, 0.3]
+    assert sorted(r["cafe_block_fraction"] for r in runs) == [0.25, 0.75]
+    assert {r["cafe_promote_load"] for r in runs} == {0.5} and {r["cafe_demote_load"] for r in runs} == {0.25}
     assert best[10.0]["val_auc"] == max(r["auc"] for r in runs)
     assert "**" in open(out + ".md").read()

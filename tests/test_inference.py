@@ -15,18 +15,19 @@ from examples.export_model import export
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, load, save
 from torchrec_cafe.inference import export_for_inference, load_for_inference
-from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
-from torchrec_cafe.sketch.hashing import _M1, _M2, _POSITIVE, _shr, finalise64, mix64, seed_offset
+from torchrec_cafe.sketch.hashing import _M1, _M2, _POSITIVE, _shr, finalise64, fingerprint32, mix64, seed_offset
+from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET
 
 
 def _tables(pooling: PoolingType = PoolingType.SUM):
     return [
         EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["a", "b"], pooling=pooling),
         EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=50, feature_names=["c"], pooling=pooling),
+        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=500, feature_names=["d"], pooling=pooling),
     ]
 
 
-def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c")) -> KeyedJaggedTensor:
+def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c", "d")) -> KeyedJaggedTensor:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (len(keys) * 32,), generator=g)
     values = torch.randint(0, 300, (int(lengths.sum()),), generator=g)
@@ -34,9 +35,10 @@ def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c")) -> KeyedJagged
     return KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, weights=weights)
 
 
-def _trained(pooling: PoolingType, weighted: bool, multi_level: bool) -> CafeEmbeddingBagCollection:
-    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", multi_level=multi_level, medium_threshold=1.0)
-    cafe = CafeEmbeddingBagCollection(_tables(pooling), {"t0": cfg}, is_weighted=weighted)  # t1 stays plain
+def _trained(pooling: PoolingType, weighted: bool, cold_rows: str) -> CafeEmbeddingBagCollection:
+    """t0 sketched, t1 plain, t2 static (too small for a sketch at CR 20)."""
+    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", cold_rows=cold_rows)
+    cafe = CafeEmbeddingBagCollection(_tables(pooling), {"t0": cfg, "t2": cfg}, is_weighted=weighted)
     for step in range(4):
         cafe(_kjt(step, weighted))
     cafe.apply_pending_updates()
@@ -50,20 +52,37 @@ def test_scriptable_finaliser_is_splitmix64() -> None:
     reference = (reference ^ _shr(reference, 27)) * _M2
     reference = (reference ^ _shr(reference, 31)) & _POSITIVE
     assert torch.equal(torch.jit.script(finalise64)(z), reference)
-    for seed in (SHARED_SEED, SECOND_SEED):
+    for seed in (0x9001, 12345):
         assert torch.equal(mix64(z, seed), finalise64(z + seed_offset(seed)))
+    assert POOL_SEED_OFFSET == seed_offset(0x9001)
 
 
-@pytest.mark.parametrize("multi_level", [False, True])
+def _murmur_fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_scriptable_fingerprint_is_murmur_fmix32_and_exact_below_2_32() -> None:
+    ids = torch.tensor([0, 1, 7, 2**31, 2**32 - 1, 2**32, -1, -(2**63), 2**63 - 1], dtype=torch.int64)
+    expected = [_murmur_fmix32((i & 0xFFFFFFFF) ^ _murmur_fmix32((i >> 32) & 0xFFFFFFFF)) for i in ids.tolist()]
+    assert fingerprint32(ids).tolist() == expected == torch.jit.script(fingerprint32)(ids).tolist()
+    dense = torch.arange(0, 2**20, dtype=torch.int64) * 4093  # distinct ids < 2**32: distinct keys
+    assert fingerprint32(dense).unique().numel() == dense.numel()
+
+
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-def test_export_equals_trained_module_in_eval(pooling: PoolingType, weighted: bool, multi_level: bool) -> None:
-    cafe = _trained(pooling, weighted, multi_level)
+def test_export_equals_trained_module_in_eval(pooling: PoolingType, weighted: bool, cold_rows: str) -> None:
+    cafe = _trained(pooling, weighted, cold_rows)
     assert int(cafe._sketch.promotions.sum()) > 0
     served = export_for_inference(cafe)
     scripted = torch.jit.script(served)
     for seed in (9, 10):
-        for keys in (("a", "b", "c"), ("c", "a", "b")):  # any key order, as the trained module
+        for keys in (("a", "b", "c", "d"), ("c", "a", "d", "b")):  # any key order, as the trained module
             kjt = _kjt(seed, weighted, keys)
             expected = cafe(kjt)
             for out in (served(kjt), scripted(kjt)):
@@ -71,11 +90,14 @@ def test_export_equals_trained_module_in_eval(pooling: PoolingType, weighted: bo
                 torch.testing.assert_close(out.values(), expected.values(), rtol=1e-6, atol=1e-7)
     sizes = served.nbytes()
     assert sizes["table_bytes"] == sum(p.numel() * 4 for p in cafe._embedding_bag_collection.parameters())
-    assert sizes["map_bytes"] == 16 * served.map_ids.numel() and served.map_ids.numel() > 0
+    hot = int(cafe._sketch.stats(0)["hot_ids"])
+    assert hot > 0 and served.hot_keys.numel() == hot
+    # the frozen map: per hot id its key and row (int64 each), and one owned flag per pool row
+    assert sizes["map_bytes"] == 16 * hot + served.owned.numel() * served.owned.element_size()
 
 
 def test_scripted_export_saves_and_loads(tmp_path) -> None:
-    cafe = _trained(PoolingType.SUM, False, True)
+    cafe = _trained(PoolingType.SUM, False, "composed")
     path = str(tmp_path / "served.pt")
     torch.jit.save(torch.jit.script(export_for_inference(cafe)), path)
     kjt = _kjt(11)

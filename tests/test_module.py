@@ -10,7 +10,9 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
-from torchrec_cafe.remap import SECOND_SEED, shared_rows
+from torchrec_cafe.config import paper_threshold
+
+from .cafe_reads import embeddings, reads, rows_read
 
 
 def _tables(pooling: PoolingType = PoolingType.SUM) -> List[EmbeddingBagConfig]:
@@ -66,38 +68,32 @@ def test_plain_when_budget_holds_the_table(pooling: PoolingType, weighted: bool)
 
 
 @pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
-@pytest.mark.parametrize("multi_level", [False, True])
-def test_compressed_output_is_the_sum_of_remapped_rows(pooling: PoolingType, multi_level: bool) -> None:
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
+def test_compressed_output_is_the_sum_of_remapped_rows(pooling: PoolingType, cold_rows: str) -> None:
     tables = _tables(pooling)
-    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", multi_level=multi_level, medium_threshold=1.0)
+    cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", cold_rows=cold_rows)
     cafe = CafeEmbeddingBagCollection(tables, cfg)
     kjt = _kjt(["f0", "f1", "f2"], batch=32, max_len=4, high=300)
-    for _ in range(3):  # ids repeat: some become medium, some hot
+    for _ in range(3):  # ids repeat: some become hot
         cafe(kjt)
     cafe.apply_pending_updates()
     cafe.eval()
     out = cafe(kjt).to_dict()
     for table in tables:
-        name, layout = table.name, cafe._layout(table.name)
-        weight = cafe._embedding_bag_collection.embedding_bags[name].weight
-        t = [l.config.name for l in cafe._compressed].index(name)
+        weight = cafe._embedding_bag_collection.embedding_bags[table.name].weight
         for f in table.feature_names:
-            jt = kjt[f]
             expected = []
-            for ids in jt.to_dense():
-                tables = torch.full_like(ids, t)
-                hot, medium = cafe._sketch.lookup(ids, tables, torch.tensor([cfg.medium_threshold] * 2, dtype=torch.float64))
-                rows = torch.where(hot >= 0, hot, shared_rows(ids, layout.budget))
-                emb = weight[rows]
-                if multi_level:
-                    emb = emb + (medium & (hot < 0)).unsqueeze(1) * weight[shared_rows(ids, layout.budget, SECOND_SEED)]
-                pooled = emb.sum(0) if ids.numel() else torch.zeros(table.embedding_dim)
-                if pooling == PoolingType.MEAN and ids.numel():
-                    pooled = pooled / ids.numel()
-                expected.append(pooled)
+            for ids in kjt[f].to_dense():
+                pooled = embeddings(cafe, table.name, weight, ids).sum(0) if ids.numel() else torch.zeros(table.embedding_dim)
+                expected.append(pooled / ids.numel() if pooling == PoolingType.MEAN and ids.numel() else pooled)
             torch.testing.assert_close(out[f], torch.stack(expected), rtol=1e-5, atol=1e-6)
     stats = cafe.stats()["t0"]
     assert stats["promotions"] > 0 and 0 < stats["hot_hit_rate"] <= 1
+    ids = torch.arange(300)
+    row, hot, blocked = reads(cafe, "t0", ids)
+    private = row[hot]
+    assert private.unique().numel() == private.numel()  # a hot row is private ...
+    assert not torch.isin(row[~hot & ~blocked], private).any()  # ... no cold id reads it but blocked ones
 
 
 def test_same_keys_order_and_dims_as_ebc_and_plugs_into_dlrm() -> None:
@@ -175,14 +171,17 @@ def test_mismatched_configs_get_clear_errors() -> None:
     [
         ({"compression_ratio": 0.5}, "compression_ratio"),
         ({"compression_ratio": float("nan")}, "compression_ratio"),
-        ({"compression_ratio": 10, "hash_fraction": 1.0}, "hash_fraction"),
-        ({"compression_ratio": 10, "hash_fraction": 0.0}, "hash_fraction"),
+        ({"compression_ratio": 10, "block_fraction": 1.0}, "block_fraction"),
+        ({"compression_ratio": 10, "block_fraction": 0.0}, "block_fraction"),
+        ({"compression_ratio": 10, "cold_rows": "qr"}, "cold_rows"),
+        ({"compression_ratio": 10, "sketch_slots_per_row": 0.0}, "sketch_slots_per_row"),
+        ({"compression_ratio": 10, "promote_load": 0.1, "demote_load": 0.2}, "demote_load"),
         ({"compression_ratio": 10, "threshold": -1.0}, "threshold"),
         ({"compression_ratio": 10, "decay": 0.0}, "decay"),
         ({"compression_ratio": 10, "decay": 1.5}, "decay"),
         ({"compression_ratio": 10, "slots_per_bucket": 0}, "slots_per_bucket"),
         ({"compression_ratio": 10, "importance": "magic"}, "importance"),
-        ({"compression_ratio": 10, "threshold": 10.0, "medium_threshold": 20.0}, "medium_threshold"),
+        ({"compression_ratio": 10, "optimizer_state": "zero"}, "optimizer_state"),
         ({"compression_ratio": 10, "quarantine": -1}, "quarantine"),
     ],
 )
@@ -192,10 +191,10 @@ def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_paper_schedule_defaults() -> None:
-    assert (CafeConfig(compression_ratio=2).threshold, CafeConfig(compression_ratio=2).hash_fraction) == (10.0, 0.7)
-    assert (CafeConfig(compression_ratio=100).threshold, CafeConfig(compression_ratio=100).hash_fraction) == (100.0, 0.3)
-    assert CafeConfig(compression_ratio=150).threshold == 100.0  # between entries: the lower one
-    assert CafeConfig(compression_ratio=10**6).threshold == 500.0
+    assert CafeConfig(compression_ratio=100).threshold is None  # adaptive by default
+    paper = CafeConfig.paper(100)
+    assert (paper.threshold, paper.cold_rows) == (100.0, "hashed")
+    assert (paper_threshold(2), paper_threshold(10), paper_threshold(150), paper_threshold(10**6)) == (10.0, 20.0, 100.0, 500.0)
 
 
 @pytest.mark.parametrize("cr", [2, 10, 100, 1000, 10_000])
@@ -206,10 +205,11 @@ def test_memory_never_exceeds_the_budget(cr: float) -> None:
     assert r["compressed"] and r["total_bytes"] <= r["budget_bytes"] == r["logical_bytes"] // cr
     assert r["sketch_bytes"] == cafe._sketch.nbytes()
     rows = cafe._embedding_bag_collection.embedding_bags["big"].weight.shape[0]
-    assert rows == r["hot_rows"] + r["shared_rows"]
+    assert rows == r["pool_rows"] + r["block_rows"] and r["pool_rows"] > 0 and r["block_rows"] > 0
     assert r["total_bytes"] == rows * 64 + r["sketch_bytes"]
-    # the budget is nearly spent: less than one hot row (with its sketch share) is left over
-    assert r["budget_bytes"] - r["total_bytes"] < 64 * 2 + 80
+    # the budget is nearly spent: less than one row with its sketch share (9 B/slot, 1 B/pool
+    # row) and a bucket's rounding is left over
+    assert r["budget_bytes"] - r["total_bytes"] < 64 + 9 + 1 + 36
 
 
 def test_grad_norm_scores_are_normalised_per_occurrence_gradient_norms() -> None:
@@ -254,25 +254,29 @@ def test_nan_gradients_do_not_poison_the_sketch() -> None:
     assert cafe.stats()["t0"]["updates"] == 3
 
 
-def test_promotion_copies_the_shared_row_and_adagrad_state() -> None:
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
+def test_promotion_initialises_the_private_row_from_what_the_id_read(cold_rows: str) -> None:
+    """The promoted ID's embedding is unchanged by the move (hashed: its pool row; composed: pool
+    row + block row), and its Adagrad state is its pool row's."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=3.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=3.0, importance="frequency", cold_rows=cold_rows))
     opt = torch.optim.Adagrad(cafe.parameters(), lr=0.1)
     cafe.attach_optimizer(opt)
-    budget = cafe._layout("t").budget
     weight = cafe._embedding_bag_collection.embedding_bags["t"].weight
     kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 7]), lengths=torch.tensor([2, 1]))
     for _ in range(2):  # 42 scores 2 per step -> crosses threshold 3 at the 2nd update
         opt.zero_grad()
         cafe(kjt).values().pow(2).sum().backward()
         opt.step()
-    src = int(shared_rows(torch.tensor([42]), budget))
-    row, state = weight[src].detach().clone(), opt.state[weight]["sum"][src].clone()
+    ids = torch.tensor([42])
+    src = rows_read(cafe, "t", ids)[0]
+    assert len(src) == (2 if cold_rows == "composed" else 1)
+    embedding, state = weight[src].sum(0).detach().clone(), opt.state[weight]["sum"][src[0]].clone()
     cafe.apply_pending_updates()
-    hot = int(cafe._sketch.query(torch.tensor([42])))
-    assert 0 <= hot < budget.num_hot
-    assert torch.equal(weight[hot], row) and torch.equal(opt.state[weight]["sum"][hot], state)
-    assert int(cafe._sketch.query(torch.tensor([7]))) == -1
+    row, hot, _ = reads(cafe, "t", ids)
+    assert bool(hot) and rows_read(cafe, "t", ids) == [[int(row)]] and int(row) < cafe._layout("t").budget.pool_rows
+    assert torch.equal(weight[int(row)], embedding) and torch.equal(opt.state[weight]["sum"][int(row)], state)
+    assert not bool(reads(cafe, "t", torch.tensor([7]))[1])
 
 
 def test_eval_freezes_the_sketch() -> None:
@@ -324,42 +328,49 @@ def test_learns_like_a_table_when_everything_is_hot() -> None:
     assert losses[-1] < 0.05 * losses[0] and math.isfinite(losses[-1])
 
 
-def test_mixed_mean_tables_with_multi_level_pool_correctly() -> None:
-    """One multi-level MEAN table forces weights on the KJT: every MEAN table then pools as
-    SUM with weights 1/len and must still equal a MEAN."""
+def test_mixed_mean_tables_with_composed_pool_correctly() -> None:
+    """A composed MEAN table forces weights on the KJT: every MEAN table then pools as SUM with
+    weights 1/len and must still equal a MEAN."""
     tables = [
-        EmbeddingBagConfig(name="ml", embedding_dim=4, num_embeddings=20_000, feature_names=["x"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="big", embedding_dim=4, num_embeddings=20_000, feature_names=["x"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="plain", embedding_dim=4, num_embeddings=30, feature_names=["y"], pooling=PoolingType.MEAN),
     ]
-    cafe = CafeEmbeddingBagCollection(tables, {"ml": CafeConfig(compression_ratio=10, multi_level=True)})
+    cafe = CafeEmbeddingBagCollection(tables, {"big": CafeConfig(compression_ratio=10)})
+    assert cafe._layout("big").composed and not cafe._layout("plain").compressed
     kjt = _kjt(["x", "y"], batch=8, high=30)
     out = cafe(kjt).to_dict()
     weight = cafe._embedding_bag_collection.embedding_bags["plain"].weight
     torch.testing.assert_close(out["y"], _pooled(weight, kjt["y"], PoolingType.MEAN), rtol=1e-5, atol=1e-6)
 
 
-def test_untracked_id_is_not_initialised_as_medium() -> None:
-    """medium_threshold 0: an ID promoted on its first update never read a second shared row, so
-    its hot row must equal its first shared row only."""
-    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=20_000, feature_names=["a"])]
-    cfg = CafeConfig(compression_ratio=10, threshold=2.0, medium_threshold=0.0, multi_level=True, importance="frequency")
-    cafe = CafeEmbeddingBagCollection(tables, cfg)
-    weight = cafe._embedding_bag_collection.embedding_bags["t"].weight
-    cafe(KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42]), lengths=torch.tensor([2])))
-    row = weight[int(shared_rows(torch.tensor([42]), cafe._layout("t").budget))].detach().clone()
-    cafe.apply_pending_updates()
-    hot = int(cafe._sketch.query(torch.tensor([42])))
-    assert hot >= 0 and torch.equal(weight[hot].detach(), row)
-
-
-def test_a_table_too_small_for_its_budget_stays_full_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_table_too_small_for_a_sketch_serves_ids_from_cold_rows_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     tables = [
         EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=1_000_000, feature_names=["b"]),
         EmbeddingBagConfig(name="small", embedding_dim=16, num_embeddings=900, feature_names=["s"]),
+        EmbeddingBagConfig(name="tiny", embedding_dim=16, num_embeddings=10, feature_names=["t"]),
     ]
-    with caplog.at_level("WARNING", logger="torchrec_cafe"):  # the examples raise this logger's level
-        cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1000), device=torch.device("meta"))
+    with caplog.at_level("INFO", logger="torchrec_cafe"):
+        cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20))
     report = cafe.memory_report()
-    assert report["big"]["compressed"] and not report["small"]["compressed"]
-    assert report["small"]["total_bytes"] == 900 * 64
-    assert [r.getMessage() for r in caplog.records if "'small'" in r.getMessage()] and "'big'" not in caplog.text
+    assert report["big"]["sketched"] and not report["small"]["sketched"] and report["small"]["compressed"]
+    assert report["small"]["total_bytes"] == (900 // 20) * 64 <= report["small"]["budget_bytes"]
+    assert report["tiny"]["total_bytes"] == 64 and not report["tiny"]["sketched"]  # one row, at least
+    assert "'small'" in caplog.text and "'big'" not in caplog.text
+    ids = torch.arange(0, 900, 7)
+    out = cafe(KeyedJaggedTensor(keys=["b", "s", "t"], values=torch.cat([ids, ids, ids]), lengths=torch.tensor([ids.numel()] * 3)))
+    weight = cafe._embedding_bag_collection.embedding_bags["small"].weight
+    torch.testing.assert_close(out["s"][0], embeddings(cafe, "small", weight, ids).sum(0))
+    assert all(len(r) == 2 for r in rows_read(cafe, "small", ids))  # pool row + block row
+
+
+def test_sketchless_composed_table_gives_every_id_its_own_pair_when_rows_allow() -> None:
+    """60 rows for 900 IDs (R^2 >= 4N, as QR needs): 30 pool + 30 block rows of 30 IDs each, and
+    the IDs of a block read consecutive pool rows from a hashed start: 900 distinct pairs."""
+    table = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=900, feature_names=["f"])
+    cafe = CafeEmbeddingBagCollection([table], CafeConfig(compression_ratio=15))
+    layout = cafe._layout("t")
+    assert not layout.sketched and (layout.budget.pool_rows, layout.budget.block_rows, layout.block_size) == (30, 30, 30)
+    pairs = {tuple(r) for r in rows_read(cafe, "t", torch.arange(900))}
+    assert len(pairs) == 900
+    starts = [rows_read(cafe, "t", torch.tensor([b * 30]))[0][0] for b in range(30)]
+    assert len(set(starts)) > 10  # blocks start at hashed rows, not all at row 0 as plain QR

@@ -17,7 +17,7 @@ STEPS = 30
 
 
 def _sketch() -> HotSketch:
-    return HotSketch(num_buckets=[64, 32], num_hot=[16, 8], threshold=[4.0, 6.0], decay=0.8, decay_mass=[300.0, 200.0], quarantine=1)
+    return HotSketch(num_buckets=[64, 32], pool_rows=[48, 24], threshold=[None, 6.0], decay=0.8, decay_mass=[300.0, 200.0], quarantine=1)
 
 
 def _global_batch(step: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":

@@ -27,12 +27,14 @@ CRITEO = DATA / "criteo_kaggle_head8k"
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_learns_within_budget(single_rank_pg: None, method: str) -> None:
     data = synthetic(seed=1, batch_size=64, max_cardinality=20_000)
-    train, test = list(data.batches(15)), list(data.batches(3, "test"))
+    train = list(data.batches(15))
     cfg = TrainConfig(method=method, compression_ratio=10, epochs=2, eval_every=10, cafe_threshold=2.0)
-    r = run(cfg, data, train, test)
+    # Scored on batches it trained on: 30 steps generalise too little for a held-out AUC to say
+    # more than noise (full tables score 0.46-0.57 on 3 test batches), but every method must fit them.
+    r = run(cfg, data, train, train[:3])
     assert [h["step"] for h in r["history"]] == [10, 15, 20, 30]  # every 10 steps and at each epoch's end
     assert r["steps"] == 30 and r["train_samples"] == 30 * 64
-    assert 0.5 < r["auc"] <= 1.0 and math.isfinite(r["logloss"])
+    assert 0.6 < r["auc"] <= 1.0 and math.isfinite(r["logloss"])
     losses = [h["train_loss"] for h in r["history"]]  # the second epoch repeats the batches: overfits
     assert losses[-1] < losses[0] - 0.1
     if method == "full":
@@ -61,12 +63,12 @@ def test_paper_preset_and_explicit_flags() -> None:
 
 def _write_libfm(path: Path, rows: int, seed: int) -> None:
     """Three one-hot fields in global ranges [0, 20), [20, 2020), [2020, 2023); the label follows
-    field 0 (a table small enough to stay plain), field 1 (compressed) is noise."""
+    field 0 (its first half clicks more: a segment of the catalogue), field 1 is noise."""
     g = torch.Generator().manual_seed(seed)
     user = torch.randint(0, 20, (rows,), generator=g)
     other = torch.randint(0, 2000, (rows,), generator=g) + 20
     tiny = torch.randint(0, 3, (rows,), generator=g) + 2020
-    label = torch.where(torch.rand(rows, generator=g) < torch.where(user % 2 == 0, 0.8, 0.2), 1, -1)
+    label = torch.where(torch.rand(rows, generator=g) < torch.where(user < 10, 0.8, 0.2), 1, -1)
     with gzip.open(path, "wt") as f:
         for y, u, o, t in zip(label.tolist(), user.tolist(), other.tolist(), tiny.tolist()):
             f.write(f"{y} {u}:1 {o}:1 {t}:1\r\n")
@@ -193,7 +195,7 @@ def test_two_ranks_share_each_global_batch(tmp_path: Path) -> None:
 def test_restarted_run_resumes_from_its_checkpoint_and_ends_as_uninterrupted(tmp_path) -> None:
     """The trainer's --checkpoint-dir: a run cut short (its later checkpoints lost) and restarted
     resumes from the latest checkpoint and writes the same metrics as an uninterrupted run."""
-    common = ["--method", "cafe", "--train-batches", "24", "--eval-batches", "3", "--batch-size", "64",
+    common = ["--method", "cafe", "--compression-ratio", "10", "--train-batches", "24", "--eval-batches", "3", "--batch-size", "64",
               "--max-cardinality", "5000", "--checkpoint-every", "8", "--eval-every", "12", "--no-progress"]
     full = main(common + ["--checkpoint-dir", str(tmp_path / "a")])
     assert sorted(os.listdir(tmp_path / "a")) == ["step-00000008", "step-00000016", "step-00000024"]

@@ -21,8 +21,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tests.conftest import free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
 from torchrec_cafe.distributed import RowWiseEverywhereEBCSharder
-from torchrec_cafe.remap import shared_rows
 from torchrec_cafe.rows import tbe_shards
+
+from .cafe_reads import reads, rows_read
 
 WORLD, STEPS, BATCH = 2, 12, 16
 TABLES = [
@@ -63,12 +64,10 @@ def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "fr
         for step in range(STEPS):
             dmp(local_part(_global_kjt(step), rank, WORLD)).values().pow(2).sum().backward()
         module = dmp.module
-        hot_before = [module._sketch.hot_ids(t).clone() for t in range(len(TABLES))]
         rows_before = _local_rows(module)
         module.apply_pending_updates()
         state = {
             "sketch": module._sketch.state_dict(),
-            "hot_before": hot_before,
             "rows_before": rows_before,
             "rows_after": _local_rows(module),
         }
@@ -93,6 +92,8 @@ def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, shardin
     reference = CafeEmbeddingBagCollection(TABLES, CONFIG)
     for step in range(STEPS):
         reference(_global_kjt(step)).values().pow(2).sum().backward()
+    ids = torch.arange(8000)  # every id the stream draws
+    read_before = {t.name: (rows_read(reference, t.name, ids), reads(reference, t.name, ids)[1]) for t in TABLES}
     reference.apply_pending_updates()
     expected = reference._sketch.state_dict()
     assert int(expected["promotions"].sum()) > 0
@@ -100,24 +101,24 @@ def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, shardin
     for rank, state in enumerate(states):
         for key, value in expected.items():
             assert torch.equal(state["sketch"][key], value), (rank, key)
-    # The last update's promotions: each new hot row equals its source row as it was just before.
+    # The last update's promotions: each new private row equals what its ID read just before
+    # (pool row + block row), whichever ranks held them.
     migrated = crossed = 0
-    for t, table in enumerate(TABLES):
+    for table in TABLES:
         before = _full_table([s["rows_before"] for s in states], table.name)
         after = _full_table([s["rows_after"] for s in states], table.name)
-        hot_after = reference._sketch.hot_ids(t)
-        budget = reference._layout(table.name).budget
+        src_rows, hot_before = read_before[table.name]
+        row, hot_after, _ = reads(reference, table.name, ids)
         owners = sorted(o for s in states for o, _ in s["rows_before"].get(table.name, []))
-        for h in torch.nonzero(hot_after != states[0]["hot_before"][t]).flatten().tolist():
-            if int(hot_after[h]) < 0:
-                continue
-            src = int(shared_rows(hot_after[h : h + 1], budget))
-            torch.testing.assert_close(after[h], before[src], rtol=0, atol=0)
+        for i in torch.nonzero(hot_after & ~hot_before).flatten().tolist():
+            dst, src = int(row[i]), src_rows[i]
+            torch.testing.assert_close(after[dst], before[src].sum(0), rtol=0, atol=0)
             migrated += 1
-            crossed += sum(o <= src for o in owners) != sum(o <= h for o in owners)
+            shard = lambda r: sum(o <= r for o in owners)  # noqa: E731
+            crossed += any(shard(r) != shard(dst) for r in src)  # a row read on another rank
     assert migrated > 0
     if sharding in ("row_wise", "table_row_wise"):
-        assert crossed > 0, "no promotion moved a row between ranks"
+        assert crossed > 0, "no promotion read a row of another rank"
 
 
 def test_grad_norm_replicas_stay_identical(tmp_path) -> None:

@@ -7,7 +7,7 @@ size) and ``inference`` (export for serving); ``datasets`` holds the synthetic g
 Criteo / libFM readers.
 """
 
-from torchrec_cafe.config import CafeConfig, TableBudget, paper_schedule, table_budget
+from torchrec_cafe.config import CafeConfig, TableBudget, paper_threshold, table_budget, table_budget_bytes
 from torchrec_cafe.distributed.sharder import CafeEmbeddingBagCollectionSharder, CafeStorageReservation
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
@@ -20,6 +20,7 @@ __all__ = [
     "HotSketch",
     "SketchUpdate",
     "TableBudget",
-    "paper_schedule",
+    "paper_threshold",
     "table_budget",
+    "table_budget_bytes",
 ]

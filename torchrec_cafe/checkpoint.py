@@ -278,7 +278,7 @@ def _check_replicas(cafes: List[CafeEmbeddingBagCollection], process_group: Opti
         if cafe._sketch is None:
             continue
         for _, buf in sorted(cafe._sketch.state_dict().items()):
-            raw = buf.detach().reshape(-1).contiguous().view(torch.int32).to(torch.int64)  # every buffer is 4k bytes
+            raw = buf.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)  # the bytes, any dtype
             weights = torch.arange(raw.numel(), device=raw.device) % 65521 + 1  # order-sensitive
             sums.append((raw * weights).sum())
     if not sums:

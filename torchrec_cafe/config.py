@@ -10,130 +10,152 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 
 # Official CAFE artifact (ArtifactEvaluation/tasks/criteo.json): per compression ratio, the sketch
-# threshold and the fraction of the budget given to shared (hashed) rows. A ratio between two
+# threshold (and the hash fraction, which the pooled layout no longer needs). A ratio between two
 # entries takes the entry of the largest listed ratio below it.
 PAPER_SCHEDULE = (
-    # (compression ratio, threshold, hash_fraction)
-    (2, 10.0, 0.7),
-    (5, 10.0, 0.5),
-    (10, 20.0, 0.5),
-    (20, 30.0, 0.5),
-    (50, 50.0, 0.3),
-    (100, 100.0, 0.3),
-    (200, 200.0, 0.2),
-    (500, 500.0, 0.2),
-    (1000, 500.0, 0.2),
-    (2000, 500.0, 0.1),
-    (5000, 500.0, 0.1),
-    (10000, 500.0, 0.1),
+    # (compression ratio, threshold)
+    (2, 10.0),
+    (5, 10.0),
+    (10, 20.0),
+    (20, 30.0),
+    (50, 50.0),
+    (100, 100.0),
+    (200, 200.0),
+    (500, 500.0),
 )
 
 IMPORTANCE_MODES = ("grad_norm", "frequency")
+COLD_ROWS = ("composed", "hashed")
+# A table whose budget holds fewer rows than this gets no sketch: its cold rows alone (composed or
+# hashed) fill the budget. Below it the sketch's fixed bytes (per-table constants, a bucket) cost
+# more than the few hot rows it could find are worth.
+MIN_SKETCHED_ROWS = 64
 
 
-def paper_schedule(compression_ratio: float) -> "tuple[float, float]":
-    """(threshold, hash_fraction) of the official artifact for a compression ratio."""
-    ratios = [r for r, _, _ in PAPER_SCHEDULE]
-    i = max(bisect.bisect_right(ratios, compression_ratio) - 1, 0)
-    return PAPER_SCHEDULE[i][1], PAPER_SCHEDULE[i][2]
+def paper_threshold(compression_ratio: float) -> float:
+    """The official artifact's promotion threshold for a compression ratio."""
+    ratios = [r for r, _ in PAPER_SCHEDULE]
+    return PAPER_SCHEDULE[max(bisect.bisect_right(ratios, compression_ratio) - 1, 0)][1]
 
 
 @dataclass
 class CafeConfig:
     """CAFE settings of one logical table.
 
+    A compressed table is a pool of hashed rows (plus, with ``cold_rows="composed"``, a table of
+    ID-range *block* rows) and a HotSketch. Every ID reads a pool row: a hot ID one it owns, a cold
+    ID its first of four hashed choices that no hot ID owns. The sketch decides which IDs are hot.
+
     Args:
         compression_ratio: logical table bytes / budget bytes (>= 1).
-        hash_fraction: share of the budget spent on shared (hashed) rows, in (0, 1); the rest pays
-            for hot rows and the sketch. ``None``: the paper's schedule by compression ratio.
-        threshold: importance score at which an ID gets a hot row (>= 0). ``None``: the paper's
-            schedule by compression ratio.
+        threshold: ``None`` (default): adaptive promotion, an ID gets a private row once its score
+            reaches ``promote_load`` x the average score mass of a pool row and loses it below
+            ``demote_load`` x that (so the share of rows that are private follows the observed
+            skew); a number: the paper's fixed promotion/demotion score (``paper_threshold(cr)``
+            gives the official schedule).
+        promote_load / demote_load: the adaptive bars, ``0 <= demote_load <= promote_load``.
+        cold_rows: ``"composed"`` (default): every ID also reads the block row of its ID range
+            (``(id mod N) // ceil(N / B)``), so a cold ID is a distinct (pool row, block row) pair,
+            QR-style, and IDs numbered by first appearance or catalogue order share what they have
+            in common; ``"hashed"``: the paper's single hashed row.
+        block_fraction: share of the rows that are block rows (``"composed"`` only), in (0, 1).
+        sketch_slots_per_row: sketch slots (9 bytes each, ``slots_per_bucket`` per bucket) per
+            physical row; the sketch tracks that many candidates for private rows.
         decay: factor applied to all scores at each decay event, in (0, 1] (paper: 0.99).
         slots_per_bucket: sketch slots per bucket (paper: 4).
         importance: ``"grad_norm"`` (paper: per-occurrence L2 norm of the row gradient, rescaled
             to mean 1 per feature and batch) or ``"frequency"`` (every occurrence scores 1).
-        multi_level: medium IDs (tracked, score >= ``medium_threshold``, not hot) use the sum of
-            two shared rows chosen by independent hashes (paper section 4).
-        medium_threshold: defaults to ``threshold / 4``; must be below ``threshold``.
-        quarantine: sketch updates a freed hot row waits before reuse; must be at least the
-            pipeline depth when batches are remapped ahead of the previous update.
+        quarantine: sketch updates a freed pool row waits before a hot ID may claim it again
+            (pipelined training remaps a batch before the previous update lands); at most 127.
         sync: how ranks keep sketch replicas identical: ``"aggregated"`` all-gathers each rank's
             exact pre-aggregation (fewer bytes, an extra local sort) or ``"occurrences"`` every
-            occurrence (20 B each, no extra sort). Both give bit-identical replicas.
-        optimizer_state: on promotion, the hot row's optimizer state is ``"copy"``-ed from the ID's
-            shared row (it keeps the step size it trained with) or ``"reset"`` to zero (a fresh
-            row: with Adagrad-like optimizers, large first steps).
-        displace_ratio: a table whose hot rows are all taken demotes its weakest hot ID when a
-            waiting candidate scores more than this multiple of it (its row goes to the strongest
-            candidate at a later update); 0 disables (paper: the hot set then changes only by
-            decay, so on stationary data it keeps the first IDs to cross the threshold).
+            occurrence. Both give bit-identical replicas.
+        optimizer_state: when a promoted ID moves to another pool row, that row's optimizer
+            state is ``"copy"``-ed from the row it read (it keeps the step size it trained with)
+            or ``"reset"`` to zero.
         update_interval: training steps whose scores are gathered into one sketch update (paper:
             1). An update is a function of the multiset of its scores, so k steps in one update
             see the same scores as k updates, only merged; it divides the sketch's cost by ~k.
     """
 
     compression_ratio: float
-    hash_fraction: Optional[float] = None
     threshold: Optional[float] = None
+    promote_load: float = 0.1
+    demote_load: float = 0.05
+    cold_rows: str = "composed"
+    block_fraction: float = 0.5
+    sketch_slots_per_row: float = 1.0
     decay: float = 0.99
     slots_per_bucket: int = 4
     importance: str = "grad_norm"
-    multi_level: bool = False
-    medium_threshold: Optional[float] = None
     quarantine: int = 0
     update_interval: int = 1
     optimizer_state: str = "copy"
     sync: str = "aggregated"
-    displace_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if not (self.compression_ratio >= 1 and math.isfinite(self.compression_ratio)):
             raise ValueError(f"compression_ratio must be a finite number >= 1, got {self.compression_ratio}")
-        threshold, hash_fraction = paper_schedule(self.compression_ratio)
-        if self.threshold is None:
-            self.threshold = threshold
-        if self.hash_fraction is None:
-            self.hash_fraction = hash_fraction
-        if not 0 < self.hash_fraction < 1:
-            raise ValueError(f"hash_fraction must be in (0, 1), got {self.hash_fraction}")
-        if not (self.threshold >= 0 and math.isfinite(self.threshold)):
-            raise ValueError(f"threshold must be a finite number >= 0, got {self.threshold}")
+        if self.threshold is not None and not (self.threshold >= 0 and math.isfinite(self.threshold)):
+            raise ValueError(f"threshold must be None or a finite number >= 0, got {self.threshold}")
+        if not (0 <= self.demote_load <= self.promote_load and math.isfinite(self.promote_load)):
+            raise ValueError(f"need 0 <= demote_load <= promote_load (finite), got {self.demote_load} and {self.promote_load}")
+        if self.cold_rows not in COLD_ROWS:
+            raise ValueError(f"cold_rows must be one of {COLD_ROWS}, got {self.cold_rows!r}")
+        if not 0 < self.block_fraction < 1:
+            raise ValueError(f"block_fraction must be in (0, 1), got {self.block_fraction}")
+        if not (self.sketch_slots_per_row > 0 and math.isfinite(self.sketch_slots_per_row)):
+            raise ValueError(f"sketch_slots_per_row must be a finite number > 0, got {self.sketch_slots_per_row}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
         if self.slots_per_bucket < 1:
             raise ValueError(f"slots_per_bucket must be >= 1, got {self.slots_per_bucket}")
         if self.importance not in IMPORTANCE_MODES:
             raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}")
-        if self.medium_threshold is None:
-            self.medium_threshold = self.threshold / 4
-        if not 0 <= self.medium_threshold < max(self.threshold, 1e-12):
-            raise ValueError(
-                f"medium_threshold must be in [0, threshold={self.threshold}), got {self.medium_threshold}"
-            )
-        if self.quarantine < 0:
-            raise ValueError(f"quarantine must be >= 0, got {self.quarantine}")
+        if not 0 <= self.quarantine <= 127:
+            raise ValueError(f"quarantine must be in [0, 127], got {self.quarantine}")
         if self.optimizer_state not in ("copy", "reset"):
             raise ValueError(f"optimizer_state must be 'copy' or 'reset', got {self.optimizer_state!r}")
         if self.sync not in ("aggregated", "occurrences"):
             raise ValueError(f"sync must be 'aggregated' or 'occurrences', got {self.sync!r}")
-        if not (self.displace_ratio >= 0 and math.isfinite(self.displace_ratio)):
-            raise ValueError(f"displace_ratio must be a finite number >= 0, got {self.displace_ratio}")
         if self.update_interval < 1:
             raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
+
+    @classmethod
+    def paper(cls, compression_ratio: float, **overrides: object) -> "CafeConfig":
+        """The paper's settings: the official threshold schedule and one hashed row per cold ID."""
+        settings = {"threshold": paper_threshold(compression_ratio), "cold_rows": "hashed", **overrides}
+        return cls(compression_ratio=compression_ratio, **settings)
+
+    @property
+    def composed(self) -> bool:
+        return self.cold_rows == "composed"
+
+
+def table_budget_bytes(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: int = 4) -> int:
+    """The bytes every method may spend on ``table``: ``floor(N * dim * dtype_bytes / CR)``."""
+    return int(table.num_embeddings * table.embedding_dim * dtype_bytes // compression_ratio)
+
+
+def hashed_rows(budget_bytes: int, row_bytes: int) -> int:
+    """Rows of a table hashed into its budget: as many as fit, at least one."""
+    return max(1, budget_bytes // row_bytes)
 
 
 @dataclass(frozen=True)
 class TableBudget:
-    """Physical sizes of one logical table under a CafeConfig (all sizes exact, in bytes).
+    """Physical form of one logical table under a CafeConfig (sizes exact, in bytes).
 
-    ``compressed`` is False when the budget holds the whole table (compression ratio 1) or cannot
-    hold one hot and one shared row: the table then stays a plain full table (``num_shared`` = N).
+    Three kinds: *plain* (``compressed`` False: the budget holds the whole table, ``pool_rows`` =
+    N, no block rows, no sketch); *sketched* (``num_buckets`` > 0: pool + block rows + sketch);
+    *static* (compressed, ``num_buckets`` == 0: the budget holds fewer than ``MIN_SKETCHED_ROWS``
+    rows, which are the cold rows alone, at least one).
     """
 
     logical_bytes: int
     budget_bytes: int
-    num_hot: int
-    num_shared: int
+    pool_rows: int
+    block_rows: int
     num_buckets: int
     row_bytes: int
     sketch_bytes: int
@@ -141,32 +163,59 @@ class TableBudget:
 
     @property
     def rows(self) -> int:
-        return self.num_hot + self.num_shared
+        return self.pool_rows + self.block_rows
+
+    @property
+    def sketched(self) -> bool:
+        return self.num_buckets > 0
 
     @property
     def total_bytes(self) -> int:
         return self.rows * self.row_bytes + self.sketch_bytes
 
 
-def table_budget(table: EmbeddingBagConfig, cafe: CafeConfig, dtype_bytes: int = 4) -> TableBudget:
-    """Splits ``logical_bytes / compression_ratio`` into shared rows, hot rows and the sketch.
+def _split(rows: int, cafe: CafeConfig) -> "tuple[int, int]":
+    """(pool rows, block rows) of ``rows`` physical rows (both >= 1 when composed and rows >= 2)."""
+    if not cafe.composed or rows < 2:
+        return rows, 0
+    block = min(max(1, int(cafe.block_fraction * rows)), rows - 1)
+    return rows - block, block
 
-    S = floor(hash_fraction * M / row_bytes); H is the largest count whose rows and sketch (with
-    K = H buckets, as in the paper) fit in the rest, so ``total_bytes <= budget_bytes``. The rest
-    also reserves the sketch's shared sentinel bytes, which a module charges to one table.
+
+def table_budget(table: EmbeddingBagConfig, cafe: CafeConfig, dtype_bytes: int = 4) -> TableBudget:
+    """Splits ``logical_bytes / compression_ratio`` into rows and the sketch, exactly.
+
+    R rows (P pool + B block) and a sketch of ``K = ceil(sketch_slots_per_row * R / c)`` buckets:
+    R is the largest count with ``R * row_bytes + sketch_bytes(K, P) + shared bytes <= budget``,
+    so ``total_bytes <= budget_bytes``; the sketch's shared sentinel bytes are reserved in every
+    table's budget (a module charges them to one table).
     """
     n, row = table.num_embeddings, table.embedding_dim * dtype_bytes
     logical = n * row
-    budget = int(logical // cafe.compression_ratio)
-    shared = int(cafe.hash_fraction * budget // row)
-    rest = budget - shared * row
+    budget = table_budget_bytes(table, cafe.compression_ratio, dtype_bytes)
+    if budget >= logical:
+        return TableBudget(logical, budget, n, 0, 0, row, 0, False)
     c = cafe.slots_per_bucket
-    per_hot = row + HotSketch.table_state_bytes(1, 1, c) - HotSketch.table_state_bytes(0, 0, c)
-    fixed = HotSketch.table_state_bytes(0, 0, c) + HotSketch.shared_state_bytes(c)
-    hot = max((rest - fixed) // per_hot, 0)
-    compressed = budget < logical and hot >= 1 and shared >= 1
-    if not compressed:
-        return TableBudget(logical, budget, 0, n, 0, row, 0, False)
-    return TableBudget(
-        logical, budget, hot, shared, hot, row, HotSketch.table_state_bytes(hot, hot, c), True
-    )
+
+    def buckets(rows: int) -> int:
+        return max(1, math.ceil(cafe.sketch_slots_per_row * rows / c))
+
+    def sketch(rows: int) -> int:
+        return HotSketch.table_state_bytes(buckets(rows), _split(rows, cafe)[0], c)
+
+    shared = HotSketch.shared_state_bytes(c)
+    def fits(rows: int) -> bool:
+        return rows * row + sketch(rows) + shared <= budget
+
+    # Bisection for the largest fitting count (the bytes grow with the rows); a row costs at
+    # least row + 9 * sketch_slots_per_row bytes, so lo..hi brackets it.
+    lo, hi = 0, int(budget // (row + 9 * cafe.sketch_slots_per_row)) + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    rows = lo
+    if rows < MIN_SKETCHED_ROWS:
+        pool, block = _split(hashed_rows(budget, row), cafe)
+        return TableBudget(logical, budget, pool, block, 0, row, 0, True)
+    pool, block = _split(rows, cafe)
+    return TableBudget(logical, budget, pool, block, buckets(rows), row, sketch(rows), True)

@@ -1,13 +1,15 @@
 """Serving a trained CAFE model without the training machinery.
 
 ``export_for_inference`` turns a trained ``CafeEmbeddingBagCollection`` into a
-``CafeInferenceEBC``: a plain TorchRec ``EmbeddingBagCollection`` over the physical rows (hot rows,
-then shared rows, per table) plus a frozen id -> row map. The map holds, per compressed table, the
-sorted IDs that were hot (their hot row) or medium (multi-level: two shared rows) when exported;
-every other ID reads its hashed shared row, exactly as the trained module's remap does. There is
-no sketch, no scoring and no migration: outputs equal the trained module's in ``eval()`` mode.
+``CafeInferenceEBC``: a plain TorchRec ``EmbeddingBagCollection`` over the physical rows (pool
+rows, then block rows, per table) plus the frozen lookup state: per sketched table the sorted keys
+of its hot IDs with the pool row each owns, and which pool rows are owned. Every other ID reads
+its first pool choice that no hot ID owns (and, composed, its block row), exactly as the trained
+module's remap does. There is no sketch, no scoring and no migration: outputs equal the trained
+module's in ``eval()`` mode.
 
-The result is TorchScript-able (``torch.jit.script``), the form TorchRec's inference stack uses.
+The lookup is vectorised over all features (one sorted search for every table's hot keys) and the
+module is TorchScript-able (``torch.jit.script``), the form TorchRec's inference stack uses.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -22,113 +24,109 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
-from torchrec_cafe.remap import SECOND_SEED, SHARED_SEED
-from torchrec_cafe.sketch.hashing import finalise64, seed_offset
-from torchrec_cafe.sketch.hot_sketch import EMPTY
-
-_MEDIUM = -1  # frozen map value of a medium (not hot) ID; a literal in TorchScript code
+from torchrec_cafe.remap import rotated_pool_rows
+from torchrec_cafe.sketch.hashing import finalise64, fingerprint32
+from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET, choices_of_hash
 
 
 class CafeInferenceEBC(nn.Module):
     """Frozen CAFE lookup: raw-ID KJT -> pooled ``KeyedTensor``, like the trained module in eval.
 
-    Per feature f (module feature order): plain tables read row ``id % N_f``; compressed tables look
-    the ID up in their segment of the frozen map (``map_ids`` sorted within each table, ``map_rows``
-    the hot row or ``-1`` for medium) and otherwise read ``H + hash1(id) % S``; medium IDs of
-    multi-level tables read ``H + hash1(id) % S`` and ``H + hash2(id) % S``.
+    Per value of feature f (module feature order), with per-feature constants ``[F]``: plain tables
+    read ``id % N``; compressed ones a pool row (the owned one if ``(table << 32) | key`` is among
+    the sorted ``hot_keys``, else the first choice whose ``owned`` flag is clear, or the first
+    choice when all are owned) and, composed, block row ``P + (id % N) // block_size`` (a hot ID
+    reads its pool row alone, a blocked one its block row alone).
     """
 
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,
         feature_names: List[str],
-        feature_table: List[int],
-        num_rows: List[int],
-        num_hot: List[int],
-        num_shared: List[int],
-        multi_level: List[bool],
-        mean_as_weights: List[bool],
-        map_ids: torch.Tensor,
-        map_rows: torch.Tensor,
-        map_offsets: List[int],
+        constants: Dict[str, torch.Tensor],
+        hot_keys: torch.Tensor,
+        hot_rows: torch.Tensor,
+        owned: torch.Tensor,
         is_weighted: bool,
+        weighted_out: bool,
     ) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         self._feature_names = feature_names
-        self._feature_table = feature_table
-        self._num_rows = num_rows
-        self._num_hot = num_hot
-        self._num_shared = num_shared
-        self._multi_level = multi_level
-        self._mean_as_weights = mean_as_weights
-        self._map_offsets = map_offsets
         self._is_weighted = is_weighted
-        self._weighted_out = is_weighted or any(mean_as_weights)
-        self._seed1 = seed_offset(SHARED_SEED)  # TorchScript has no big ints: offsets precomputed
-        self._seed2 = seed_offset(SECOND_SEED)
-        self.register_buffer("map_ids", map_ids)
-        self.register_buffer("map_rows", map_rows)
+        self._weighted_out = weighted_out
+        self._any_composed = bool(constants["composed"].any())
+        self._pool_seed = POOL_SEED_OFFSET  # TorchScript reads no module globals
+        for name in ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "block_size", "composed", "mean_as_weights"):
+            self.register_buffer("_" + name, constants[name])
+        self.register_buffer("hot_keys", hot_keys)
+        self.register_buffer("hot_rows", hot_rows)
+        self.register_buffer("owned", owned)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         keys = features.keys()
         if keys != self._feature_names:
             features = features.permute([keys.index(k) for k in self._feature_names])
-        values = features.values().to(torch.int64)
+        ids = features.values().to(torch.int64)
         lengths = features.lengths()
-        offsets = features.offset_per_key()
-        stride = features.stride()
-        rows: List[torch.Tensor] = []
-        counts: List[torch.Tensor] = []
-        weights: List[torch.Tensor] = []
-        for f in range(len(self._feature_names)):
-            ids = values[offsets[f] : offsets[f + 1]]
-            bag_lengths = lengths[f * stride : (f + 1) * stride]
-            first, second = self._rows(f, ids)
-            w = torch.ones_like(ids, dtype=torch.float32)
-            if self._is_weighted:
-                w = features.weights()[offsets[f] : offsets[f + 1]]
-            if self._mean_as_weights[f]:
-                w = w / torch.repeat_interleave(bag_lengths.clamp(min=1), bag_lengths).to(w.dtype)
-            # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
-            keep = torch.stack([torch.ones_like(second, dtype=torch.bool), second >= 0], dim=1)
-            rows.append(torch.stack([first, second], dim=1)[keep])
-            weights.append(w.unsqueeze(1).expand(-1, 2)[keep])
-            bag = torch.repeat_interleave(torch.arange(stride, device=ids.device), bag_lengths)
-            counts.append(torch.zeros_like(bag_lengths).index_add_(0, bag, keep.sum(dim=1).to(bag_lengths.dtype)))
-        physical = KeyedJaggedTensor(
-            keys=self._feature_names,
-            values=torch.cat(rows),
-            lengths=torch.cat(counts),
-            weights=torch.cat(weights) if self._weighted_out else None,
-            stride=stride,
+        device = ids.device
+        per_key = torch.tensor(features.length_per_key(), device=device)
+        feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
+        n = self._num_rows[feature]
+        pool_row, hot, blocked = self._pool_rows(ids, feature)
+        rows = torch.where(self._compressed[feature], pool_row, torch.remainder(ids, n))
+        w = torch.ones_like(ids, dtype=torch.float32)
+        if self._is_weighted:
+            w = features.weights()
+        if self._weighted_out:
+            w = torch.where(self._mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
+        if not self._any_composed:
+            return self.embedding_bag_collection(
+                KeyedJaggedTensor(keys=self._feature_names, values=rows, lengths=lengths, weights=w if self._weighted_out else None, stride=features.stride())
+            )
+        # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
+        # ID (its block row) and a blocked one (its pool row).
+        composed = self._composed[feature]
+        block = self._pool[feature] + torch.remainder(ids, n) // self._block_size[feature]
+        values = torch.stack([rows, block], dim=1)
+        zero = torch.zeros_like(w)
+        weights = torch.stack([torch.where(blocked & composed, zero, w), torch.where(hot & composed, zero, w)], dim=1)
+        keep = torch.stack([torch.ones_like(composed), composed], dim=1)
+        out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
+        return self.embedding_bag_collection(
+            KeyedJaggedTensor(keys=self._feature_names, values=values[keep], lengths=out_lengths, weights=weights[keep], stride=features.stride())
         )
-        return self.embedding_bag_collection(physical)
 
-    def _rows(self, f: int, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(row of each ID [n], its second shared row or -1 [n]) for feature ``f``."""
-        none = torch.full_like(ids, -1)
-        t = self._feature_table[f]
-        if t < 0:
-            return torch.remainder(ids, self._num_rows[f]), none
-        lo, hi = self._map_offsets[t], self._map_offsets[t + 1]
-        shared = self._num_hot[f] + torch.remainder(finalise64(ids + self._seed1), self._num_shared[f])
-        if hi == lo:
-            return shared, none
-        keys = self.map_ids[lo:hi]
-        pos = torch.searchsorted(keys, ids).clamp(max=hi - lo - 1)
-        found = keys[pos] == ids
-        value = torch.where(found, self.map_rows[lo:hi][pos], torch.full_like(ids, -2))  # -2: cold
-        first = torch.where(value >= 0, value, shared)
-        if not self._multi_level[f]:
-            return first, none
-        second = self._num_hot[f] + torch.remainder(finalise64(ids + self._seed2), self._num_shared[f])
-        return first, torch.where(value == -1, second, none)  # -1: medium
+    def _pool_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
+        key = fingerprint32(ids)
+        pool = self._pool[feature].clamp(min=1)
+        choices = choices_of_hash(finalise64(key + self._pool_seed), pool)
+        table = self._sketch_table[feature]
+        sketched = table >= 0
+        owned = self.owned[(self._pool_offset[feature].unsqueeze(1) + choices).clamp(max=self.owned.numel() - 1)] == 1  # OWNED
+        owned = owned & sketched.unsqueeze(1)
+        # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
+        free = ~owned
+        first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
+        row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
+        rotated = rotated_pool_rows(ids, self._num_rows[feature], pool, self._block_size[feature])
+        row = torch.where(~sketched & self._composed[feature], rotated, row)
+        blocked = owned.all(dim=1)
+        hot = torch.zeros_like(blocked)
+        if self.hot_keys.numel() > 0:
+            wanted = (table << 32) | key
+            pos = torch.searchsorted(self.hot_keys, wanted).clamp(max=self.hot_keys.numel() - 1)
+            hot = sketched & (self.hot_keys[pos] == wanted)
+            row = torch.where(hot, self.hot_rows[pos], row)
+            blocked = blocked & ~hot
+        return row, hot, blocked
 
     def nbytes(self) -> Dict[str, int]:
-        """Bytes of the served form: the physical tables and the frozen map."""
+        """Bytes of the served form: the physical tables and the frozen lookup state."""
         tables = sum(p.numel() * p.element_size() for p in self.embedding_bag_collection.parameters())
-        frozen = sum(b.numel() * b.element_size() for b in (self.map_ids, self.map_rows))
+        frozen = sum(b.numel() * b.element_size() for b in (self.hot_keys, self.hot_rows, self.owned))
         return {"table_bytes": tables, "map_bytes": frozen, "total_bytes": tables + frozen}
 
 
@@ -149,26 +147,54 @@ def export_for_inference(module: CafeEmbeddingBagCollection, device: Optional[to
         )
     device = device or next(inner.parameters()).device
     layouts, remapper = module._layouts, module._remapper
-    ebc = EmbeddingBagCollection(
-        tables=[l.physical_config() for l in layouts], is_weighted=remapper.weighted_out, device=device
-    )
+    ebc = EmbeddingBagCollection(tables=[l.physical_config() for l in layouts], is_weighted=remapper.weighted_out, device=device)
     ebc.load_state_dict(inner.state_dict())
-    per_feature = [(l, t) for l in layouts for t in [_sketch_table(module, l)] for _ in l.config.feature_names]
-    map_ids, map_rows, map_offsets = _frozen_map(module)
+    sketched = [l for l in layouts if l.sketched]
+    pool_offset = [0]
+    for l in sketched:
+        pool_offset.append(pool_offset[-1] + l.budget.pool_rows)
+    per_feature = [l for l in layouts for _ in l.config.feature_names]
+    table = [next((t for t, s in enumerate(sketched) if s is l), -1) for l in per_feature]
+    constants = {
+        "num_rows": [l.config.num_embeddings for l in per_feature],
+        "sketch_table": table,
+        "compressed": [l.compressed for l in per_feature],
+        "pool": [l.budget.pool_rows for l in per_feature],
+        "pool_offset": [pool_offset[t] if t >= 0 else 0 for t in table],
+        "block_size": [l.block_size for l in per_feature],
+        "composed": [l.composed for l in per_feature],
+        "mean_as_weights": [l.mean_as_weights for l in per_feature],
+    }
+    hot_keys, hot_rows, owned = _frozen_lookup(module)
     return CafeInferenceEBC(
         embedding_bag_collection=ebc,
         feature_names=list(module._feature_names),
-        feature_table=[t for _, t in per_feature],
-        num_rows=[l.config.num_embeddings for l, _ in per_feature],
-        num_hot=[l.budget.num_hot for l, _ in per_feature],
-        num_shared=[max(l.budget.num_shared, 1) for l, _ in per_feature],
-        multi_level=[l.multi_level for l, _ in per_feature],
-        mean_as_weights=[l.mean_as_weights for l, _ in per_feature],
-        map_ids=map_ids.to(device),
-        map_rows=map_rows.to(device),
-        map_offsets=map_offsets,
+        constants={k: torch.tensor(v, device=device) for k, v in constants.items()},
+        hot_keys=hot_keys.to(device),
+        hot_rows=hot_rows.to(device),
+        owned=owned.to(device),
         is_weighted=module.is_weighted(),
+        weighted_out=remapper.weighted_out,
     )
+
+
+def _frozen_lookup(module: CafeEmbeddingBagCollection) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """(sorted ``(table << 32) | key`` of every hot ID [M], the pool row each owns [M], the pool
+    states of all sketched tables [sum P] int8) of the module's sketch as it stands."""
+    sketch = module._sketch
+    if sketch is None:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(1, dtype=torch.int8)
+    tables, keys, rows = [], [], []
+    for t, p in enumerate(sketch.pool_rows_per_table):
+        k = sketch.hot_keys(t)
+        row, _, _ = sketch.lookup_keys(k, torch.full_like(k, t))
+        tables.append(torch.full_like(k, t))
+        keys.append(k)
+        rows.append(row)
+    combined = (torch.cat(tables) << 32) | torch.cat(keys)
+    order = torch.argsort(combined)
+    return combined[order].cpu(), torch.cat(rows)[order].cpu(), sketch.pool_state[:-1].clone().cpu()
 
 
 def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
@@ -203,30 +229,3 @@ def _module_from_description(tables: List[Dict[str, object]]) -> CafeEmbeddingBa
     ]
     cafe = {t["name"]: CafeConfig(**t["cafe"]) for t in tables if t["cafe"] is not None}
     return CafeEmbeddingBagCollection(configs, cafe, is_weighted=bool(tables[0].get("is_weighted", False)))
-
-
-def _sketch_table(module: CafeEmbeddingBagCollection, layout: object) -> int:
-    return next((t for t, l in enumerate(module._compressed) if l is layout), -1)
-
-
-def _frozen_map(module: CafeEmbeddingBagCollection) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """Every tracked ID that is hot or (multi-level) medium, sorted by (table, id): ids [M], row or
-    -1 for medium [M], and the per-table offsets [T + 1]."""
-    sketch = module._sketch
-    if sketch is None:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), [0]
-    k = sketch.num_buckets
-    tracked = sketch.slot_hot[:k] != EMPTY
-    tables = sketch._table_of_bucket[:k].to(torch.int64).unsqueeze(1).expand_as(tracked)[tracked]
-    ids = sketch.slot_ids[:k][tracked]
-    hot, medium = sketch.lookup(ids, tables, module._remapper.medium_level)
-    medium = medium & module._remapper.table_multi_level.index_select(0, tables)
-    keep = (hot >= 0) | medium
-    ids, tables, rows = ids[keep], tables[keep], torch.where(hot >= 0, hot, torch.full_like(hot, _MEDIUM))[keep]
-    order = torch.sort(ids, stable=True).indices
-    order = order[torch.sort(tables[order], stable=True).indices]
-    counts = torch.bincount(tables, minlength=sketch.num_tables).tolist()
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    return ids[order].cpu(), rows[order].cpu(), offsets

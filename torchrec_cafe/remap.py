@@ -1,16 +1,25 @@
 """Remap: a KJT of raw IDs -> a KJT of physical rows, plus what the importance hook needs.
 
-Physical layout of a compressed table: rows ``[0, H)`` are hot rows (hot index h -> row h), rows
-``[H, H + S)`` are shared rows. An ID that is hot reads its hot row; every other ID reads shared
-row ``H + hash1(id) % S``; with multi-level hashing a medium ID also reads ``H + hash2(id) % S``
-(one extra entry in its bag). Plain tables reduce IDs modulo ``num_embeddings``, so any int64 ID
-is valid everywhere.
+Physical layout of a compressed table of N logical rows: rows ``[0, P)`` are the *pool* (hashed
+rows), rows ``[P, P + B)`` the *block* rows (``cold_rows="composed"`` only). An ID reads
 
-All features are remapped together by per-feature constant tensors: the cost is a fixed number of
-tensor ops whatever the number of tables. Only multi-level hashing adds a variable number of
-entries (boolean selection: one host sync on CUDA).
+- a pool row: the one it owns if it is hot, else its first of four hashed choices that no hot ID
+  owns (``HotSketch.lookup``); a table too small for a sketch has no hot IDs and reads its first
+  choice, or (composed) the ``rotated_pool_rows`` one: with the block row below, a distinct
+  (pool, block) pair per ID whenever ``P >= ceil(N / B)``, as in the QR trick;
+- composed tables, a cold ID also reads its block row ``P + (id mod N) // ceil(N / B)``: every
+  cold ID is a distinct (pool row, block row) pair, QR-style, and cold IDs of one range share the
+  block row. A hot ID reads its private row alone, so neither kind of shared row is trained by the
+  head: the tail shares rows only with the tail. A cold ID whose every choice is owned (most of
+  the pool private) reads its block row alone.
+
+Plain tables reduce IDs modulo N, so any int64 ID is valid everywhere. Composed tables give each
+ID two entries in its bag, so their output is pooled from a weighted KJT (weights ``w`` or ``1``,
+``/ len`` for MEAN). All features are remapped together by per-feature constant tensors: a fixed
+number of tensor ops whatever the number of tables.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -20,12 +29,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.sketch.hashing import mix64
-from torchrec_cafe.sketch.hot_sketch import HotSketch
+from torchrec_cafe.sketch.hashing import fingerprint32
+from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate, pool_choices
 from torchrec_cafe.sketch.ops import take
-
-SHARED_SEED = 0x51A7ED
-SECOND_SEED = 0x2ECD
 
 
 @dataclass(frozen=True)
@@ -42,14 +48,23 @@ class TableLayout:
         return self.cafe is not None and self.budget.compressed
 
     @property
-    def multi_level(self) -> bool:
-        return self.compressed and self.cafe.multi_level
+    def sketched(self) -> bool:
+        return self.compressed and self.budget.sketched
+
+    @property
+    def composed(self) -> bool:
+        return self.compressed and self.budget.block_rows > 0
+
+    @property
+    def block_size(self) -> int:
+        """Consecutive IDs per block row (composed tables)."""
+        return math.ceil(self.config.num_embeddings / max(self.budget.block_rows, 1))
 
     @property
     def mean_as_weights(self) -> bool:
-        """MEAN is computed as SUM with weights w/len when bags gain entries (multi-level) or carry
+        """MEAN is computed as SUM with weights w/len when bags gain entries (composed) or carry
         weights (torch's EmbeddingBag has no weighted MEAN)."""
-        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.multi_level)
+        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.composed)
 
     def physical_config(self) -> EmbeddingBagConfig:
         c = self.config
@@ -66,60 +81,95 @@ class TableLayout:
         )
 
 
-def _shared(ids: torch.Tensor, num_hot: "torch.Tensor | int", num_shared: "torch.Tensor | int", seed: int) -> torch.Tensor:
-    """Shared row of each id: ``H + hash_seed(id) % S`` (sizes per element or per table)."""
-    return num_hot + torch.remainder(mix64(ids, seed), num_shared)
-
-
-def shared_rows(ids: torch.Tensor, budget: TableBudget, seed: int = SHARED_SEED) -> torch.Tensor:
-    """Shared row of each id in one compressed table (``seed``: first or second hash)."""
-    return _shared(ids, budget.num_hot, budget.num_shared, seed)
-
-
 @dataclass
 class RemapContext:
-    """What one forward saw of its compressed occurrences, [n_c] each (n_c = compressed values)."""
+    """What one forward saw of its sketched occurrences, [n_s] each (n_s = values of sketched tables)."""
 
     ids: torch.Tensor  # raw ids
-    tables: torch.Tensor  # compressed-table index (sketch table) of each occurrence
+    tables: torch.Tensor  # sketch table of each occurrence
     bag: torch.Tensor  # bag index in key-major KJT order: feature * B + sample
     feature: torch.Tensor  # feature index (module feature order)
     factor: torch.Tensor  # |weight| (/ bag length for MEAN): d pooled / d row, up to the gradient
-    medium: Optional[torch.Tensor]  # read two shared rows (multi-level)
-    hot_hits: torch.Tensor  # [T] fraction of each compressed table's occurrences that hit a hot row
+    hot_hits: torch.Tensor  # [T] fraction of each sketched table's occurrences that hit a hot row
+
+
+@dataclass
+class Migration:
+    """Row copies of one sketch update, per promoted pair [N] (physical rows of its table)."""
+
+    tables: torch.Tensor  # sketch table
+    src: torch.Tensor  # the pool row the ID read
+    dst: torch.Tensor  # the pool row it now owns
+    mask: torch.Tensor  # promoted
+    keep_weights: torch.Tensor  # False: the ID read no pool row (composed, blocked)
+    block: torch.Tensor  # its block row (composed tables), added to dst: the ID's embedding so far
+    composed: torch.Tensor
+    reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
+
+
+def rotated_pool_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:
+    """Pool row of each id of a composed table without a sketch: ``(fingerprint32(b) + h mod s)
+    mod P`` for ``h = id mod N`` in block ``b = h // s`` (``s`` the block size). The ids of one
+    block get consecutive rows from a hashed start, so every id's (pool, block) pair is distinct
+    when ``s <= P`` (as QR's), while ids of different blocks share pool rows at random (as
+    hashing's), whatever arithmetic structure the id numbering has. TorchScript-able. [n] int64"""
+    h = torch.remainder(ids, num_rows)
+    return torch.remainder(fingerprint32(h // block_size) + torch.remainder(h, block_size), pool)
+
+
+def static_pool_rows(
+    ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor, composed: torch.Tensor
+) -> torch.Tensor:
+    """Pool row of each id of a table without a sketch (per-value N, P, block size and composed
+    flag, [n] each): ``rotated_pool_rows`` when composed, else its first hashed choice. [n] int64"""
+    rotated = rotated_pool_rows(ids, num_rows, pool, block_size)
+    return torch.where(composed, rotated, pool_choices(fingerprint32(ids), pool)[:, 0])
+
+
+def _positions(offsets: List[int], features: List[int], device: torch.device) -> torch.Tensor:
+    """Positions of the values of ``features``: contiguous runs known from host offsets."""
+    if not features:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    starts = [offsets[f] for f in features]
+    counts = [offsets[f + 1] - offsets[f] for f in features]
+    total = sum(counts)
+    counts_t = torch.tensor(counts, device=device)
+    run_start = torch.tensor(starts, device=device) - (torch.cumsum(counts_t, 0) - counts_t)
+    return torch.arange(total, device=device) + torch.repeat_interleave(run_start, counts_t, output_size=total)
 
 
 class KJTRemapper(nn.Module):
     """Maps KJTs in module feature order (the layouts' tables, then their features) to physical
-    rows, using a ``HotSketch`` whose table t is the t-th compressed layout."""
+    rows, using a ``HotSketch`` whose table t is the t-th sketched layout."""
 
     def __init__(self, layouts: List[TableLayout], device: Optional[torch.device] = None) -> None:
         super().__init__()
-        compressed = [l for l in layouts if l.compressed]
-        sketch_table = {l.config.name: t for t, l in enumerate(compressed)}
+        sketched = [l for l in layouts if l.sketched]
+        sketch_table = {l.config.name: t for t, l in enumerate(sketched)}
         per_feature: List[Tuple[TableLayout, int]] = [
             (l, sketch_table.get(l.config.name, -1)) for l in layouts for _ in l.config.feature_names
         ]
         self.num_features = len(per_feature)
-        self.compressed_features = [i for i, (_, t) in enumerate(per_feature) if t >= 0]
-        self.weighted_out = any(l.weighted or l.mean_as_weights for l in layouts)
-        self.any_multi_level = any(l.multi_level for l in layouts)
-        self.frequency_tables = [t for t, l in enumerate(compressed) if l.cafe.importance == "frequency"]
+        self.sketched_features = [i for i, (_, t) in enumerate(per_feature) if t >= 0]
+        self.static_features = [i for i, (l, t) in enumerate(per_feature) if l.compressed and t < 0]
+        self.feature_mult = [2 if l.composed else 1 for l, _ in per_feature]  # physical entries per ID
+        self.weighted_out = any(l.weighted or l.composed for l in layouts)
+        self.frequency_tables = [t for t, l in enumerate(sketched) if l.cafe.importance == "frequency"]
         constants = {
-            "cafe_table": ([t for _, t in per_feature], torch.int64),
+            "sketch_table": ([t for _, t in per_feature], torch.int64),
             "num_rows": ([l.config.num_embeddings for l, _ in per_feature], torch.int64),
-            "num_hot": ([l.budget.num_hot for l, _ in per_feature], torch.int64),
-            "num_shared": ([max(l.budget.num_shared, 1) for l, _ in per_feature], torch.int64),
+            "pool": ([l.budget.pool_rows for l, _ in per_feature], torch.int64),
+            "block_size": ([l.block_size for l, _ in per_feature], torch.int64),
+            "composed": ([l.composed for l, _ in per_feature], torch.bool),
             "mean": ([l.config.pooling == PoolingType.MEAN for l, _ in per_feature], torch.bool),
             "mean_as_weights": ([l.mean_as_weights for l, _ in per_feature], torch.bool),
-            "multi_level": ([l.multi_level for l, _ in per_feature], torch.bool),
-            # per compressed (sketch) table
-            "medium_level": ([l.cafe.medium_threshold for l in compressed] or [0.0], torch.float64),
-            "frequency": ([l.cafe.importance == "frequency" for l in compressed] or [False], torch.bool),
-            "table_hot": ([l.budget.num_hot for l in compressed] or [0], torch.int64),
-            "table_shared": ([l.budget.num_shared for l in compressed] or [1], torch.int64),
-            "table_multi_level": ([l.multi_level for l in compressed] or [False], torch.bool),
-            "table_reset_state": ([l.cafe.optimizer_state == "reset" for l in compressed] or [False], torch.bool),
+            # per sketched table
+            "frequency": ([l.cafe.importance == "frequency" for l in sketched] or [False], torch.bool),
+            "table_composed": ([l.composed for l in sketched] or [False], torch.bool),
+            "table_rows": ([l.config.num_embeddings for l in sketched] or [1], torch.int64),
+            "table_pool": ([l.budget.pool_rows for l in sketched] or [1], torch.int64),
+            "table_block_size": ([l.block_size for l in sketched] or [1], torch.int64),
+            "table_reset_state": ([l.cafe.optimizer_state == "reset" for l in sketched] or [False], torch.bool),
         }
         for name, (values, dtype) in constants.items():
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
@@ -135,50 +185,62 @@ class KJTRemapper(nn.Module):
             torch.arange(self.num_features, device=device), torch.tensor(per_key, device=device), output_size=n
         )
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
-        plain_rows = torch.remainder(ids, take(self.num_rows, feature))
-        if sketch is None:
-            return self._physical(kjt, plain_rows, lengths, bag, feature), None
-        # Only the compressed features' values are probed; they are runs known from host offsets.
-        sel = self._compressed_positions(kjt)
-        ids_c, feature_c = take(ids, sel), take(feature, sel)
-        table_c = take(self.cafe_table, feature_c)
-        hot, medium_c = sketch.lookup(ids_c, table_c, self.medium_level)
-        shared = _shared(ids_c, take(self.num_hot, feature_c), take(self.num_shared, feature_c), SHARED_SEED)
-        rows = plain_rows.index_copy(0, sel, torch.where(hot >= 0, hot, shared))
-        medium = None
-        if self.any_multi_level:
-            medium_c = medium_c & (hot < 0) & take(self.multi_level, feature_c)
-            medium = torch.zeros_like(ids, dtype=torch.bool).index_copy(0, sel, medium_c)
-        physical = self._physical(kjt, rows, lengths, bag, feature, medium)
-        context = self._context(kjt, sel, ids_c, table_c, take(bag, sel), feature_c, hot, medium_c)
-        return physical, context
+        rows = torch.remainder(ids, take(self.num_rows, feature))  # plain rows; compressed ones below
+        offsets = kjt.offset_per_key()
+        if self.static_features:
+            sel = _positions(offsets, self.static_features, device)
+            x, f = take(ids, sel), take(feature, sel)
+            rows = rows.index_copy(0, sel, static_pool_rows(
+                x, take(self.num_rows, f), take(self.pool, f), take(self.block_size, f), take(self.composed, f)
+            ))
+        alone, context = None, None
+        if sketch is not None and self.sketched_features:
+            sel = _positions(offsets, self.sketched_features, device)
+            x, f = take(ids, sel), take(feature, sel)
+            tables = take(self.sketch_table, f)
+            row, hot, blocked = sketch.lookup(x, tables)
+            rows = rows.index_copy(0, sel, row)
+            # Composed: hot IDs read their pool row alone (code 1), blocked ones their block row (2).
+            code = torch.where(hot, 1, torch.where(blocked, 2, 0)) * take(self.composed, f)
+            alone = torch.zeros_like(ids).index_copy(0, sel, code)
+            context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
+        return self._physical(kjt, ids, rows, per_key, bag, feature, alone), context
 
     def _physical(
         self,
         kjt: KeyedJaggedTensor,
+        ids: torch.Tensor,
         rows: torch.Tensor,
-        lengths: torch.Tensor,
+        per_key: List[int],
         bag: torch.Tensor,
         feature: torch.Tensor,
-        medium: Optional[torch.Tensor] = None,
+        alone: Optional[torch.Tensor],
     ) -> KeyedJaggedTensor:
+        """``alone`` [n]: per value of a composed table, 1 if it reads its pool row alone (hot), 2
+        if its block row alone (blocked), 0 if both: the other entry of its pair weighs 0."""
+        lengths = kjt.lengths()
         weights: Optional[torch.Tensor] = None
         if self.weighted_out:
             w = kjt.weights_or_none()
             base = w if w is not None else torch.ones_like(rows, dtype=torch.float32)
             inv_len = 1.0 / take(lengths.clamp(min=1).to(base.dtype), bag)
             weights = torch.where(take(self.mean_as_weights, feature), base * inv_len, base)
-        if medium is not None:
-            # A medium ID's embedding is the sum of two shared rows: its bag gets a second entry.
-            ids = kjt.values().to(torch.int64)
-            second = _shared(ids, take(self.num_hot, feature), take(self.num_shared, feature), SECOND_SEED)
-            keep = torch.stack([torch.ones_like(medium), medium], dim=1)
-            lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.sum(dim=1).to(lengths.dtype))
-            rows = torch.stack([rows, second], dim=1)[keep]
-            if weights is not None:
-                weights = weights.unsqueeze(1).expand(-1, 2)[keep]
+        if max(self.feature_mult) == 1:
+            return KeyedJaggedTensor(keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride())
+        # Composed features: each ID becomes (pool row, block row), adjacent in its bag.
+        block = take(self.pool, feature) + torch.remainder(ids, take(self.num_rows, feature)) // take(self.block_size, feature)
+        mult = take(self.composed, feature).to(torch.int64) + 1
+        total = sum(k * m for k, m in zip(per_key, self.feature_mult))
+        src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), mult, output_size=total)
+        second = (torch.arange(total, device=ids.device) - take(torch.cumsum(mult, 0) - mult, src)) == 1
+        values = torch.where(second, take(block, src), take(rows, src))
+        out_weights = take(weights, src)
+        if alone is not None:
+            drop = torch.where(second, 1, 2)  # a pool entry is dropped for code 2, a block entry for 1
+            out_weights = torch.where(take(alone, src) == drop, torch.zeros_like(out_weights), out_weights)
+        bag_mult = torch.repeat_interleave(torch.tensor(self.feature_mult, device=ids.device), kjt.stride())
         return KeyedJaggedTensor(
-            keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride()
+            keys=kjt.keys(), values=values, lengths=lengths * bag_mult.to(lengths.dtype), weights=out_weights, stride=kjt.stride()
         )
 
     def _context(
@@ -190,48 +252,29 @@ class KJTRemapper(nn.Module):
         bag: torch.Tensor,
         feature: torch.Tensor,
         hot: torch.Tensor,
-        medium: torch.Tensor,
     ) -> RemapContext:
-        """Hook data of the compressed occurrences (all arguments but ``kjt``/``sel``: [n_c])."""
+        """Hook data of the sketched occurrences (all arguments but ``kjt``/``sel``: [n_s])."""
         w = kjt.weights_or_none()
         factor = take(w, sel).abs().float() if w is not None else torch.ones(sel.numel(), device=ids.device)
         inv_len = 1.0 / take(kjt.lengths().clamp(min=1).to(factor.dtype), bag)
         factor = torch.where(take(self.mean, feature), factor * inv_len, factor)
-        num_tables = self.medium_level.numel()
-        hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, (hot >= 0).float())
+        num_tables = self.frequency.numel()
+        hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, hot.float())
         seen = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, torch.ones_like(factor))
-        return RemapContext(
-            ids=ids,
-            tables=tables,
-            bag=bag,
-            feature=feature,
-            factor=factor,
-            medium=medium if self.any_multi_level else None,
-            hot_hits=hits / seen.clamp(min=1),
+        return RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hits / seen.clamp(min=1))
+
+    def migration(self, update: SketchUpdate) -> Migration:
+        """The row copies of a sketch update: pool rows are the first rows of a physical table."""
+        t = update.tables
+        composed = take(self.table_composed, t)
+        block = take(self.table_pool, t) + torch.remainder(update.ids, take(self.table_rows, t)) // take(self.table_block_size, t)
+        return Migration(
+            tables=t,
+            src=update.src,
+            dst=update.dst,
+            mask=update.promoted,
+            keep_weights=~(update.src_blocked & composed),
+            block=torch.where(composed, block, update.src),
+            composed=composed,
+            reset_state=take(self.table_reset_state, t),
         )
-
-    def migration_sources(
-        self, ids: torch.Tensor, tables: torch.Tensor, prior_scores: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-        """Rows a promoted ID trained so far: (first shared row, second shared row, whether the
-        second one was read, i.e. the ID was medium, whether its optimizer state is reset) [N]
-        each; the second and third are None without multi-level hashing."""
-        hot, shared = take(self.table_hot, tables), take(self.table_shared, tables)
-        src = _shared(ids, hot, shared, SHARED_SEED)
-        reset = take(self.table_reset_state, tables)
-        if not self.any_multi_level:
-            return src, None, None, reset
-        medium = take(self.table_multi_level, tables) & (prior_scores >= take(self.medium_level, tables))
-        return src, _shared(ids, hot, shared, SECOND_SEED), medium, reset
-
-    def _compressed_positions(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Positions of the compressed features' values: contiguous runs known from host offsets."""
-        offsets, device = kjt.offset_per_key(), kjt.values().device
-        starts = [offsets[f] for f in self.compressed_features]
-        counts = [offsets[f + 1] - offsets[f] for f in self.compressed_features]
-        total = sum(counts)
-        if not counts:
-            return torch.zeros(0, dtype=torch.int64, device=device)
-        counts_t = torch.tensor(counts, device=device)
-        run_start = torch.tensor(starts, device=device) - (torch.cumsum(counts_t, 0) - counts_t)
-        return torch.arange(total, device=device) + torch.repeat_interleave(run_start, counts_t, output_size=total)

@@ -14,9 +14,10 @@ live depends on how the inner ``EmbeddingBagCollection`` runs:
 Tables whose rows share one storage (all tables of one TBE) form a ``RowGroup``: one aliasing view
 over the storage, so one scatter migrates the promotions of all its tables at once.
 
-Policy (documented in the README): the hot row's weights become the ID's embedding so far (the
-sum of its two shared rows for a medium ID); its optimizer state is copied from the ID's first
-shared row (``CafeConfig.optimizer_state="copy"``) or zeroed (``"reset"``).
+Policy (documented in the README): a promoted ID's private pool row gets its embedding so far, the
+pool row it read (none if it was blocked) plus, in a composed table, its block row, which a hot ID
+no longer reads; its optimizer state is copied from that pool row
+(``CafeConfig.optimizer_state="copy"``) or zeroed (``"reset"``).
 """
 
 from dataclasses import dataclass
@@ -142,12 +143,14 @@ def migrate_group(
     src: torch.Tensor,
     dst: torch.Tensor,
     mask: torch.Tensor,
+    keep_weights: Optional[torch.Tensor] = None,
     src2: Optional[torch.Tensor] = None,
     use_src2: Optional[torch.Tensor] = None,
     reset_state: Optional[torch.Tensor] = None,
 ) -> None:
-    """Initialises rows ``dst[i]`` (where ``mask``) from ``src[i]`` (+ ``src2[i]`` where ``use_src2``);
-    optimizer state is copied from ``src[i]``, or zeroed where ``reset_state``.
+    """Initialises rows ``dst[i]`` (where ``mask``) with the weights of ``src[i]`` (where
+    ``keep_weights``) plus ``src2[i]`` (where ``use_src2``); optimizer state is copied from
+    ``src[i]``, or zeroed where ``reset_state``.
 
     ``bases[k]`` [N]: each entry's ``base - row_offset`` in tensor k of this group;
     ``src``/``dst`` are the tables' physical rows [N] int64, which every shard must hold
@@ -161,6 +164,8 @@ def migrate_group(
 
     w = group.weight
     value = w.index_select(0, rows(src, 0))
+    if keep_weights is not None:
+        value = rows_where(keep_weights, value, torch.zeros_like(value))
     if src2 is not None:
         value = value + use_src2.unsqueeze(1).to(value.dtype) * w.index_select(0, rows(src2, 0))
     masked_row_write_(w, rows(dst, 0), value, mask)
@@ -179,6 +184,7 @@ class RowExchange:
     src: torch.Tensor
     dst: torch.Tensor
     mask: torch.Tensor
+    keep_weights: Optional[torch.Tensor] = None
     src2: Optional[torch.Tensor] = None
     use_src2: Optional[torch.Tensor] = None
     reset_state: Optional[torch.Tensor] = None
@@ -200,9 +206,10 @@ def _stage(part: RowExchange) -> List[torch.Tensor]:
     template = part.shards[0]
     n = part.src.numel()
     buffers = [torch.zeros((n,) + t.shape[1:], dtype=t.dtype, device=part.src.device) for t in [template.weight] + template.states]
+    keep = part.mask if part.keep_weights is None else part.mask & part.keep_weights
     for shard in part.shards:
         own, local = _owned(shard, part.src, part.mask)
-        buffers[0] += _staged(shard.weight, local, own)
+        buffers[0] += _staged(shard.weight, local, own & keep)
         if part.src2 is not None:
             own2, local2 = _owned(shard, part.src2, part.mask & part.use_src2)
             buffers[0] += _staged(shard.weight, local2, own2)

@@ -57,7 +57,7 @@ def _timed_sync(stats: Dict[str, float]) -> None:
 
     cafe_module.all_gather_occurrences = timed(occurrences, lambda ids, *_: ids.numel() * 20 + 8)
     cafe_module.all_gather_aggregated = timed(
-        aggregated, lambda sketch, ids, scores, tables: _pairs(sketch, ids, tables) * 20 + 8 + 8 * sketch.num_tables
+        aggregated, lambda sketch, ids, scores, tables: _pairs(sketch, ids, tables) * 24 + 8 + 8 * sketch.num_tables
     )
     cafe_module._normalised_scores = timed(rescale, lambda norms, feature, num_features, distributed: 16 * num_features)
     HotSketch.update_quanta = untimed_update

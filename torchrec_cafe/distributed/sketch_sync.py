@@ -5,14 +5,17 @@ quantised per occurrence and summed as integers), so if every rank applies the c
 all ranks' occurrences, every replica ends bit-identical to a single process fed the global batch.
 
 Two all-gather forms: ``all_gather_occurrences`` ships every occurrence (20 bytes each);
-``all_gather_aggregated`` ships each rank's exact pre-aggregation (unique (table, id) pairs with
-integer quanta, 20 bytes per pair, plus the rejected counts), which is what the module uses.
+``all_gather_aggregated`` ships each rank's exact pre-aggregation (unique (table, key) pairs with
+their smallest id and integer quanta, 24 bytes per pair, plus the rejected counts), which is what
+the module uses.
 """
 
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from torchrec_cafe.sketch.hot_sketch import as_int32_bits
 
 if TYPE_CHECKING:
     from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
@@ -71,14 +74,15 @@ def all_gather_aggregated(
 ) -> "SketchUpdate":
     """Collective update: each rank pre-aggregates its occurrences exactly, the pairs are
     all-gathered and every replica applies all of them (bit-identical to one process fed all
-    ranks' occurrences). Bytes per rank: 20 per unique local (table, id) + 8 per table."""
-    uid, quanta, utab, rejected = sketch.aggregate(ids, scores, tables)
-    sizes = _gathered_sizes(uid, group)
+    ranks' occurrences). Bytes per rank: 24 per unique local (table, key) + 8 per table."""
+    keys, uid, quanta, utab, rejected = sketch.aggregate(ids, scores, tables)
+    sizes = _gathered_sizes(keys, group)
     dist.all_reduce(rejected, group=group)
     if max(sizes) == 0:
-        empty = uid.new_zeros(0)
-        return sketch.update_quanta(empty, empty, empty, rejected)
+        empty = keys.new_zeros(0)
+        return sketch.update_quanta(empty, empty, empty, empty, rejected)
     return sketch.update_quanta(
+        _all_gather_varlen(as_int32_bits(keys), sizes, group).to(torch.int64) & 0xFFFFFFFF,  # 32-bit keys
         _all_gather_varlen(uid, sizes, group),
         _all_gather_varlen(quanta, sizes, group),
         _all_gather_varlen(utab.to(torch.int32), sizes, group).to(torch.int64),

@@ -15,7 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
-from torchrec_cafe.remap import KJTRemapper, RemapContext, TableLayout
+from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowExchange,
     RowGroup,
@@ -60,8 +60,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Same constructor tables, same ``KeyedTensor`` output (keys, order, dims) and same
     ``embedding_bag_configs()`` as ``EmbeddingBagCollection(tables, is_weighted)``; each table named
-    in ``cafe`` is stored as ``H`` hot rows + ``S`` shared rows + a HotSketch within
-    ``num_embeddings * dim * bytes / compression_ratio`` bytes.
+    in ``cafe`` is stored as a pool of hashed rows (+ block rows when composed) + a HotSketch within
+    ``num_embeddings * dim * bytes / compression_ratio`` bytes; hot IDs own pool rows privately.
 
     Lifecycle of one training step: ``forward`` applies the scores pending from the previous
     backward(s) (sketch update + row migrations, every ``update_interval`` steps), remaps raw IDs
@@ -105,8 +105,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             is_weighted=self._remapper.weighted_out,
             device=device,
         )
-        self._compressed = [l for l in self._layouts if l.compressed]
-        self._sketch = _group_sketch(self._compressed, state_device)
+        self._sketched = [l for l in self._layouts if l.sketched]
+        self._sketch = _group_sketch(self._sketched, state_device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
         self._feature_set = set(self._feature_names)
         # Per training step: (raw ids, sketch table, importance norm, feature) per compressed
@@ -116,9 +116,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._column_features: Dict["tuple[str, ...]", "tuple[int, torch.Tensor]"] = {}
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
-        self._update_interval = self._compressed[0].cafe.update_interval if self._compressed else 1
+        self._update_interval = self._sketched[0].cafe.update_interval if self._sketched else 1
         self._steps_since_update = 0
-        self._sync = self._compressed[0].cafe.sync if self._compressed else "aggregated"
+        self._sync = self._sketched[0].cafe.sync if self._sketched else "aggregated"
         self._ranks_checked = False
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
@@ -155,7 +155,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         sketch update that is due (a collective with several ranks). Shared with the sharded
         module's ``input_dist``."""
         features = self._check_and_order(features)
-        if self._remapper.cafe_table.device != features.values().device:
+        if self._remapper.sketch_table.device != features.values().device:
             self._follow(features.values().device)
         if training and self._sketch is not None:
             if self._steps_since_update >= self._update_interval:
@@ -213,7 +213,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _track_importance(self, kt: KeyedTensor, context: RemapContext) -> None:
         remapper = self._remapper
-        if len(remapper.frequency_tables) == len(self._compressed):
+        if len(remapper.frequency_tables) == len(self._sketched):
             ones = torch.ones_like(context.factor)
             self._pending.append((context.ids, context.tables, ones, context.feature))
             return
@@ -294,26 +294,22 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         groups, row_split = self._row_groups()  # also refuses optimizer state it cannot migrate
         if self._sketch.host_reads_are_free() and not bool(update.promoted.any()):
             return  # nothing to migrate (a free check on CPU; every rank agrees: replicas are identical)
-        src, src2, medium, reset = self._remapper.migration_sources(
-            update.promoted_ids, update.promoted_tables, update.prior_scores
-        )
+        self._migrate(self._remapper.migration(update), groups, row_split)
+
+    @staticmethod
+    def _migrate(m: Migration, groups: list, row_split: list) -> None:
+        """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
         for group, bases, member in groups:
-            migrate_group(
-                group,
-                [b.index_select(0, update.promoted_tables) for b in bases],
-                src,
-                update.promoted_hot,
-                update.promoted & member.index_select(0, update.promoted_tables),
-                src2,
-                medium,
-                reset,
-            )
+            mask = m.mask & member.index_select(0, m.tables)
+            bases = [b.index_select(0, m.tables) for b in bases]
+            migrate_group(group, bases, m.src, m.dst, mask, m.keep_weights, m.block, m.composed, m.reset_state)
         if row_split:
-            parts = [
-                RowExchange(shards, src, update.promoted_hot, update.promoted & (update.promoted_tables == t), src2, medium, reset)
-                for t, shards in row_split
-            ]
-            exchange_rows(parts)
+            exchange_rows(
+                [
+                    RowExchange(shards, m.src, m.dst, m.mask & (m.tables == t), m.keep_weights, m.block, m.composed, m.reset_state)
+                    for t, shards in row_split
+                ]
+            )
 
     def describe(self) -> List[Dict[str, object]]:
         """JSON-able description of every logical table and its physical form (sizes, CAFE
@@ -328,8 +324,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "pooling": str(c.pooling),
                 "is_weighted": self._is_weighted,
                 "cafe": dataclasses.asdict(l.cafe) if l.cafe is not None else None,
-                "hot_rows": l.budget.num_hot if l.compressed else 0,
-                "shared_rows": l.budget.num_shared,
+                "pool_rows": l.budget.pool_rows,
+                "block_rows": l.budget.block_rows,
                 "sketch_buckets": l.budget.num_buckets if l.compressed else 0,
             }
             for l in self._layouts
@@ -371,8 +367,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """
 
         inner = self._embedding_bag_collection
-        names = [l.config.name for l in self._compressed]
-        device = self._remapper.table_hot.device
+        names = [l.config.name for l in self._sketched]
+        device = self._remapper.sketch_table.device
         if isinstance(inner, EmbeddingBagCollection):
             shards = [
                 s for n in names for s in parameter_shards(inner.embedding_bags[n].weight, n, self._optimizer)
@@ -402,7 +398,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables' ``sketch_bytes`` add up to the sketch's ``nbytes()``.
         """
         report = {}
-        first = self._compressed[0].config.name if self._compressed else None
+        first = self._sketched[0].config.name if self._sketched else None
         for l in self._layouts:
             b = l.budget
             sketch = b.sketch_bytes
@@ -411,10 +407,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             total = b.rows * b.row_bytes + sketch
             report[l.config.name] = {
                 "compressed": b.compressed,
+                "sketched": l.sketched,
                 "logical_bytes": b.logical_bytes,
                 "budget_bytes": b.budget_bytes,
-                "hot_rows": b.num_hot,
-                "shared_rows": b.num_shared,
+                "pool_rows": b.pool_rows,
+                "block_rows": b.block_rows,
+                "sketch_buckets": b.num_buckets,
                 "row_bytes": b.row_bytes,
                 "sketch_bytes": sketch,
                 "total_bytes": total,
@@ -423,9 +421,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return report
 
     def stats(self) -> Dict[str, Dict[str, float]]:
-        """Per compressed table: hot-hit rate of the last batch and sketch counters (host sync)."""
+        """Per sketched table: hot-hit rate of the last batch and sketch counters (host sync)."""
         out = {}
-        for t, layout in enumerate(self._compressed):
+        for t, layout in enumerate(self._sketched):
             s = dict(self._sketch.stats(t))
             c = self._last_context
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
@@ -464,22 +462,23 @@ def _is_meta(device: Optional[torch.device]) -> bool:
     return device is not None and torch.device(device).type == "meta"
 
 
-def _group_sketch(compressed: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:
-    """One HotSketch for all compressed tables: one batch of ops per step whatever their count."""
-    if not compressed:
+def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:
+    """One HotSketch for all sketched tables: one batch of ops per step whatever their count."""
+    if not sketched:
         return None
-    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync", "displace_ratio"):
-        values = {getattr(l.cafe, field) for l in compressed}
+    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync"):
+        values = {getattr(l.cafe, field) for l in sketched}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
     return HotSketch(
-        num_buckets=[l.budget.num_buckets for l in compressed],
-        num_hot=[l.budget.num_hot for l in compressed],
-        threshold=[l.cafe.threshold for l in compressed],
-        slots_per_bucket=compressed[0].cafe.slots_per_bucket,
-        decay=[l.cafe.decay for l in compressed],
-        quarantine=compressed[0].cafe.quarantine,
-        displace_ratio=compressed[0].cafe.displace_ratio,
+        num_buckets=[l.budget.num_buckets for l in sketched],
+        pool_rows=[l.budget.pool_rows for l in sketched],
+        threshold=[l.cafe.threshold for l in sketched],
+        slots_per_bucket=sketched[0].cafe.slots_per_bucket,
+        decay=[l.cafe.decay for l in sketched],
+        quarantine=sketched[0].cafe.quarantine,
+        promote_load=[l.cafe.promote_load for l in sketched],
+        demote_load=[l.cafe.demote_load for l in sketched],
         device=device,
     )
 
@@ -511,16 +510,16 @@ def _layouts(
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
         dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
         budget = table_budget(t, c, dtype_bytes) if c is not None else table_budget(t, _PLAIN, dtype_bytes)
-        if c is not None and c.compression_ratio > 1 and not budget.compressed:
-            logger.warning(
-                "table %r: its budget of %d B (compression ratio %g) cannot hold one hot row, one "
-                "shared row and their sketch; it stays a full table of %d B",
-                t.name, budget.budget_bytes, c.compression_ratio, budget.total_bytes,
+        if budget.compressed and not budget.sketched:
+            logger.info(
+                "table %r: its budget of %d B (compression ratio %g) holds %d rows, too few for a "
+                "sketch: they serve every ID as cold rows",
+                t.name, budget.budget_bytes, c.compression_ratio, budget.rows,
             )
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
-    if not is_weighted and any(l.mean_as_weights for l in layouts):
-        # Multi-level MEAN needs weights, and a KJT carries weights for every feature or none:
-        # every MEAN table then pools as SUM with weights 1/len.
+    if not is_weighted and any(l.composed or l.mean_as_weights for l in layouts):
+        # Composed tables need weights (a blocked ID's pool entry weighs 0), and a KJT carries
+        # weights for every feature or none: every MEAN table then pools as SUM with weights 1/len.
         layouts = [TableLayout(l.config, l.cafe, l.budget, True) for l in layouts]
     return layouts
 

@@ -1,6 +1,5 @@
 """The hashing trick as an EmbeddingBagCollection: the baseline CAFE is measured against."""
 
-import math
 from typing import Dict, List, Optional
 
 import torch
@@ -8,16 +7,28 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.config import hashed_rows, table_budget_bytes
 from torchrec_cafe.sketch.hashing import mix64
 
 _HASH_SEED = 0x4A54
 
 
+def hash_rows(ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The hashing trick's row of each id in a table of ``rows`` rows (elementwise)."""
+    return torch.remainder(mix64(ids, _HASH_SEED), rows)
+
+
+def hashed_table_rows(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: int = 4) -> int:
+    """Rows of ``table`` hashed into its budget (``N`` when the budget holds the whole table): what
+    every method falls back to when its own structure does not fit a table's budget."""
+    budget = table_budget_bytes(table, compression_ratio, dtype_bytes)
+    row = table.embedding_dim * dtype_bytes
+    return table.num_embeddings if budget >= table.num_embeddings * row else hashed_rows(budget, row)
+
+
 class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
-    """Each table keeps ``floor(N / compression_ratio)`` rows and every ID reads row
-    ``mix64(id) % rows``: the memory of a CAFE table's budget, no sketch. Tables that CAFE would
-    keep plain at this ratio (too small to compress) stay full here too, so totals match.
+    """Each table keeps as many rows as its budget (logical bytes / CR) holds, at least one, and
+    every ID reads row ``mix64(id) % rows``: no sketch, no id state.
 
     Output and ``embedding_bag_configs()`` match ``EmbeddingBagCollection(tables)``.
     """
@@ -32,13 +43,7 @@ class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         super().__init__()
         self._configs = list(tables)
         self._is_weighted = is_weighted
-        cafe = CafeConfig(compression_ratio=compression_ratio)
-        self._rows: Dict[str, int] = {
-            t.name: math.floor(t.num_embeddings / compression_ratio)
-            if table_budget(t, cafe).compressed
-            else t.num_embeddings
-            for t in tables
-        }
+        self._rows: Dict[str, int] = {t.name: hashed_table_rows(t, compression_ratio) for t in tables}
         physical = [
             EmbeddingBagConfig(
                 num_embeddings=self._rows[t.name],
@@ -69,7 +74,7 @@ class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             torch.tensor(lengths, device=features.values().device),
             output_size=sum(lengths),
         )
-        hashed = torch.remainder(mix64(features.values(), _HASH_SEED), rows)
+        hashed = hash_rows(features.values(), rows)
         return self._embedding_bag_collection(
             KeyedJaggedTensor(
                 keys=features.keys(),

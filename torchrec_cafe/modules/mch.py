@@ -12,8 +12,9 @@ id state is every buffer of the MCH module (sorted raw IDs, remap, counts and fo
 access, int64 each; three int64 scalars) except ``_output_segments_tensor``: 1025 int64 (8,200 B)
 of resharding bookkeeping every TorchRec MC module carries whatever its size, reported as
 ``uncharged_bytes``. So is the history buffer MCH allocates at its first step (about 1.25 x the
-IDs of ``eviction_interval`` batches, transient like CAFE's stash of pending scores). Tables that
-CAFE keeps plain at this ratio stay plain.
+IDs of ``eviction_interval`` batches, transient like CAFE's stash of pending scores). A table whose
+budget holds the whole table stays plain; one too small for two MCH rows is hashed into its budget
+(as every method does).
 
 MC-EBC returns ``(KeyedTensor, remapped KJT or None)``; ``MCHEmbeddingBagCollection`` returns the
 ``KeyedTensor`` alone, in the logical order, so it is a drop-in ``embedding_bag_collection`` for
@@ -42,8 +43,9 @@ from torchrec.modules.mc_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.config import table_budget_bytes
 from torchrec_cafe.modules.columns import output_columns
+from torchrec_cafe.modules.hashing import hash_rows, hashed_table_rows
 
 EVICTION_POLICIES = ("lfu", "distance_lfu")
 _UNCHARGED_BUFFERS = ("_output_segments_tensor",)
@@ -81,7 +83,8 @@ def _state_bytes(module: MCHManagedCollisionModule) -> "tuple[int, int]":
 
 @dataclass(frozen=True)
 class MCHLayout:
-    """Physical sizes of one logical table (``zch_rows == 0``: the table stays plain)."""
+    """Physical sizes of one logical table (``zch_rows == 0``: not managed, a table of
+    ``plain_rows`` rows: the whole table, or hashed into the budget)."""
 
     logical_bytes: int
     budget_bytes: int
@@ -89,15 +92,20 @@ class MCHLayout:
     row_bytes: int
     id_state_bytes: int
     uncharged_bytes: int
+    plain_rows: int = 0
 
     @property
     def compressed(self) -> bool:
         return self.zch_rows > 0
 
     @property
+    def hashed(self) -> bool:
+        return not self.compressed and self.plain_rows * self.row_bytes < self.logical_bytes
+
+    @property
     def total_bytes(self) -> int:
         if not self.compressed:
-            return self.logical_bytes
+            return self.plain_rows * self.row_bytes
         return self.zch_rows * self.row_bytes + self.id_state_bytes
 
 
@@ -106,22 +114,20 @@ def mch_layout(table: EmbeddingBagConfig, compression_ratio: float, eviction: st
 
     The id state is measured on modules built on the meta device, so it follows TorchRec's buffers.
     """
-    budget = table_budget(table, CafeConfig(compression_ratio=compression_ratio), dtype_bytes)
-    row = budget.row_bytes
-    if not budget.compressed:
-        return MCHLayout(budget.logical_bytes, budget.budget_bytes, 0, row, 0, 0)
+    row = table.embedding_dim * dtype_bytes
+    logical, budget = table.num_embeddings * row, table_budget_bytes(table, compression_ratio, dtype_bytes)
+    plain = MCHLayout(logical, budget, 0, row, 0, 0, hashed_table_rows(table, compression_ratio, dtype_bytes))
+    if budget >= logical:
+        return plain
     meta = torch.device("meta")
     one, _ = _state_bytes(_mch_module(1, table.num_embeddings, eviction, 1, 1, meta))
     two, _ = _state_bytes(_mch_module(2, table.num_embeddings, eviction, 1, 1, meta))
     per_row, fixed = two - one, 2 * one - two
-    zch = (budget.budget_bytes - fixed) // (row + per_row) // buckets * buckets
+    zch = (budget - fixed) // (row + per_row) // buckets * buckets
     if zch < 2:
-        raise ValueError(
-            f"table {table.name!r}: a budget of {budget.budget_bytes} B at compression ratio {compression_ratio} "
-            f"cannot hold 2 MCH rows ({row + per_row} B each plus {fixed} B) in a multiple of buckets={buckets}"
-        )
+        return plain  # too small for MCH: hashed into its budget
     charged, uncharged = _state_bytes(_mch_module(zch, table.num_embeddings, eviction, 1, buckets, meta))
-    return MCHLayout(budget.logical_bytes, budget.budget_bytes, zch, row, charged, uncharged)
+    return MCHLayout(logical, budget, zch, row, charged, uncharged)
 
 
 class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -181,10 +187,23 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 ManagedCollisionCollection(modules, physical),
                 return_remapped_features=False,
             )
-        self._plain = EmbeddingBagCollection(plain, is_weighted, device) if plain else None
+        plain_physical = [
+            EmbeddingBagConfig(
+                num_embeddings=self._layouts[t.name].plain_rows,
+                embedding_dim=t.embedding_dim,
+                name=t.name,
+                feature_names=list(t.feature_names),
+                pooling=t.pooling,
+                data_type=t.data_type,
+            )
+            for t in plain
+        ]
+        self._plain = EmbeddingBagCollection(plain_physical, is_weighted, device) if plain else None
         self._managed_features = [f for t in managed for f in t.feature_names]
         self._plain_features = [f for t in plain for f in t.feature_names]
-        self.register_buffer("_n", torch.tensor([t.num_embeddings for t in managed + plain for _ in t.feature_names]), persistent=False)
+        per_feature = [(t, self._layouts[t.name]) for t in managed + plain for _ in t.feature_names]
+        self.register_buffer("_n", torch.tensor([t.num_embeddings for t, _ in per_feature]), persistent=False)
+        self.register_buffer("_hashed_rows", torch.tensor([l.plain_rows if l.hashed else 0 for _, l in per_feature]), persistent=False)
         # Output columns: [managed outputs | plain outputs] -> the logical order.
         cols = output_columns(managed + plain)
         self._keys = [f for t in tables for f in t.feature_names]
@@ -204,10 +223,12 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError(f"KJT lacks features {missing} of this module")
         features = features.permute([features.keys().index(f) for f in self._managed_features + self._plain_features])
         lengths = features.length_per_key()
-        n = torch.repeat_interleave(self._n, torch.tensor(lengths, device=self._n.device), output_size=sum(lengths))
+        repeats = torch.tensor(lengths, device=self._n.device)
+        n, hashed = (torch.repeat_interleave(x, repeats, output_size=sum(lengths)) for x in (self._n, self._hashed_rows))
+        values = features.values()
         features = KeyedJaggedTensor(
             keys=features.keys(),
-            values=torch.remainder(features.values(), n),
+            values=torch.where(hashed > 0, hash_rows(values, hashed.clamp(min=1)), torch.remainder(values, n)),
             lengths=features.lengths(),
             weights=features.weights_or_none(),
             stride=features.stride(),
@@ -231,6 +252,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "logical_bytes": l.logical_bytes,
                 "budget_bytes": l.budget_bytes,
                 "zch_rows": l.zch_rows,
+                "plain_rows": l.plain_rows,
                 "row_bytes": l.row_bytes,
                 "id_state_bytes": l.id_state_bytes,
                 "uncharged_bytes": l.uncharged_bytes,

@@ -7,11 +7,12 @@ reads quotient row ``(h // m) mod Q`` plus remainder row ``Q + h mod m``. The tw
 rows per ID gives exactly the pooled sum of per-ID embeddings for SUM, MEAN and weighted bags, and
 the physical table shards and trains with TorchRec's fused kernels like any table.
 
-Memory: ``R = floor(budget / row_bytes)`` with the budget of ``table_budget`` (the one CAFE gets,
-so every method has the same bytes per table); ``m`` is the smallest value >= 2 with
-``m * (R - m) >= N`` (every ID in [0, N) gets its own (quotient, remainder) pair, with as many
-quotient rows as the budget allows), or ``R // 2`` when no split is that large. Tables that CAFE
-keeps plain at this ratio stay plain. Bytes = rows * d * 4, nothing else.
+Memory: ``R = floor(budget / row_bytes)`` with the budget every method gets (logical bytes / CR);
+``m`` is the smallest value >= 2 with ``m * (R - m) >= N`` (every ID in [0, N) gets its own
+(quotient, remainder) pair, with as many quotient rows as the budget allows), or ``R // 2`` when no
+split is that large. A table whose budget holds the whole table stays plain; one whose budget
+holds fewer than two rows is one row (hashed into its budget, as every method does). Bytes =
+rows * d * 4, nothing else.
 """
 
 import math
@@ -23,7 +24,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.config import table_budget_bytes
 from torchrec_cafe.modules.columns import output_columns
 
 _REMAINDER_SUFFIX = "@qr_remainder"
@@ -31,7 +32,8 @@ _REMAINDER_SUFFIX = "@qr_remainder"
 
 @dataclass(frozen=True)
 class QRLayout:
-    """Physical sizes of one logical table (``remainder_rows == 0``: plain, ``quotient_rows == N``)."""
+    """Physical sizes of one logical table (``remainder_rows == 0``: one table of ``quotient_rows``
+    rows read at ``id mod rows``, the whole table when it fits the budget, else a single row)."""
 
     logical_bytes: int
     budget_bytes: int
@@ -50,11 +52,11 @@ class QRLayout:
 
 def qr_layout(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: int = 4) -> QRLayout:
     """Splits the table's budget into quotient and remainder rows (see the module docstring)."""
-    budget = table_budget(table, CafeConfig(compression_ratio=compression_ratio), dtype_bytes)
-    n, row = table.num_embeddings, budget.row_bytes
-    rows = budget.budget_bytes // row
-    if not budget.compressed or rows < 2:
-        return QRLayout(budget.logical_bytes, budget.budget_bytes, n, 0, row)
+    n, row = table.num_embeddings, table.embedding_dim * dtype_bytes
+    logical, budget = n * row, table_budget_bytes(table, compression_ratio, dtype_bytes)
+    rows = budget // row
+    if budget >= logical or rows < 2:
+        return QRLayout(logical, budget, n if budget >= logical else 1, 0, row)
     if rows * rows >= 4 * n:
         m = max(2, math.ceil((rows - math.sqrt(rows * rows - 4 * n)) / 2))
         while m > 2 and (m - 1) * (rows - m + 1) >= n:  # float rounding of the root
@@ -63,7 +65,7 @@ def qr_layout(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: 
             m += 1
     else:
         m = rows // 2
-    return QRLayout(budget.logical_bytes, budget.budget_bytes, rows - m, m, row)
+    return QRLayout(logical, budget, rows - m, m, row)
 
 
 class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -152,7 +154,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             torch.repeat_interleave(x, repeats, output_size=sum(lengths)) for x in (self._n, self._m, self._q, self._is_qr)
         )
         h = torch.remainder(features.values(), n)
-        quotient = torch.where(is_qr, torch.remainder(h // m, q), h)
+        quotient = torch.where(is_qr, torch.remainder(h // m, q), torch.remainder(h, q))
         n_qr = sum(lengths[: self._num_compressed])
         remainder = q[:n_qr] + torch.remainder(h[:n_qr], m[:n_qr])
         stride = features.stride()

@@ -46,3 +46,25 @@ def finalise64(z: torch.Tensor) -> torch.Tensor:
 def hash_mod(x: torch.Tensor, seed: int, n: int) -> torch.Tensor:
     """Maps int64 ids to ``[0, n)`` with the seeded mix; same shape as ``x``."""
     return torch.remainder(mix64(x, seed), n)
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in ``[0, 2**32)``: a bijection
+    of that range (products wrap in int64 but only their low 32 bits are kept, which wrapping does
+    not change). ``fmix32(0) == 0``. TorchScript-able (the mask 2**32 - 1 is a literal)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & 4294967295
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & 4294967295
+    return x ^ (x >> 16)
+
+
+def fingerprint32(ids: torch.Tensor) -> torch.Tensor:
+    """32-bit key of each int64 id, as int64 in ``[0, 2**32)``: ``fmix32(low ^ fmix32(high))``.
+
+    Distinct for distinct ids in ``[0, 2**32)`` (there ``high == 0`` and ``fmix32`` is a bijection),
+    so a sketch keyed by it is exact for every table of up to 4.29 billion rows; larger or negative
+    ids fold their high half in and may share a key, like any hashed id. TorchScript-able.
+    """
+    ids = ids.to(torch.int64)
+    return fmix32((ids & 4294967295) ^ fmix32((ids >> 32) & 4294967295))
