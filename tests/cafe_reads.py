@@ -21,13 +21,10 @@ def block_row(layout, ids: torch.Tensor) -> torch.Tensor:
 
 
 def reads(cafe, name: str, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pool row, hot, blocked) of each id of table ``name`` (static tables: all cold; composed
-    ones read row ``(fingerprint32(block) + position in block) mod P``, hashed ones their first
-    choice)."""
+    """(pool row, hot, blocked) of each id of table ``name`` (static tables: choice 0, cold)."""
     layout = cafe._layout(name)
     if not layout.sketched:
-        h, s, pool = torch.remainder(ids, layout.config.num_embeddings), layout.block_size, layout.budget.pool_rows
-        row = (fingerprint32(h // s) + h % s) % pool if layout.composed else pool_choices(fingerprint32(ids), torch.full_like(ids, pool))[:, 0]
+        row = pool_choices(fingerprint32(ids), torch.full_like(ids, layout.budget.pool_rows))[:, 0]
         return row, torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
     return cafe._sketch.lookup(ids, torch.full_like(ids, sketch_table(cafe, name)))
 

@@ -24,7 +24,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
-from torchrec_cafe.remap import rotated_pool_rows
 from torchrec_cafe.sketch.hashing import finalise64, fingerprint32
 from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET, choices_of_hash
 
@@ -111,8 +110,6 @@ class CafeInferenceEBC(nn.Module):
         free = ~owned
         first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
         row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
-        rotated = rotated_pool_rows(ids, self._num_rows[feature], pool, self._block_size[feature])
-        row = torch.where(~sketched & self._composed[feature], rotated, row)
         blocked = owned.all(dim=1)
         hot = torch.zeros_like(blocked)
         if self.hot_keys.numel() > 0:

@@ -4,9 +4,8 @@ Physical layout of a compressed table of N logical rows: rows ``[0, P)`` are the
 rows), rows ``[P, P + B)`` the *block* rows (``cold_rows="composed"`` only). An ID reads
 
 - a pool row: the one it owns if it is hot, else its first of four hashed choices that no hot ID
-  owns (``HotSketch.lookup``); a table too small for a sketch has no hot IDs and reads its first
-  choice, or (composed) the ``rotated_pool_rows`` one: with the block row below, a distinct
-  (pool, block) pair per ID whenever ``P >= ceil(N / B)``, as in the QR trick;
+  owns (``HotSketch.lookup``); a table too small for a sketch (a budget of under
+  ``MIN_SKETCHED_ROWS`` rows) has no hot IDs and reads its first choice;
 - composed tables, a cold ID also reads its block row ``P + (id mod N) // ceil(N / B)``: every
   cold ID is a distinct (pool row, block row) pair, QR-style, and cold IDs of one range share the
   block row. A hot ID reads its private row alone, so neither kind of shared row is trained by the
@@ -107,25 +106,6 @@ class Migration:
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
 
 
-def rotated_pool_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:
-    """Pool row of each id of a composed table without a sketch: ``(fingerprint32(b) + h mod s)
-    mod P`` for ``h = id mod N`` in block ``b = h // s`` (``s`` the block size). The ids of one
-    block get consecutive rows from a hashed start, so every id's (pool, block) pair is distinct
-    when ``s <= P`` (as QR's), while ids of different blocks share pool rows at random (as
-    hashing's), whatever arithmetic structure the id numbering has. TorchScript-able. [n] int64"""
-    h = torch.remainder(ids, num_rows)
-    return torch.remainder(fingerprint32(h // block_size) + torch.remainder(h, block_size), pool)
-
-
-def static_pool_rows(
-    ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor, composed: torch.Tensor
-) -> torch.Tensor:
-    """Pool row of each id of a table without a sketch (per-value N, P, block size and composed
-    flag, [n] each): ``rotated_pool_rows`` when composed, else its first hashed choice. [n] int64"""
-    rotated = rotated_pool_rows(ids, num_rows, pool, block_size)
-    return torch.where(composed, rotated, pool_choices(fingerprint32(ids), pool)[:, 0])
-
-
 def _positions(offsets: List[int], features: List[int], device: torch.device) -> torch.Tensor:
     """Positions of the values of ``features``: contiguous runs known from host offsets."""
     if not features:
@@ -190,9 +170,7 @@ class KJTRemapper(nn.Module):
         if self.static_features:
             sel = _positions(offsets, self.static_features, device)
             x, f = take(ids, sel), take(feature, sel)
-            rows = rows.index_copy(0, sel, static_pool_rows(
-                x, take(self.num_rows, f), take(self.pool, f), take(self.block_size, f), take(self.composed, f)
-            ))
+            rows = rows.index_copy(0, sel, pool_choices(fingerprint32(x), take(self.pool, f))[:, 0])
         alone, context = None, None
         if sketch is not None and self.sketched_features:
             sel = _positions(offsets, self.sketched_features, device)
