@@ -31,18 +31,19 @@ def reads(cafe, name: str, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
 
 def rows_read(cafe, name: str, ids: torch.Tensor) -> List[List[int]]:
     """Per id, the physical rows its embedding sums: a hot id its private row; composed cold ids
-    their pool row and block row (blocked ones the block row alone); hashed cold ids the pool row."""
+    their pool row and block row (blocked ones the block row alone); hashed cold ids the pool row
+    (blocked ones none)."""
     layout = cafe._layout(name)
     row, hot, blocked = reads(cafe, name, ids)
-    if not layout.composed:
-        return [[r] for r in row.tolist()]
+    if not layout.composed:  # a blocked id reads no row: never another id's private one
+        return [[] if bl else [r] for r, bl in zip(row.tolist(), blocked.tolist())]
     block = block_row(layout, ids)
     return [[r] if h else [b] if bl else [r, b] for r, h, bl, b in zip(row.tolist(), hot.tolist(), blocked.tolist(), block.tolist())]
 
 
 def embeddings(cafe, name: str, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The embedding each id reads from ``weight`` (the physical table). [N, dim]"""
-    return torch.stack([weight[r].sum(0) for r in rows_read(cafe, name, ids)]) if ids.numel() else weight[:0]
+    return torch.stack([weight[r].sum(0) for r in rows_read(cafe, name, ids)]) if ids.numel() else weight[:0]  # [] sums to 0
 
 
 def hot_row(cafe, name: str, id_: int) -> int:

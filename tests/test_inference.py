@@ -129,3 +129,18 @@ def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, sin
     sizes = export(path, str(tmp_path / "served"))  # the export command
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "served" / "cafe.pt"))(kjt).values(), expected)
     assert sizes["cafe"]["file_bytes"] > sizes["cafe"]["table_bytes"]
+
+
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
+def test_export_equals_trained_module_with_blocked_ids(cold_rows: str) -> None:
+    """A full pool (cold IDs blocked: block row alone, or no row) serves as trained."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"], pooling=PoolingType.MEAN)]
+    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.arange(400), lengths=torch.full((100,), 4))
+    for _ in range(3):
+        cafe(kjt)
+    cafe.apply_pending_updates()
+    cafe.eval()
+    assert bool(cafe._sketch.lookup(torch.arange(400))[2].any())
+    scripted = torch.jit.script(export_for_inference(cafe))
+    torch.testing.assert_close(scripted(kjt).values(), cafe(kjt).values())

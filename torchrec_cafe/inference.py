@@ -80,17 +80,18 @@ class CafeInferenceEBC(nn.Module):
             w = features.weights()
         if self._weighted_out:
             w = torch.where(self._mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
+            w = torch.where(blocked & ~self._composed[feature], torch.zeros_like(w), w)  # hashed: reads no row
         if not self._any_composed:
             return self.embedding_bag_collection(
                 KeyedJaggedTensor(keys=self._feature_names, values=rows, lengths=lengths, weights=w if self._weighted_out else None, stride=features.stride())
             )
         # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
-        # ID (its block row) and a blocked one (its pool row).
+        # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
         composed = self._composed[feature]
         block = self._pool[feature] + torch.remainder(ids, n) // self._block_size[feature]
         values = torch.stack([rows, block], dim=1)
         zero = torch.zeros_like(w)
-        weights = torch.stack([torch.where(blocked & composed, zero, w), torch.where(hot & composed, zero, w)], dim=1)
+        weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
         keep = torch.stack([torch.ones_like(composed), composed], dim=1)
         out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
         return self.embedding_bag_collection(

@@ -60,10 +60,16 @@ class TableLayout:
         return math.ceil(self.config.num_embeddings / max(self.budget.block_rows, 1))
 
     @property
+    def needs_weights(self) -> bool:
+        """Sketched and composed tables pool from weighted entries: a blocked ID's pool entry, and
+        a hot ID's block entry, weigh 0."""
+        return self.composed or self.sketched
+
+    @property
     def mean_as_weights(self) -> bool:
-        """MEAN is computed as SUM with weights w/len when bags gain entries (composed) or carry
-        weights (torch's EmbeddingBag has no weighted MEAN)."""
-        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.composed)
+        """MEAN is computed as SUM with weights w/len when some entries weigh 0 or bags gain
+        entries (``needs_weights``) or carry weights (torch's EmbeddingBag has no weighted MEAN)."""
+        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.needs_weights)
 
     def physical_config(self) -> EmbeddingBagConfig:
         c = self.config
@@ -100,7 +106,7 @@ class Migration:
     src: torch.Tensor  # the pool row the ID read
     dst: torch.Tensor  # the pool row it now owns
     mask: torch.Tensor  # promoted
-    keep_weights: torch.Tensor  # False: the ID read no pool row (composed, blocked)
+    keep_weights: torch.Tensor  # False: the ID read no pool row (blocked)
     block: torch.Tensor  # its block row (composed tables), added to dst: the ID's embedding so far
     composed: torch.Tensor
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
@@ -133,7 +139,7 @@ class KJTRemapper(nn.Module):
         self.sketched_features = [i for i, (_, t) in enumerate(per_feature) if t >= 0]
         self.static_features = [i for i, (l, t) in enumerate(per_feature) if l.compressed and t < 0]
         self.feature_mult = [2 if l.composed else 1 for l, _ in per_feature]  # physical entries per ID
-        self.weighted_out = any(l.weighted or l.composed for l in layouts)
+        self.weighted_out = any(l.weighted or l.needs_weights for l in layouts)
         self.frequency_tables = [t for t, l in enumerate(sketched) if l.cafe.importance == "frequency"]
         constants = {
             "sketch_table": ([t for _, t in per_feature], torch.int64),
@@ -178,8 +184,9 @@ class KJTRemapper(nn.Module):
             tables = take(self.sketch_table, f)
             row, hot, blocked = sketch.lookup(x, tables)
             rows = rows.index_copy(0, sel, row)
-            # Composed: hot IDs read their pool row alone (code 1), blocked ones their block row (2).
-            code = torch.where(hot, 1, torch.where(blocked, 2, 0)) * take(self.composed, f)
+            # Hot IDs read their pool row alone (code 1, composed tables), blocked ones no pool row
+            # (2): their block row alone, or (hashed cold rows) nothing, never another ID's row.
+            code = torch.where(hot & take(self.composed, f), 1, torch.where(blocked, 2, 0))
             alone = torch.zeros_like(ids).index_copy(0, sel, code)
             context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
         return self._physical(kjt, ids, rows, per_key, bag, feature, alone), context
@@ -194,8 +201,8 @@ class KJTRemapper(nn.Module):
         feature: torch.Tensor,
         alone: Optional[torch.Tensor],
     ) -> KeyedJaggedTensor:
-        """``alone`` [n]: per value of a composed table, 1 if it reads its pool row alone (hot), 2
-        if its block row alone (blocked), 0 if both: the other entry of its pair weighs 0."""
+        """``alone`` [n]: per value, 1 if it reads its pool row alone (hot, composed), 2 if it reads
+        no pool row (blocked), 0 otherwise: the dropped entry weighs 0."""
         lengths = kjt.lengths()
         weights: Optional[torch.Tensor] = None
         if self.weighted_out:
@@ -204,6 +211,8 @@ class KJTRemapper(nn.Module):
             inv_len = 1.0 / take(lengths.clamp(min=1).to(base.dtype), bag)
             weights = torch.where(take(self.mean_as_weights, feature), base * inv_len, base)
         if max(self.feature_mult) == 1:
+            if alone is not None and weights is not None:
+                weights = torch.where(alone == 2, torch.zeros_like(weights), weights)
             return KeyedJaggedTensor(keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride())
         # Composed features: each ID becomes (pool row, block row), adjacent in its bag.
         block = take(self.pool, feature) + torch.remainder(ids, take(self.num_rows, feature)) // take(self.block_size, feature)
@@ -251,7 +260,7 @@ class KJTRemapper(nn.Module):
             src=update.src,
             dst=update.dst,
             mask=update.promoted,
-            keep_weights=~(update.src_blocked & composed),
+            keep_weights=~update.src_blocked,
             block=torch.where(composed, block, update.src),
             composed=composed,
             reset_state=take(self.table_reset_state, t),
