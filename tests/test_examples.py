@@ -63,3 +63,14 @@ def test_tune_cafe_scores_every_grid_point_on_validation(single_rank_pg: None, t
     assert {r["cafe_promote_load"] for r in runs} == {0.5} and {r["cafe_demote_load"] for r in runs} == {0.25}
     assert best[10.0]["val_auc"] == max(r["auc"] for r in runs)
     assert "**" in open(out + ".md").read()
+
+
+def test_sketch_throughput_runs_and_reports(tmp_path) -> None:
+    from examples.benchmarks import sketch_throughput
+
+    out = tmp_path / "s.json"
+    sketch_throughput.main(["--batch-sizes", "256", "--buckets", "64", "--group-tables", "2", "--group-buckets", "16",
+                            "--num-ids", "2000", "--warmup-ids", "1024", "--ids-per-rep", "512", "--repeats", "1",
+                            "--devices", "cpu", "--out", str(out)])
+    rows = json.load(open(out))["results"]
+    assert len(rows) == 2 and all(r["update_ids_per_s"]["median"] > 0 and r["query_ids_per_s"]["median"] > 0 for r in rows)

@@ -1,4 +1,4 @@
-"""Batched HotSketch throughput: ``update`` and ``query`` ids/s on CPU, and on CUDA when available.
+"""Batched HotSketch throughput: ``update`` and query (``lookup``) ids/s on CPU, and on CUDA when available.
 
 A Zipf-like stream (rank r of ~10M distinct ids drawn with probability ~ (r + 1)**-s, ranks hashed
 over int64, score 1 per occurrence) feeds two sketches: one table with K = H = 100k (c = 4,
@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -100,7 +100,7 @@ def measure(case: Case, args: argparse.Namespace, batch: int, device: torch.devi
     for _ in range(args.repeats):
         batches = [stream.batch(batch, device) for _ in range(steps)]
         upd.append(steps * batch / _timed(update, batches, device))
-        qry.append(steps * batch / _timed(sk.query, batches, device))
+        qry.append(steps * batch / _timed(sk.lookup, batches, device))
     stats = sk.stats(0)
     return {
         "device": str(device),
@@ -134,7 +134,7 @@ def profile(case: Case, args: argparse.Namespace, batch: int, device: torch.devi
     print(prof.key_averages().table(sort_by=sort_by, row_limit=10))
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16384, 262144])
     p.add_argument("--buckets", type=int, default=100_000, help="K = H of the single-table case")
@@ -155,7 +155,7 @@ def main() -> None:
         help="instead of the benchmark, profile single-table updates at this batch size (default 16384)",
     )
     p.add_argument("--out", default="results/sketch_throughput.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     cases = [
         Case("single", 1, args.buckets),
