@@ -14,7 +14,7 @@ import torch
 
 from torchrec_cafe.sketch import HotSketch
 from torchrec_cafe.sketch.hashing import fingerprint32
-from torchrec_cafe.sketch.hot_sketch import POOL_CHOICES, pool_choices
+from torchrec_cafe.sketch.hot_sketch import pool_choices
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sketch_reference import Q, RefSketch, key_of  # noqa: E402

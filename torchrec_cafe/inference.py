@@ -24,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.remap import block_rows
 from torchrec_cafe.sketch.hashing import finalise64, fingerprint32
 from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET, choices_of_hash
 
@@ -88,7 +89,7 @@ class CafeInferenceEBC(nn.Module):
         # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
         # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
         composed = self._composed[feature]
-        block = self._pool[feature] + torch.remainder(ids, n) // self._block_size[feature]
+        block = block_rows(ids, n, self._pool[feature], self._block_size[feature])
         values = torch.stack([rows, block], dim=1)
         zero = torch.zeros_like(w)
         weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)

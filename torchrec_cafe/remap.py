@@ -112,6 +112,12 @@ class Migration:
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
 
 
+def block_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:
+    """Physical block row of each id of a composed table (per-value N, P and block size, [n]
+    each): ``P + (id mod N) // block_size``. TorchScript-able. [n] int64"""
+    return pool + torch.remainder(ids, num_rows) // block_size
+
+
 def _positions(offsets: List[int], features: List[int], device: torch.device) -> torch.Tensor:
     """Positions of the values of ``features``: contiguous runs known from host offsets."""
     if not features:
@@ -215,7 +221,7 @@ class KJTRemapper(nn.Module):
                 weights = torch.where(alone == 2, torch.zeros_like(weights), weights)
             return KeyedJaggedTensor(keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride())
         # Composed features: each ID becomes (pool row, block row), adjacent in its bag.
-        block = take(self.pool, feature) + torch.remainder(ids, take(self.num_rows, feature)) // take(self.block_size, feature)
+        block = block_rows(ids, take(self.num_rows, feature), take(self.pool, feature), take(self.block_size, feature))
         mult = take(self.composed, feature).to(torch.int64) + 1
         total = sum(k * m for k, m in zip(per_key, self.feature_mult))
         src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), mult, output_size=total)
@@ -254,7 +260,7 @@ class KJTRemapper(nn.Module):
         """The row copies of a sketch update: pool rows are the first rows of a physical table."""
         t = update.tables
         composed = take(self.table_composed, t)
-        block = take(self.table_pool, t) + torch.remainder(update.ids, take(self.table_rows, t)) // take(self.table_block_size, t)
+        block = block_rows(update.ids, take(self.table_rows, t), take(self.table_pool, t), take(self.table_block_size, t))
         return Migration(
             tables=t,
             src=update.src,

@@ -26,6 +26,19 @@ def hashed_table_rows(table: EmbeddingBagConfig, compression_ratio: float, dtype
     return table.num_embeddings if budget >= table.num_embeddings * row else hashed_rows(budget, row)
 
 
+def resized_table(table: EmbeddingBagConfig, rows: int) -> EmbeddingBagConfig:
+    """``table``'s physical form with ``rows`` rows (name, dim, features, pooling and dtype kept;
+    the init bounds follow the new row count, as TorchRec derives them)."""
+    return EmbeddingBagConfig(
+        num_embeddings=rows,
+        embedding_dim=table.embedding_dim,
+        name=table.name,
+        feature_names=list(table.feature_names),
+        pooling=table.pooling,
+        data_type=table.data_type,
+    )
+
+
 class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Each table keeps as many rows as its budget (logical bytes / CR) holds, at least one, and
     every ID reads row ``mix64(id) % rows``: no sketch, no id state.
@@ -44,17 +57,7 @@ class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._configs = list(tables)
         self._is_weighted = is_weighted
         self._rows: Dict[str, int] = {t.name: hashed_table_rows(t, compression_ratio) for t in tables}
-        physical = [
-            EmbeddingBagConfig(
-                num_embeddings=self._rows[t.name],
-                embedding_dim=t.embedding_dim,
-                name=t.name,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-                data_type=t.data_type,
-            )
-            for t in tables
-        ]
+        physical = [resized_table(t, self._rows[t.name]) for t in tables]
         self._embedding_bag_collection = EmbeddingBagCollection(physical, is_weighted, device)
         self._feature_rows = [self._rows[t.name] for t in tables for _ in t.feature_names]
         self._feature_names = [f for t in tables for f in t.feature_names]

@@ -45,7 +45,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import table_budget_bytes
 from torchrec_cafe.modules.columns import output_columns
-from torchrec_cafe.modules.hashing import hash_rows, hashed_table_rows
+from torchrec_cafe.modules.hashing import hash_rows, hashed_table_rows, resized_table
 
 EVICTION_POLICIES = ("lfu", "distance_lfu")
 _UNCHARGED_BUFFERS = ("_output_segments_tensor",)
@@ -164,17 +164,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._layouts = {t.name: mch_layout(t, compression_ratio, eviction, buckets) for t in tables}
         managed = [t for t in tables if self._layouts[t.name].compressed]
         plain = [t for t in tables if not self._layouts[t.name].compressed]
-        physical = [
-            EmbeddingBagConfig(
-                num_embeddings=self._layouts[t.name].zch_rows,
-                embedding_dim=t.embedding_dim,
-                name=t.name,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-                data_type=t.data_type,
-            )
-            for t in managed
-        ]
+        physical = [resized_table(t, self._layouts[t.name].zch_rows) for t in managed]
         device = device or torch.device("cpu")
         self._managed: Optional[ManagedCollisionEmbeddingBagCollection] = None
         if managed:
@@ -187,17 +177,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 ManagedCollisionCollection(modules, physical),
                 return_remapped_features=False,
             )
-        plain_physical = [
-            EmbeddingBagConfig(
-                num_embeddings=self._layouts[t.name].plain_rows,
-                embedding_dim=t.embedding_dim,
-                name=t.name,
-                feature_names=list(t.feature_names),
-                pooling=t.pooling,
-                data_type=t.data_type,
-            )
-            for t in plain
-        ]
+        plain_physical = [resized_table(t, self._layouts[t.name].plain_rows) for t in plain]
         self._plain = EmbeddingBagCollection(plain_physical, is_weighted, device) if plain else None
         self._managed_features = [f for t in managed for f in t.feature_names]
         self._plain_features = [f for t in plain for f in t.feature_names]
