@@ -192,3 +192,33 @@ def test_lazily_created_optimizer_state_is_restored(tmp_path, make) -> None:
     load(path, resumed, resumed_opt)
     assert _train(resumed, resumed_opt, range(6, 12)) == expected
     _assert_same(_snapshot(cafe, opt), _snapshot(resumed, resumed_opt))
+
+
+@pytest.mark.parametrize("update_interval", [1, 3])
+@pytest.mark.parametrize("how", ["torch.save", "dcp"])
+def test_any_state_dict_snapshot_resumes_exactly(tmp_path, how: str, update_interval: int) -> None:
+    """A user's own snapshot mid-training (``torch.save`` or plain DCP, no CAFE helper) resumes
+    bit-identically: ``state_dict()`` first applies the scores stashed by the last backward."""
+    config = dataclasses.replace(CONFIG, update_interval=update_interval)
+    cafe, opt = _build(config)
+    _train(cafe, opt, range(50))
+    if how == "torch.save":
+        torch.save({"model": cafe.state_dict(), "opt": opt.state_dict()}, tmp_path / "snap.pt")
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": cafe.state_dict()}, checkpoint_id=str(tmp_path / "dcp"))
+        torch.save({"opt": opt.state_dict()}, tmp_path / "snap.pt")
+    uninterrupted = _train(cafe, opt, range(50, 70))
+
+    resumed, resumed_opt = _build(config)
+    saved = torch.load(tmp_path / "snap.pt")
+    if how == "torch.save":
+        resumed.load_state_dict(saved["model"])
+    else:
+        state = {"model": resumed.state_dict()}
+        dcp.load(state, checkpoint_id=str(tmp_path / "dcp"))
+        resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(saved["opt"])
+    assert _train(resumed, resumed_opt, range(50, 70)) == uninterrupted
+    _assert_same(_snapshot(cafe, opt), _snapshot(resumed, resumed_opt))

@@ -153,6 +153,31 @@ def test_bad_keys_get_clear_errors() -> None:
         CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10), is_weighted=True)(_kjt(["f0", "f1", "f2"], 2))
 
 
+@pytest.mark.parametrize(
+    "values, lengths, weights, message",
+    [
+        (torch.arange(5), torch.tensor([1, 1, 1, 1, 1, 2]), None, "lengths sum to 7 but it has 5 values"),
+        (torch.arange(5), torch.tensor([3, -1, 1, 1, 1, 0]), None, "negative lengths"),
+        (torch.arange(5), torch.tensor([1, 1, 1, 1, 1]), None, "5 lengths, expected 3"),
+        (torch.arange(5).float(), torch.tensor([1, 1, 1, 1, 1, 0]), None, "integer IDs"),
+        (torch.arange(5), torch.tensor([1, 1, 1, 1, 1, 0]), torch.ones(4), "4 weights for 5 values"),
+    ],
+)
+def test_malformed_kjts_get_clear_errors_before_any_state_changes(values, lengths, weights, message: str) -> None:
+    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, importance="frequency"))
+    for seed in range(3):
+        cafe(_kjt(["f0", "f1", "f2"], batch=8, high=300, seed=seed))
+    state = lambda: dict(cafe.named_buffers()) | dict(cafe.named_parameters())  # noqa: E731 (state_dict() would apply the pending step)
+    before = {k: v.detach().clone() for k, v in state().items()}
+    pending = len(cafe._pending)
+    assert pending > 0
+    bad = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=values, lengths=lengths, weights=weights)
+    with pytest.raises(ValueError, match=message):
+        cafe(bad)
+    assert len(cafe._pending) == pending  # the due update was not applied either
+    assert all(torch.equal(v, state()[k]) for k, v in before.items())
+
+
 def test_mismatched_configs_get_clear_errors() -> None:
     tables = _tables()
     with pytest.raises(ValueError, match="not in tables"):

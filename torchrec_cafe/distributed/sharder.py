@@ -75,6 +75,9 @@ class ShardedCafeEmbeddingBagCollection(
         self._embedding_bag_collection = sharded
         self._sketch = module._sketch
         self._remapper = module._remapper
+        # As the unsharded module: snapshots include the pending step (a collective: every rank
+        # calls state_dict, as DCP's save does), loads drop this module's own pending scores.
+        self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
     @property
@@ -145,6 +148,10 @@ class ShardedCafeEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> Type[CafeEmbeddingBagCollection]:
         return CafeEmbeddingBagCollection
+
+def _apply_pending_before_save(sharded: ShardedCafeEmbeddingBagCollection, _prefix: str, _keep_vars: bool) -> None:
+    sharded.cafe.apply_pending_updates()
+
 
 def _discard_pending_after_load(sharded: ShardedCafeEmbeddingBagCollection, _incompatible: object) -> None:
     sharded.cafe.discard_pending()  # a named function: modules with hooks must stay picklable

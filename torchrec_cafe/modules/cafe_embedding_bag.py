@@ -14,6 +14,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.modules.kjt_checks import check_kjt
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.rows import (
@@ -66,9 +67,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Lifecycle of one training step: ``forward`` applies the scores pending from the previous
     backward(s) (sketch update + row migrations, every ``update_interval`` steps), remaps raw IDs
     with the sketch, runs the inner ``EmbeddingBagCollection`` and hooks the output gradient;
-    backward stashes one score per occurrence. State never changes inside backward. ``eval()`` freezes the sketch: no scores, no
-    updates, same remap. Call ``apply_pending_updates()`` to apply the last step's scores
-    explicitly (e.g. before a checkpoint).
+    backward stashes one score per occurrence. State never changes inside backward. ``eval()``
+    freezes the sketch: no scores, no updates, same remap.
+
+    ``state_dict()`` first applies the scores pending since the last update (as
+    ``apply_pending_updates()``), so any snapshot (``torch.save``, plain DCP,
+    ``torchrec_cafe.checkpoint``) resumes exactly; loading discards the loaded module's own pending
+    scores. With several ranks that makes ``state_dict()`` a collective, like DCP's save: call it on
+    every rank.
 
     Args:
         tables: logical tables, exactly as for ``EmbeddingBagCollection``.
@@ -120,6 +126,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._steps_since_update = 0
         self._sync = self._sketched[0].cafe.sync if self._sketched else "aggregated"
         self._ranks_checked = False
+        self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
     # ------------------------------------------------------------------ EBC interface
@@ -189,6 +196,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     # ------------------------------------------------------------------ validation
 
     def _check_and_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        check_kjt(features)
         keys = features.keys()
         if keys != self._feature_names:
             unknown = [k for k in keys if k not in self._feature_set]
@@ -429,6 +437,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
             out[layout.config.name] = s
         return out
+
+def _apply_pending_before_save(module: CafeEmbeddingBagCollection, _prefix: str, _keep_vars: bool) -> None:
+    module.apply_pending_updates()  # the snapshot then holds the whole trained state
+
 
 def _discard_pending_after_load(module: CafeEmbeddingBagCollection, _incompatible: object) -> None:
     module.discard_pending()  # a named function: modules with hooks must stay picklable

@@ -1,0 +1,46 @@
+"""Validation of input KJTs: a malformed one gets a ``ValueError`` naming the problem before any
+state changes, instead of an error from deep inside the remap or FBGEMM."""
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def check_kjt(features: KeyedJaggedTensor) -> None:
+    """Raises ``ValueError`` unless ``features`` is a well-formed KJT of integer IDs.
+
+    Checked: integer ID values (int32/int64, 1-D), one length per (key, sample) -- ``stride x keys``,
+    or the sum of ``stride_per_key()`` for variable-batch KJTs --, weights (when present) one per
+    value, no negative length, lengths summing to the number of values. The last two read the
+    lengths: on CPU they are checked here; on an accelerator they become an asynchronous device
+    assertion (``torch._assert_async``), because a ``ValueError`` would need a host sync per step.
+    """
+    values = features.values()
+    if values.dim() != 1 or values.dtype not in _ID_DTYPES:
+        raise ValueError(
+            f"KJT values must be a 1-D tensor of integer IDs (int32 or int64), got {values.dtype} "
+            f"of shape {tuple(values.shape)}"
+        )
+    weights = features.weights_or_none()
+    if weights is not None and weights.shape != values.shape:
+        raise ValueError(f"KJT has {weights.numel()} weights for {values.numel()} values: one weight per value")
+    lengths = features.lengths()
+    keys = features.keys()
+    if features.variable_stride_per_key():
+        expected = sum(features.stride_per_key())
+        layout = f"the sum of stride_per_key() {features.stride_per_key()}"
+    else:
+        expected = features.stride() * len(keys)
+        layout = f"stride {features.stride()} x {len(keys)} keys"
+    if lengths.dim() != 1 or lengths.numel() != expected:
+        raise ValueError(f"KJT has {lengths.numel()} lengths, expected {expected} ({layout}): one length per key and sample")
+    if lengths.device.type == "cpu":
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"KJT has negative lengths (min {int(lengths.min())})")
+        total = int(lengths.sum())
+        if total != values.numel():
+            raise ValueError(f"KJT lengths sum to {total} but it has {values.numel()} values")
+    else:
+        ok = (lengths >= 0).all() & (lengths.sum() == values.numel())
+        torch._assert_async(ok, "KJT has negative lengths or lengths that do not sum to its number of values")
