@@ -186,7 +186,7 @@ def build_ebc(cfg: TrainConfig, tables: List[EmbeddingBagConfig], device: torch.
         world = dist.get_world_size() if dist.is_initialized() else 1
         eviction = "lfu" if cfg.method == "mch_lfu" else "distance_lfu"
         return MCHEmbeddingBagCollection(tables, cfg.compression_ratio, eviction, cfg.mch_eviction_interval, buckets=world, device=device)
-    return CafeEmbeddingBagCollection(tables, cafe_config(cfg), device=device)
+    return CafeEmbeddingBagCollection(tables, cafe=cafe_config(cfg), device=device)
 
 
 def cafe_config(cfg: TrainConfig) -> CafeConfig:

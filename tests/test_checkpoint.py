@@ -30,7 +30,7 @@ def _kjt(step: int, batch: int = 32) -> KeyedJaggedTensor:
 
 def _build(config: CafeConfig = CONFIG, tables: List[EmbeddingBagConfig] = TABLES) -> "tuple[CafeEmbeddingBagCollection, torch.optim.Optimizer]":
     torch.manual_seed(0)
-    cafe = CafeEmbeddingBagCollection(tables, config)
+    cafe = CafeEmbeddingBagCollection(tables, cafe=config)
     opt = torch.optim.Adagrad(cafe.parameters(), lr=0.1)
     cafe.attach_optimizer(opt)
     return cafe, opt
@@ -178,14 +178,14 @@ def test_lazily_created_optimizer_state_is_restored(tmp_path, make) -> None:
     """Momentum and Adam create their state at the first step: a fresh optimizer has none, and
     loading must still restore it, not silently keep it empty."""
     torch.manual_seed(0)
-    cafe = CafeEmbeddingBagCollection(TABLES, CONFIG)
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
     opt = make(cafe.parameters())
     cafe.attach_optimizer(opt)
     _train(cafe, opt, range(6))
     path = save(checkpoint_path(str(tmp_path), 6), cafe, opt)
     expected = _train(cafe, opt, range(6, 12))
     torch.manual_seed(0)
-    resumed = CafeEmbeddingBagCollection(TABLES, CONFIG)
+    resumed = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
     resumed_opt = make(resumed.parameters())
     resumed.attach_optimizer(resumed_opt)
     assert not resumed_opt.state

@@ -31,7 +31,7 @@ CONFIG = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency",
 
 def _model(world: int, sharding: str, config: CafeConfig = CONFIG) -> "tuple[DistributedModelParallel, CombinedOptimizer]":
     torch.manual_seed(0)
-    cafe = CafeEmbeddingBagCollection(TABLES, config)
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=config)
     model = DLRM(embedding_bag_collection=cafe, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})

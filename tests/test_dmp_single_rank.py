@@ -29,7 +29,7 @@ def test_promotion_copies_fused_rows_and_state(
     single_rank_pg: None, optimizer: Type[torch.optim.Optimizer], kwargs: Dict[str, Any], num_states: int
 ) -> None:
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a", "b"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
     apply_optimizer_in_backward(optimizer, cafe._embedding_bag_collection.parameters(), kwargs)
     dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
     module = dmp.module
@@ -63,7 +63,7 @@ def test_promotion_copies_fused_rows_and_state(
 def test_reset_policy_zeroes_the_promoted_rows_state(single_rank_pg: None) -> None:
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
     cfg = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency", optimizer_state="reset")
-    cafe = CafeEmbeddingBagCollection(tables, cfg)
+    cafe = CafeEmbeddingBagCollection(tables, cafe=cfg)
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
     module = dmp.module
@@ -93,7 +93,7 @@ def test_mixed_dims_in_one_tbe_migrate_every_table_and_shard(single_rank_pg: Non
         EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=50, feature_names=["fp"]),
         EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=20_000, feature_names=["fb"]),
     ]
-    cafe = CafeEmbeddingBagCollection(tables, {n: CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency") for n in ("a", "b")})
+    cafe = CafeEmbeddingBagCollection(tables, cafe={n: CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency") for n in ("a", "b")})
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"], min_partition=4) for t in tables}
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(
@@ -126,10 +126,10 @@ def test_meta_device_module_is_materialised_by_dmp(single_rank_pg: None) -> None
     must come out intact (not zero-filled) and training must promote as usual."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
     cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency")
-    cafe = CafeEmbeddingBagCollection(tables, cfg, device=torch.device("meta"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=cfg, device=torch.device("meta"))
     apply_optimizer_in_backward(torch.optim.SGD, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
-    fresh = CafeEmbeddingBagCollection(tables, cfg)
+    fresh = CafeEmbeddingBagCollection(tables, cafe=cfg)
     for key, value in fresh._sketch.state_dict().items():
         assert torch.equal(dmp.module._sketch.state_dict()[key], value), key
     kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([5, 5, 6]), lengths=torch.tensor([2, 1]))
@@ -172,7 +172,7 @@ def test_promotion_copies_data_parallel_rows_and_state(
     from torchrec_cafe.rows import dense_shards
 
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a", "b"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
     dmp = _data_parallel_dmp(cafe)
     module = dmp.module
     assert isinstance(module, ShardedCafeEmbeddingBagCollection)
@@ -208,7 +208,7 @@ def test_promotion_copies_data_parallel_rows_and_state(
 def test_data_parallel_refuses_unreachable_optimizer_state(single_rank_pg: None) -> None:
     """No attached optimizer, or one whose state is not per row: refused, never skipped."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
     dmp = _data_parallel_dmp(cafe)
     module = dmp.module
     kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 9]), lengths=torch.tensor([2, 1]))
@@ -236,7 +236,7 @@ def test_fused_and_data_parallel_tables_in_one_module_both_migrate(single_rank_p
         EmbeddingBagConfig(name="f", embedding_dim=8, num_embeddings=30_000, feature_names=["fa"]),
         EmbeddingBagConfig(name="d", embedding_dim=4, num_embeddings=20_000, feature_names=["fd"]),
     ]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     sharders = [CafeEmbeddingBagCollectionSharder()]
     constraints = {

@@ -38,7 +38,7 @@ def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c", "d")) -> KeyedJ
 def _trained(pooling: PoolingType, weighted: bool, cold_rows: str) -> CafeEmbeddingBagCollection:
     """t0 sketched, t1 plain, t2 static (two rows at CR 20: too few for a sketch)."""
     cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", cold_rows=cold_rows)
-    cafe = CafeEmbeddingBagCollection(_tables(pooling), {"t0": cfg, "t2": cfg}, is_weighted=weighted)
+    cafe = CafeEmbeddingBagCollection(_tables(pooling), cafe={"t0": cfg, "t2": cfg}, is_weighted=weighted)
     for step in range(4):
         cafe(_kjt(step, weighted))
     cafe.apply_pending_updates()
@@ -106,7 +106,7 @@ def test_scripted_export_saves_and_loads(tmp_path) -> None:
 
 
 def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, single_rank_pg: None) -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=20, threshold=2.0))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=20, threshold=2.0))
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
     dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), sharders=[CafeEmbeddingBagCollectionSharder()])
     for step in range(6):
@@ -114,7 +114,7 @@ def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, sin
     with pytest.raises(ValueError, match="unsharded"):
         export_for_inference(dmp.module.cafe)
     path = save(checkpoint_path(str(tmp_path), 6), dmp)
-    plain = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=20, threshold=2.0))
+    plain = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=20, threshold=2.0))
     load(path, plain)
     assert int(plain._sketch.promotions.sum()) > 0 and os.path.isdir(path)
     dmp.eval()
@@ -135,7 +135,7 @@ def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, sin
 def test_export_equals_trained_module_with_blocked_ids(cold_rows: str) -> None:
     """A full pool (cold IDs blocked: block row alone, or no row) serves as trained."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"], pooling=PoolingType.MEAN)]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
     kjt = KeyedJaggedTensor(keys=["a"], values=torch.arange(400), lengths=torch.full((100,), 4))
     for _ in range(3):
         cafe(kjt)

@@ -52,7 +52,7 @@ def _pooled(weight: torch.Tensor, jt, pooling: PoolingType) -> torch.Tensor:
 @pytest.mark.parametrize("weighted", [False, True])
 def test_plain_when_budget_holds_the_table(pooling: PoolingType, weighted: bool) -> None:
     tables = _tables(pooling)
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=1.0), is_weighted=weighted)
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=1.0), is_weighted=weighted)
     assert all(not r["compressed"] for r in cafe.memory_report().values())
     kjt = _kjt(["f0", "f1", "f2"], batch=16, high=5_000, weighted=weighted)
     out = cafe(kjt)
@@ -72,7 +72,7 @@ def test_plain_when_budget_holds_the_table(pooling: PoolingType, weighted: bool)
 def test_compressed_output_is_the_sum_of_remapped_rows(pooling: PoolingType, cold_rows: str) -> None:
     tables = _tables(pooling)
     cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", cold_rows=cold_rows)
-    cafe = CafeEmbeddingBagCollection(tables, cfg)
+    cafe = CafeEmbeddingBagCollection(tables, cafe=cfg)
     kjt = _kjt(["f0", "f1", "f2"], batch=32, max_len=4, high=300)
     for _ in range(3):  # ids repeat: some become hot
         cafe(kjt)
@@ -101,7 +101,7 @@ def test_same_keys_order_and_dims_as_ebc_and_plugs_into_dlrm() -> None:
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"c{i}"])
         for i, n in enumerate([100_000, 50, 30_000])
     ]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=100))
     kjt = _kjt(["c2", "c0", "c1"], batch=8, high=50)  # another key order than the tables
     out, ref = cafe(kjt), EmbeddingBagCollection(tables)(kjt)
     assert out.keys() == ref.keys() == ["c0", "c1", "c2"]
@@ -114,7 +114,7 @@ def test_same_keys_order_and_dims_as_ebc_and_plugs_into_dlrm() -> None:
 
 
 def test_key_order_does_not_change_the_output() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10))
     cafe.eval()
     kjt = _kjt(["f0", "f1", "f2"], batch=8)
     shuffled = kjt.permute([2, 0, 1])
@@ -122,7 +122,7 @@ def test_key_order_does_not_change_the_output() -> None:
 
 
 def test_any_int64_id_is_valid() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10))
     ids = torch.tensor([-1, -(2**63), 2**63 - 1, 10**15, 3, 7])
     kjt = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.cat([ids, ids[:2]]), lengths=torch.tensor([3, 3, 1, 1, 0, 0]))
     out = cafe(kjt)
@@ -132,7 +132,7 @@ def test_any_int64_id_is_valid() -> None:
 
 
 def test_empty_batch_and_empty_bags() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10))
     empty = KeyedJaggedTensor(keys=["f0", "f1", "f2"], values=torch.empty(0, dtype=torch.int64), lengths=torch.zeros(6, dtype=torch.int64))
     out = cafe(empty)
     assert out.values().shape == (2, 20) and out.values().abs().sum() == 0
@@ -144,13 +144,13 @@ def test_empty_batch_and_empty_bags() -> None:
 
 
 def test_bad_keys_get_clear_errors() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10))
     with pytest.raises(ValueError, match="unknown feature keys \\['oops'\\]"):
         cafe(_kjt(["f0", "f1", "f2", "oops"], batch=2))
     with pytest.raises(ValueError, match="missing feature keys \\['f2'\\]"):
         cafe(_kjt(["f0", "f1"], batch=2))
     with pytest.raises(ValueError, match="no weights"):
-        CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10), is_weighted=True)(_kjt(["f0", "f1", "f2"], 2))
+        CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10), is_weighted=True)(_kjt(["f0", "f1", "f2"], 2))
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_bad_keys_get_clear_errors() -> None:
     ],
 )
 def test_malformed_kjts_get_clear_errors_before_any_state_changes(values, lengths, weights, message: str) -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, importance="frequency"))
     for seed in range(3):
         cafe(_kjt(["f0", "f1", "f2"], batch=8, high=300, seed=seed))
     state = lambda: dict(cafe.named_buffers()) | dict(cafe.named_parameters())  # noqa: E731 (state_dict() would apply the pending step)
@@ -181,14 +181,14 @@ def test_malformed_kjts_get_clear_errors_before_any_state_changes(values, length
 def test_mismatched_configs_get_clear_errors() -> None:
     tables = _tables()
     with pytest.raises(ValueError, match="not in tables"):
-        CafeEmbeddingBagCollection(tables, {"nope": CafeConfig(compression_ratio=10)})
+        CafeEmbeddingBagCollection(tables, cafe={"nope": CafeConfig(compression_ratio=10)})
     with pytest.raises(ValueError, match="unique"):
-        CafeEmbeddingBagCollection(tables + tables[:1], CafeConfig(compression_ratio=10))
+        CafeEmbeddingBagCollection(tables + tables[:1], cafe=CafeConfig(compression_ratio=10))
     with pytest.raises(ValueError, match="must be a CafeConfig"):
-        CafeEmbeddingBagCollection(tables, {"t0": {"compression_ratio": 10}})
+        CafeEmbeddingBagCollection(tables, cafe={"t0": {"compression_ratio": 10}})
     bad = EmbeddingBagConfig(name="x", embedding_dim=4, num_embeddings=10, feature_names=["x"], pooling=PoolingType.NONE)
     with pytest.raises(ValueError, match="pooling"):
-        CafeEmbeddingBagCollection([bad], CafeConfig(compression_ratio=10))
+        CafeEmbeddingBagCollection([bad], cafe=CafeConfig(compression_ratio=10))
 
 
 @pytest.mark.parametrize(
@@ -225,7 +225,7 @@ def test_paper_schedule_defaults() -> None:
 @pytest.mark.parametrize("cr", [2, 10, 100, 1000, 10_000])
 def test_memory_never_exceeds_the_budget(cr: float) -> None:
     tables = [EmbeddingBagConfig(name="big", embedding_dim=16, num_embeddings=3_000_000, feature_names=["b"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=cr), device=torch.device("meta"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=cr), device=torch.device("meta"))
     r = cafe.memory_report()["big"]
     assert r["compressed"] and r["total_bytes"] <= r["budget_bytes"] == r["logical_bytes"] // cr
     assert r["sketch_bytes"] == cafe._sketch.nbytes()
@@ -239,7 +239,7 @@ def test_memory_never_exceeds_the_budget(cr: float) -> None:
 
 def test_grad_norm_scores_are_normalised_per_occurrence_gradient_norms() -> None:
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a", "b"], pooling=PoolingType.MEAN)]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10), is_weighted=True)
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=10), is_weighted=True)
     kjt = KeyedJaggedTensor(
         keys=["a", "b"],
         values=torch.tensor([5, 6, 7, 8, 9]),
@@ -260,7 +260,7 @@ def test_grad_norm_scores_are_normalised_per_occurrence_gradient_norms() -> None
 
 
 def test_nan_gradients_do_not_poison_the_sketch() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))
     kjt = _kjt(["f0", "f1", "f2"], batch=8)
     cafe(kjt).values().sum().backward()
     cafe.apply_pending_updates()
@@ -284,7 +284,7 @@ def test_promotion_initialises_the_private_row_from_what_the_id_read(cold_rows: 
     """The promoted ID's embedding is unchanged by the move (hashed: its pool row; composed: pool
     row + block row), and its Adagrad state is its pool row's."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=3.0, importance="frequency", cold_rows=cold_rows))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=10, threshold=3.0, importance="frequency", cold_rows=cold_rows))
     opt = torch.optim.Adagrad(cafe.parameters(), lr=0.1)
     cafe.attach_optimizer(opt)
     weight = cafe._embedding_bag_collection.embedding_bags["t"].weight
@@ -305,7 +305,7 @@ def test_promotion_initialises_the_private_row_from_what_the_id_read(cold_rows: 
 
 
 def test_eval_freezes_the_sketch() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))
     kjt = _kjt(["f0", "f1", "f2"], batch=8)
     cafe(kjt).values().sum().backward()
     cafe.eval()
@@ -321,11 +321,11 @@ def test_eval_freezes_the_sketch() -> None:
 
 
 def test_state_dict_round_trip() -> None:
-    cafe = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))
     for seed in range(3):
         cafe(_kjt(["f0", "f1", "f2"], batch=8, seed=seed)).values().sum().backward()
     cafe.apply_pending_updates()
-    other = CafeEmbeddingBagCollection(_tables(), CafeConfig(compression_ratio=10, threshold=1.0))
+    other = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))
     other.load_state_dict(cafe.state_dict())
     for a, b in zip(cafe.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
@@ -337,7 +337,7 @@ def test_state_dict_round_trip() -> None:
 def test_learns_like_a_table_when_everything_is_hot() -> None:
     """Few IDs, generous budget: every ID is promoted and training drives the loss down."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=50_000, feature_names=["a"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=10, threshold=2.0, importance="frequency"))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=10, threshold=2.0, importance="frequency"))
     opt = torch.optim.SGD(cafe.parameters(), lr=10.0)
     ids = torch.arange(0, 40) * 997
     target = torch.randn(40, 4)
@@ -360,7 +360,7 @@ def test_mixed_mean_tables_with_composed_pool_correctly() -> None:
         EmbeddingBagConfig(name="big", embedding_dim=4, num_embeddings=20_000, feature_names=["x"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="plain", embedding_dim=4, num_embeddings=30, feature_names=["y"], pooling=PoolingType.MEAN),
     ]
-    cafe = CafeEmbeddingBagCollection(tables, {"big": CafeConfig(compression_ratio=10)})
+    cafe = CafeEmbeddingBagCollection(tables, cafe={"big": CafeConfig(compression_ratio=10)})
     assert cafe._layout("big").composed and not cafe._layout("plain").compressed
     kjt = _kjt(["x", "y"], batch=8, high=30)
     out = cafe(kjt).to_dict()
@@ -375,7 +375,7 @@ def test_a_table_too_small_for_a_sketch_serves_ids_from_cold_rows_and_says_so(ca
         EmbeddingBagConfig(name="tiny", embedding_dim=16, num_embeddings=10, feature_names=["t"]),
     ]
     with caplog.at_level("INFO", logger="torchrec_cafe"):
-        cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=20))
+        cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20))
     report = cafe.memory_report()
     assert report["big"]["sketched"] and not report["small"]["sketched"] and report["small"]["compressed"]
     assert report["small"]["total_bytes"] == (60 // 20) * 64 <= report["small"]["budget_bytes"]  # 3 rows
@@ -394,7 +394,7 @@ def test_blocked_ids_never_read_a_private_row(cold_rows: str) -> None:
     """A pool too small for the hot set: cold IDs whose four candidates are all owned read their
     block row alone (composed) or nothing (hashed), never another ID's private row."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"])]
-    cafe = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
     ids = torch.arange(400)
     kjt = KeyedJaggedTensor(keys=["a"], values=ids, lengths=torch.ones(400, dtype=torch.int64))
     for _ in range(3):

@@ -45,7 +45,7 @@ class _Model(torch.nn.Module):
         super().__init__()
         cfg = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency", quarantine=1)
         self.dlrm = DLRM(
-            embedding_bag_collection=CafeEmbeddingBagCollection(TABLES, cfg),
+            embedding_bag_collection=CafeEmbeddingBagCollection(TABLES, cafe=cfg),
             dense_in_features=4,
             dense_arch_layer_sizes=[8, 8],
             over_arch_layer_sizes=[8, 1],
@@ -157,7 +157,7 @@ def test_sharder_mixed_plan_and_pipeline(tmp_path) -> None:
 
 def test_sharder_refuses_bad_plans() -> None:
     sharder = CafeEmbeddingBagCollectionSharder()
-    cafe = CafeEmbeddingBagCollection(TABLES, CafeConfig(compression_ratio=20))
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=CafeConfig(compression_ratio=20))
     assert set(sharder.shardable_parameters(cafe)) == {"rw", "tw", "cw"}
     assert "data_parallel" in sharder.sharding_types("cpu") and sharder.compute_kernels("data_parallel", "cpu") == ["dense"]
     from torchrec.distributed.types import ParameterSharding, ShardingEnv

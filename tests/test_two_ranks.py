@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "fr
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
-        cafe = CafeEmbeddingBagCollection(TABLES, dataclasses.replace(CONFIG, importance=importance))
+        cafe = CafeEmbeddingBagCollection(TABLES, cafe=dataclasses.replace(CONFIG, importance=importance))
         apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
         constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
         topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
@@ -89,7 +89,7 @@ def _full_table(per_rank: List[dict], table: str) -> torch.Tensor:
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "row_wise", "table_row_wise"])
 def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, sharding: str) -> None:
     mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    reference = CafeEmbeddingBagCollection(TABLES, CONFIG)
+    reference = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
     for step in range(STEPS):
         reference(_global_kjt(step)).values().pow(2).sum().backward()
     ids = torch.arange(8000)  # every id the stream draws
@@ -135,7 +135,7 @@ def _mismatched_worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        cafe = CafeEmbeddingBagCollection(TABLES, dataclasses.replace(CONFIG, threshold=3.0 + rank))
+        cafe = CafeEmbeddingBagCollection(TABLES, cafe=dataclasses.replace(CONFIG, threshold=3.0 + rank))
         cafe(local_part(_global_kjt(0), rank, WORLD))
         with pytest.raises(ValueError, match="differ between ranks"):
             cafe.apply_pending_updates()

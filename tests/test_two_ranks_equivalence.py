@@ -52,7 +52,7 @@ def _half(step: int, rank: int, world: int) -> "tuple[torch.Tensor, KeyedJaggedT
 def _run(rank: int, world: int, sharding: str, sync: str = "aggregated") -> Dict[str, object]:
     torch.manual_seed(0)
     cfg = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency", sync=sync)
-    cafe = CafeEmbeddingBagCollection(TABLES, cfg)
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=cfg)
     model = DLRM(embedding_bag_collection=cafe, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})

@@ -14,8 +14,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.modules.kjt_checks import check_kjt
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
+from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowExchange,
@@ -59,7 +59,7 @@ def _normalised_scores(
 class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """EmbeddingBagCollection whose tables keep only their hot IDs' rows unique.
 
-    Same constructor tables, same ``KeyedTensor`` output (keys, order, dims) and same
+    Same constructor (``tables, is_weighted, device``; CAFE settings by keyword), same ``KeyedTensor`` output (keys, order, dims) and same
     ``embedding_bag_configs()`` as ``EmbeddingBagCollection(tables, is_weighted)``; each table named
     in ``cafe`` is stored as a pool of hashed rows (+ block rows when composed) + a HotSketch within
     ``num_embeddings * dim * bytes / compression_ratio`` bytes; hot IDs own pool rows privately.
@@ -78,29 +78,39 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Args:
         tables: logical tables, exactly as for ``EmbeddingBagCollection``.
-        cafe: one ``CafeConfig`` for every table, or a dict table name -> ``CafeConfig`` (tables not
-            named stay plain).
         is_weighted: whether input KJTs carry per-id weights.
         device: where tables and sketches live.
+        cafe: (keyword only) one ``CafeConfig`` for every table, or a dict table name ->
+            ``CafeConfig`` (tables not named stay plain).
 
     Example::
 
-        ebc = CafeEmbeddingBagCollection(tables, CafeConfig(compression_ratio=100))
+        ebc = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=100))
         kt = ebc(kjt)  # KeyedTensor, same as EmbeddingBagCollection(tables)(kjt)
     """
 
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
-        cafe: Union[CafeConfig, Mapping[str, CafeConfig]],
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
+        *,
+        cafe: Optional[Union[CafeConfig, Mapping[str, CafeConfig]]] = None,
     ) -> None:
+        if not isinstance(is_weighted, bool):
+            raise ValueError(
+                f"is_weighted must be a bool, got {type(is_weighted).__name__} (the constructor is "
+                f"EmbeddingBagCollection's: tables, is_weighted, device; CAFE settings go by keyword, cafe=...)"
+            )
+        if cafe is None:
+            raise ValueError("cafe= is required: a CafeConfig for every table, or a dict table name -> CafeConfig")
         super().__init__()
         torch._C._log_api_usage_once(f"torchrec_cafe.{type(self).__name__}")
         self._logical_configs = list(tables)
         self._is_weighted = is_weighted
-        self._layouts = _layouts(tables, cafe, is_weighted)
+        # Physical tables read features under TorchRec's embedding names (``f@table`` for a feature
+        # shared by tables): every name is then one table's feature, and the output keys are EBC's.
+        self._layouts = _layouts(with_embedding_names(tables), cafe, is_weighted)
         # Tables may start on the meta device (DMP materialises them); the sketch and the remap
         # constants must not (DMP would fill them with zeros), so they start on CPU and follow
         # the inputs' device at the first forward.
@@ -111,10 +121,11 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             is_weighted=self._remapper.weighted_out,
             device=device,
         )
+        self._device = self._embedding_bag_collection.device
         self._sketched = [l for l in self._layouts if l.sketched]
         self._sketch = _group_sketch(self._sketched, state_device)
-        self._feature_names = [f for l in self._layouts for f in l.config.feature_names]
-        self._feature_set = set(self._feature_names)
+        self._feature_names = [f for l in self._layouts for f in l.config.feature_names]  # embedding names
+        self._input_features = [f for t in tables for f in t.feature_names]  # the KJT key each reads
         # Per training step: (raw ids, sketch table, importance norm, feature) per compressed
         # occurrence, [n_c] each.
         self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"] = []
@@ -136,6 +147,29 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def is_weighted(self) -> bool:
         return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device (as ``EmbeddingBagCollection.device``)."""
+        return self._device
+
+    @property
+    def embedding_bags(self) -> nn.ModuleDict:
+        """The *physical* tables by logical table name (``nn.EmbeddingBag`` of ``P + B`` rows for a
+        compressed table, the full table otherwise): what ``EmbeddingBagCollection.embedding_bags``
+        holds, at the compressed size. Unsharded modules only."""
+        inner = self._embedding_bag_collection
+        if not isinstance(inner, EmbeddingBagCollection):
+            raise AttributeError("embedding_bags: the tables are sharded (see the sharded module's state_dict)")
+        return inner.embedding_bags
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(module)`` scripts the frozen lookup of the module as it stands
+        (``export_for_inference``: same outputs as ``eval()``; no sketch, scores or migrations, which
+        TorchScript has no place for)."""
+        from torchrec_cafe.modules.frozen import export_for_inference  # imports this module
+
+        return export_for_inference(self)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets promotions copy the optimizer state of plain torch optimizers (unsharded use).
@@ -179,6 +213,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _follow(self, device: torch.device) -> None:
         """Moves the sketch and remap constants next to the inputs (host-side check, no sync)."""
         self._remapper.to(device)
+        self._device = device
         if self._sketch is not None:
             self._sketch.to(device)
 
@@ -199,15 +234,16 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         check_kjt(features)
         keys = features.keys()
         if keys != self._feature_names:
-            unknown = [k for k in keys if k not in self._feature_set]
-            if unknown:
-                raise ValueError(f"KJT has unknown feature keys {unknown}; expected {self._feature_names}")
-            missing = [k for k in self._feature_names if k not in set(keys)]
-            if missing:
-                raise ValueError(f"KJT is missing feature keys {missing}; expected {self._feature_names}")
-            if len(keys) != len(self._feature_names):
+            if len(set(keys)) != len(keys):
                 raise ValueError(f"KJT has duplicate feature keys: {keys}")
-            features = features.permute([keys.index(k) for k in self._feature_names])
+            expected = list(dict.fromkeys(self._input_features))
+            unknown = [k for k in keys if k not in expected]
+            if unknown:
+                raise ValueError(f"KJT has unknown feature keys {unknown}; expected {expected}")
+            missing = [k for k in expected if k not in keys]
+            if missing:
+                raise ValueError(f"KJT is missing feature keys {missing}; expected {expected}")
+            features = as_embedding_features(features, self._input_features, self._feature_names)
         if self._is_weighted and features.weights_or_none() is None:
             raise ValueError("module is_weighted=True but the KJT has no weights")
         if not self._is_weighted and features.weights_or_none() is not None:
@@ -328,7 +364,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "num_embeddings": c.num_embeddings,
                 "embedding_dim": c.embedding_dim,
                 "data_type": str(c.data_type),
-                "feature_names": list(c.feature_names),
+                "feature_names": list(logical.feature_names),
                 "pooling": str(c.pooling),
                 "is_weighted": self._is_weighted,
                 "cafe": dataclasses.asdict(l.cafe) if l.cafe is not None else None,
@@ -336,7 +372,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "block_rows": l.budget.block_rows,
                 "sketch_buckets": l.budget.num_buckets if l.compressed else 0,
             }
-            for l in self._layouts
+            for logical, l in zip(self._logical_configs, self._layouts)
             for c in [l.config]
         ]
 

@@ -1,7 +1,12 @@
-"""Validation of input KJTs: a malformed one gets a ``ValueError`` naming the problem before any
-state changes, instead of an error from deep inside the remap or FBGEMM."""
+"""Input KJTs of the CAFE modules: validation (a malformed KJT gets a ``ValueError`` naming the
+problem before any state changes, not an error from deep inside the remap or FBGEMM) and TorchRec's
+embedding names (a feature read by several tables is looked up once per table, as ``f@table``)."""
+
+import dataclasses
+from typing import List, Sequence
 
 import torch
+from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -44,3 +49,38 @@ def check_kjt(features: KeyedJaggedTensor) -> None:
     else:
         ok = (lengths >= 0).all() & (lengths.sum() == values.numel())
         torch._assert_async(ok, "KJT has negative lengths or lengths that do not sum to its number of values")
+
+
+def embedding_names(tables: Sequence[BaseEmbeddingConfig]) -> List[List[str]]:
+    """Per table, the output name of each of its features, as TorchRec names them: the feature
+    name, or ``feature@table`` when several tables read that feature."""
+    count = {}
+    for t in tables:
+        for f in t.feature_names:
+            count[f] = count.get(f, 0) + 1
+    return [[f if count[f] == 1 else f"{f}@{t.name}" for f in t.feature_names] for t in tables]
+
+
+def with_embedding_names(tables: Sequence[BaseEmbeddingConfig]) -> List[BaseEmbeddingConfig]:
+    """The tables with each feature renamed to its embedding name: every feature is then read by
+    one table, and the physical tables' output keys are TorchRec's."""
+    return [dataclasses.replace(t, feature_names=names) for t, names in zip(tables, embedding_names(tables))]
+
+
+def as_embedding_features(features: KeyedJaggedTensor, inputs: List[str], names: List[str]) -> KeyedJaggedTensor:
+    """Raw KJT (keys in any order, each once) -> KJT with one key per embedding name ``names[i]``,
+    holding input feature ``inputs[i]`` (a shared feature's bags repeated once per table).
+    TorchScript-able: the served module calls it too."""
+    keys = features.keys()
+    if keys == names:
+        return features
+    ordered = features.permute([keys.index(k) for k in inputs])
+    if inputs == names:
+        return ordered
+    return KeyedJaggedTensor(
+        keys=names,
+        values=ordered.values(),
+        lengths=ordered.lengths(),
+        weights=ordered.weights_or_none(),
+        stride=ordered.stride(),
+    )

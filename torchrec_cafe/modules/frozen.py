@@ -1,0 +1,195 @@
+"""The frozen serving form of a ``CafeEmbeddingBagCollection``.
+
+``export_for_inference`` turns a trained ``CafeEmbeddingBagCollection`` into a
+``CafeInferenceEBC``: a plain TorchRec ``EmbeddingBagCollection`` over the physical rows (pool
+rows, then block rows, per table) plus the frozen lookup state: per sketched table the sorted keys
+of its hot IDs with the pool row each owns, and which pool rows are owned. Every other ID reads
+its first pool choice that no hot ID owns (and, composed, its block row), exactly as the trained
+module's remap does. There is no sketch, no scoring and no migration: outputs equal the trained
+module's in ``eval()`` mode.
+
+The lookup is vectorised over all features (one sorted search for every table's hot keys) and the
+module is TorchScript-able (``torch.jit.script``, also what scripting the trained module gives),
+the form TorchRec's inference stack uses.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.modules.inputs import as_embedding_features
+from torchrec_cafe.remap import block_rows
+from torchrec_cafe.sketch.hashing import finalise64, fingerprint32
+from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET, choices_of_hash
+
+
+class CafeInferenceEBC(nn.Module):
+    """Frozen CAFE lookup: raw-ID KJT -> pooled ``KeyedTensor``, like the trained module in eval.
+
+    Per value of feature f (module feature order), with per-feature constants ``[F]``: plain tables
+    read ``id % N``; compressed ones a pool row (the owned one if ``(table << 32) | key`` is among
+    the sorted ``hot_keys``, else the first choice whose ``owned`` flag is clear, or the first
+    choice when all are owned) and, composed, block row ``P + (id % N) // block_size`` (a hot ID
+    reads its pool row alone, a blocked one its block row alone).
+    """
+
+    def __init__(
+        self,
+        embedding_bag_collection: EmbeddingBagCollection,
+        feature_names: List[str],
+        input_features: List[str],
+        constants: Dict[str, torch.Tensor],
+        hot_keys: torch.Tensor,
+        hot_rows: torch.Tensor,
+        owned: torch.Tensor,
+        is_weighted: bool,
+        weighted_out: bool,
+    ) -> None:
+        super().__init__()
+        self.embedding_bag_collection = embedding_bag_collection
+        self._feature_names = feature_names  # embedding names (``f@table`` for shared features)
+        self._input_features = input_features  # the KJT key each reads
+        self._is_weighted = is_weighted
+        self._weighted_out = weighted_out
+        self._any_composed = bool(constants["composed"].any())
+        self._pool_seed = POOL_SEED_OFFSET  # TorchScript reads no module globals
+        for name in ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "block_size", "composed", "mean_as_weights"):
+            self.register_buffer("_" + name, constants[name])
+        self.register_buffer("hot_keys", hot_keys)
+        self.register_buffer("hot_rows", hot_rows)
+        self.register_buffer("owned", owned)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = as_embedding_features(features, self._input_features, self._feature_names)
+        ids = features.values().to(torch.int64)
+        lengths = features.lengths()
+        device = ids.device
+        per_key = torch.tensor(features.length_per_key(), device=device)
+        feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
+        n = self._num_rows[feature]
+        pool_row, hot, blocked = self._pool_rows(ids, feature)
+        rows = torch.where(self._compressed[feature], pool_row, torch.remainder(ids, n))
+        w = torch.ones_like(ids, dtype=torch.float32)
+        if self._is_weighted:
+            w = features.weights()
+        if self._weighted_out:
+            w = torch.where(self._mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
+            w = torch.where(blocked & ~self._composed[feature], torch.zeros_like(w), w)  # hashed: reads no row
+        if not self._any_composed:
+            return self.embedding_bag_collection(
+                KeyedJaggedTensor(keys=self._feature_names, values=rows, lengths=lengths, weights=w if self._weighted_out else None, stride=features.stride())
+            )
+        # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
+        # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
+        composed = self._composed[feature]
+        block = block_rows(ids, n, self._pool[feature], self._block_size[feature])
+        values = torch.stack([rows, block], dim=1)
+        zero = torch.zeros_like(w)
+        weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
+        keep = torch.stack([torch.ones_like(composed), composed], dim=1)
+        out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
+        return self.embedding_bag_collection(
+            KeyedJaggedTensor(keys=self._feature_names, values=values[keep], lengths=out_lengths, weights=weights[keep], stride=features.stride())
+        )
+
+    def _pool_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
+        key = fingerprint32(ids)
+        pool = self._pool[feature].clamp(min=1)
+        choices = choices_of_hash(finalise64(key + self._pool_seed), pool)
+        table = self._sketch_table[feature]
+        sketched = table >= 0
+        owned = self.owned[(self._pool_offset[feature].unsqueeze(1) + choices).clamp(max=self.owned.numel() - 1)] == 1  # OWNED
+        owned = owned & sketched.unsqueeze(1)
+        # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
+        free = ~owned
+        first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
+        row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
+        blocked = owned.all(dim=1)
+        hot = torch.zeros_like(blocked)
+        if self.hot_keys.numel() > 0:
+            wanted = (table << 32) | key
+            pos = torch.searchsorted(self.hot_keys, wanted).clamp(max=self.hot_keys.numel() - 1)
+            hot = sketched & (self.hot_keys[pos] == wanted)
+            row = torch.where(hot, self.hot_rows[pos], row)
+            blocked = blocked & ~hot
+        return row, hot, blocked
+
+    def nbytes(self) -> Dict[str, int]:
+        """Bytes of the served form: the physical tables and the frozen lookup state."""
+        tables = sum(p.numel() * p.element_size() for p in self.embedding_bag_collection.parameters())
+        frozen = sum(b.numel() * b.element_size() for b in (self.hot_keys, self.hot_rows, self.owned))
+        return {"table_bytes": tables, "map_bytes": frozen, "total_bytes": tables + frozen}
+
+
+@torch.no_grad()
+def export_for_inference(module: CafeEmbeddingBagCollection, device: Optional[torch.device] = None) -> CafeInferenceEBC:
+    """Freezes a trained, unsharded ``CafeEmbeddingBagCollection`` into a ``CafeInferenceEBC``.
+
+    The module is not changed. A model trained under ``DistributedModelParallel`` is exported by
+    loading its checkpoint into an unsharded model first (``checkpoint.load`` reshards to one
+    process). Scores stashed since the last update are not applied: as in the trained module's
+    ``eval()`` mode, the sketch is used as it stands.
+    """
+    inner = module._embedding_bag_collection
+    if not isinstance(inner, EmbeddingBagCollection):
+        raise ValueError(
+            "export_for_inference needs an unsharded CafeEmbeddingBagCollection; load the "
+            "checkpoint of a sharded model into an unsharded one (torchrec_cafe.checkpoint.load) first"
+        )
+    device = device or next(inner.parameters()).device
+    layouts, remapper = module._layouts, module._remapper
+    ebc = EmbeddingBagCollection(tables=[l.physical_config() for l in layouts], is_weighted=remapper.weighted_out, device=device)
+    ebc.load_state_dict(inner.state_dict())
+    sketched = [l for l in layouts if l.sketched]
+    pool_offset = [0]
+    for l in sketched:
+        pool_offset.append(pool_offset[-1] + l.budget.pool_rows)
+    per_feature = [l for l in layouts for _ in l.config.feature_names]
+    table = [next((t for t, s in enumerate(sketched) if s is l), -1) for l in per_feature]
+    constants = {
+        "num_rows": [l.config.num_embeddings for l in per_feature],
+        "sketch_table": table,
+        "compressed": [l.compressed for l in per_feature],
+        "pool": [l.budget.pool_rows for l in per_feature],
+        "pool_offset": [pool_offset[t] if t >= 0 else 0 for t in table],
+        "block_size": [l.block_size for l in per_feature],
+        "composed": [l.composed for l in per_feature],
+        "mean_as_weights": [l.mean_as_weights for l in per_feature],
+    }
+    hot_keys, hot_rows, owned = _frozen_lookup(module)
+    return CafeInferenceEBC(
+        embedding_bag_collection=ebc,
+        feature_names=list(module._feature_names),
+        input_features=list(module._input_features),
+        constants={k: torch.tensor(v, device=device) for k, v in constants.items()},
+        hot_keys=hot_keys.to(device),
+        hot_rows=hot_rows.to(device),
+        owned=owned.to(device),
+        is_weighted=module.is_weighted(),
+        weighted_out=remapper.weighted_out,
+    )
+
+
+def _frozen_lookup(module: CafeEmbeddingBagCollection) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """(sorted ``(table << 32) | key`` of every hot ID [M], the pool row each owns [M], the pool
+    states of all sketched tables [sum P] int8) of the module's sketch as it stands."""
+    sketch = module._sketch
+    if sketch is None:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(1, dtype=torch.int8)
+    tables, keys, rows = [], [], []
+    for t, p in enumerate(sketch.pool_rows_per_table):
+        k = sketch.hot_keys(t)
+        row, _, _ = sketch.lookup_keys(k, torch.full_like(k, t))
+        tables.append(torch.full_like(k, t))
+        keys.append(k)
+        rows.append(row)
+    combined = (torch.cat(tables) << 32) | torch.cat(keys)
+    order = torch.argsort(combined)
+    return combined[order].cpu(), torch.cat(rows)[order].cpu(), sketch.pool_state[:-1].clone().cpu()
