@@ -12,6 +12,7 @@ from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, ShardedCafeEmbeddingBagCollection
 from torchrec_cafe.rows import tbe_shards
 
 from .cafe_reads import hot_row, promotion_source
@@ -267,3 +268,60 @@ def test_fused_and_data_parallel_tables_in_one_module_both_migrate(single_rank_p
         assert hot >= 0
         assert torch.equal(shards[name].weight[hot], before[name][0])
         assert torch.equal(shards[name].states[0][hot], before[name][1])
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, ebc: torch.nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, kjt: KeyedJaggedTensor) -> Any:
+        return self.ebc(kjt)
+
+
+@pytest.mark.parametrize("sharder", ["cafe", "inner_ebc"])
+def test_variable_batch_and_shared_features_through_dmp(single_rank_pg: None, sharder: str) -> None:
+    """Sharded: a variable-batch KJT (inverse indices) and a feature read by two tables give the
+    outputs of the expanded batch, keys named as TorchRec's EBC names them. Tables large enough
+    for the planner to shard them table-wise: TorchRec 1.8's own sharded EBC fails on variable-batch
+    input once a data-parallel table sits next to a model-parallel one."""
+    tables = [
+        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=200_000, feature_names=["f1", "f2"]),
+        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=3000, feature_names=["f1"]),
+    ]
+    cafe = CafeEmbeddingBagCollection(tables, cafe={"t1": CafeConfig(compression_ratio=20, threshold=1.0)})
+    apply_optimizer_in_backward(torch.optim.SGD, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+    if sharder == "cafe":
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+        # table-wise: TorchRec 1.8's row-wise reduce-scatter of variable batches fails on CPU
+        constraints = {t.name: ParameterConstraints(sharding_types=["table_wise"]) for t in tables}
+        model, sharders = _Wrapper(cafe), [CafeEmbeddingBagCollectionSharder()]
+        plan = EmbeddingShardingPlanner(Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(model, sharders)
+        dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders, plan=plan)
+        module = dmp.module.ebc
+        assert isinstance(module, ShardedCafeEmbeddingBagCollection)
+    else:
+        dmp = DistributedModelParallel(cafe, device=torch.device("cpu"))
+        module = dmp.module
+    inverse = torch.tensor([[0, 1, 1, 0], [0, 1, 2, 2]])
+    vbe = KeyedJaggedTensor(
+        keys=["f1", "f2"],
+        values=torch.tensor([3, 5, 9, 5, 7, 3, 11]),
+        lengths=torch.tensor([1, 2, 1, 1, 2]),
+        stride_per_key_per_rank=[[2], [3]],
+        inverse_indices=(["f1", "f2"], inverse),
+    )
+    expanded = KeyedJaggedTensor(
+        keys=["f1", "f2"],
+        values=torch.tensor([3, 5, 9, 5, 9, 3, 5, 7, 3, 11, 3, 11]),
+        lengths=torch.tensor([1, 2, 2, 1, 1, 1, 2, 2]),
+    )
+    for _ in range(3):
+        out = dmp(vbe)
+        assert out.keys() == ["f1@t1", "f2", "f1@t2"] and out.values().shape == (4, 12)
+        out.values().pow(2).sum().backward()
+    module.apply_pending_updates()
+    assert int(module._sketch.promotions.sum()) > 0
+    dmp.eval()
+    torch.testing.assert_close(dmp(vbe).values(), dmp(expanded).values())

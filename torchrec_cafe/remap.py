@@ -25,9 +25,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import reorder_inverse_indices
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
+from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.sketch.hashing import fingerprint32
 from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate, pool_choices
 from torchrec_cafe.sketch.ops import take
@@ -96,6 +98,10 @@ class RemapContext:
     feature: torch.Tensor  # feature index (module feature order)
     factor: torch.Tensor  # |weight| (/ bag length for MEAN): d pooled / d row, up to the gradient
     hot_hits: torch.Tensor  # [T] fraction of each sketched table's occurrences that hit a hot row
+    # Variable-batch KJTs only: per feature, the bag of each sample of the full batch [F, B_full]
+    # (TorchRec's inverse indices, module feature order) and the bags per feature [F] (host ints).
+    inverse: Optional[torch.Tensor] = None
+    bags_per_feature: Optional[List[int]] = None
 
 
 @dataclass
@@ -219,7 +225,7 @@ class KJTRemapper(nn.Module):
         if max(self.feature_mult) == 1:
             if alone is not None and weights is not None:
                 weights = torch.where(alone == 2, torch.zeros_like(weights), weights)
-            return KeyedJaggedTensor(keys=kjt.keys(), values=rows, lengths=lengths, weights=weights, stride=kjt.stride())
+            return kjt_like(kjt, kjt.keys(), rows, lengths, weights, kjt.inverse_indices_or_none())
         # Composed features: each ID becomes (pool row, block row), adjacent in its bag.
         block = block_rows(ids, take(self.num_rows, feature), take(self.pool, feature), take(self.block_size, feature))
         mult = take(self.composed, feature).to(torch.int64) + 1
@@ -231,10 +237,12 @@ class KJTRemapper(nn.Module):
         if alone is not None:
             drop = torch.where(second, 1, 2)  # a pool entry is dropped for code 2, a block entry for 1
             out_weights = torch.where(take(alone, src) == drop, torch.zeros_like(out_weights), out_weights)
-        bag_mult = torch.repeat_interleave(torch.tensor(self.feature_mult, device=ids.device), kjt.stride())
-        return KeyedJaggedTensor(
-            keys=kjt.keys(), values=values, lengths=lengths * bag_mult.to(lengths.dtype), weights=out_weights, stride=kjt.stride()
-        )
+        mult = torch.tensor(self.feature_mult, device=ids.device)
+        if kjt.variable_stride_per_key():
+            bag_mult = torch.repeat_interleave(mult, torch.tensor(kjt.stride_per_key(), device=ids.device))
+        else:
+            bag_mult = torch.repeat_interleave(mult, kjt.stride())
+        return kjt_like(kjt, kjt.keys(), values, lengths * bag_mult.to(lengths.dtype), out_weights, kjt.inverse_indices_or_none())
 
     def _context(
         self,
@@ -254,7 +262,11 @@ class KJTRemapper(nn.Module):
         num_tables = self.frequency.numel()
         hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, hot.float())
         seen = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, torch.ones_like(factor))
-        return RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hits / seen.clamp(min=1))
+        context = RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hits / seen.clamp(min=1))
+        if kjt.variable_stride_per_key():
+            context.inverse = reorder_inverse_indices(kjt.inverse_indices_or_none(), kjt.keys())
+            context.bags_per_feature = kjt.stride_per_key()
+        return context
 
     def migration(self, update: SketchUpdate) -> Migration:
         """The row copies of a sketch update: pool rows are the first rows of a physical table."""

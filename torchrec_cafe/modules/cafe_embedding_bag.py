@@ -14,6 +14,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
@@ -248,9 +249,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError("module is_weighted=True but the KJT has no weights")
         if not self._is_weighted and features.weights_or_none() is not None:
             # EmbeddingBagCollection(is_weighted=False) ignores weights; so do we.
-            features = KeyedJaggedTensor(
-                keys=features.keys(), values=features.values(), lengths=features.lengths(), stride=features.stride()
-            )
+            features = kjt_like(features, features.keys(), features.values(), features.lengths(), None, features.inverse_indices_or_none())
         return features
 
     # ------------------------------------------------------------------ importance
@@ -263,8 +262,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return
         values = kt.values()
         if values.requires_grad:
-            columns = self._columns_of(kt)
-            values.register_hook(lambda g: self._on_output_grad(g, context, columns))
+            if context.inverse is not None:  # variable batch: outputs are expanded bags
+                position = {k: i for i, k in enumerate(kt.keys())}
+                offsets = kt.offset_per_key()
+                spans = [(offsets[position[f]], offsets[position[f] + 1]) for f in self._feature_names]
+                values.register_hook(lambda g: self._on_expanded_output_grad(g, context, spans))
+            else:
+                columns = self._columns_of(kt)
+                values.register_hook(lambda g: self._on_output_grad(g, context, columns))
 
     def _columns_of(self, kt: KeyedTensor) -> "tuple[int, torch.Tensor]":
         """How to sum each feature's output columns, by key name. When every key has the same dim
@@ -297,8 +302,25 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 squares = torch.zeros(grad.shape[0], self._remapper.num_features, device=grad.device)
                 squares.index_add_(1, index, g2)
             bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
-            norms = bag_norms.index_select(0, context.bag) * context.factor
-            self._pending.append((context.ids, context.tables, norms, context.feature))
+            self._stash(bag_norms, context)
+
+    def _on_expanded_output_grad(
+        self, grad: torch.Tensor, context: RemapContext, spans: "List[tuple[int, int]]"
+    ) -> None:
+        """Variable-batch KJTs: output row b of feature f is bag ``inverse[f, b]`` expanded, so a
+        bag's gradient is the sum over the rows that repeat it. One index_add per feature."""
+        with torch.no_grad():
+            squares = []
+            for f, (lo, hi) in enumerate(spans):  # over features, not IDs
+                bag_grad = torch.zeros(context.bags_per_feature[f], hi - lo, device=grad.device)
+                bag_grad.index_add_(0, context.inverse[f], grad[:, lo:hi].float())
+                squares.append(bag_grad.pow(2).sum(dim=1))
+            self._stash(torch.cat(squares).sqrt(), context)
+
+    def _stash(self, bag_norms: torch.Tensor, context: RemapContext) -> None:
+        """Per-bag gradient norms [bags, key-major] -> per-occurrence scores, kept for the update."""
+        norms = bag_norms.index_select(0, context.bag) * context.factor
+        self._pending.append((context.ids, context.tables, norms, context.feature))
 
     # ------------------------------------------------------------------ updates and migration
 

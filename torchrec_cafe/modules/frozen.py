@@ -20,6 +20,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
 from torchrec_cafe.remap import block_rows
@@ -82,7 +83,7 @@ class CafeInferenceEBC(nn.Module):
             w = torch.where(blocked & ~self._composed[feature], torch.zeros_like(w), w)  # hashed: reads no row
         if not self._any_composed:
             return self.embedding_bag_collection(
-                KeyedJaggedTensor(keys=self._feature_names, values=rows, lengths=lengths, weights=w if self._weighted_out else None, stride=features.stride())
+                kjt_like(features, self._feature_names, rows, lengths, w if self._weighted_out else None, features.inverse_indices_or_none())
             )
         # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
         # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
@@ -94,7 +95,7 @@ class CafeInferenceEBC(nn.Module):
         keep = torch.stack([torch.ones_like(composed), composed], dim=1)
         out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
         return self.embedding_bag_collection(
-            KeyedJaggedTensor(keys=self._feature_names, values=values[keep], lengths=out_lengths, weights=weights[keep], stride=features.stride())
+            kjt_like(features, self._feature_names, values[keep], out_lengths, weights[keep], features.inverse_indices_or_none())
         )
 
     def _pool_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

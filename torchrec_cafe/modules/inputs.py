@@ -9,6 +9,8 @@ import torch
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_cafe.kjt import kjt_like
+
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -69,18 +71,12 @@ def with_embedding_names(tables: Sequence[BaseEmbeddingConfig]) -> List[BaseEmbe
 
 def as_embedding_features(features: KeyedJaggedTensor, inputs: List[str], names: List[str]) -> KeyedJaggedTensor:
     """Raw KJT (keys in any order, each once) -> KJT with one key per embedding name ``names[i]``,
-    holding input feature ``inputs[i]`` (a shared feature's bags repeated once per table).
-    TorchScript-able: the served module calls it too."""
+    holding input feature ``inputs[i]`` (a shared feature's bags repeated once per table). A
+    variable-batch KJT keeps its inverse indices (by input name, as TorchRec's EBC reads them)."""
     keys = features.keys()
     if keys == names:
         return features
     ordered = features.permute([keys.index(k) for k in inputs])
-    if inputs == names:
+    if inputs == names and not features.variable_stride_per_key():
         return ordered
-    return KeyedJaggedTensor(
-        keys=names,
-        values=ordered.values(),
-        lengths=ordered.lengths(),
-        weights=ordered.weights_or_none(),
-        stride=ordered.stride(),
-    )
+    return kjt_like(ordered, names, ordered.values(), ordered.lengths(), ordered.weights_or_none(), features.inverse_indices_or_none())
