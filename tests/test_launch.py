@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import pytest
 import yaml
 from torchx.components.component_test_base import ComponentTestCase
 
@@ -58,11 +59,39 @@ class ComponentsTest(ComponentTestCase):
         self.validate(components, "smoke")
 
 
-def test_entry_point_registers_cafe_components_and_keeps_builtins() -> None:
+def test_entry_point_registers_cafe_components_and_keeps_builtins_as_they_are() -> None:
+    from torchx.specs.finder import ModuleComponentsFinder
+
     p = torchx("builtins")
     assert p.returncode == 0, p.stderr
     listed = {line.split(". ", 1)[1] for line in p.stdout.splitlines() if ". " in line}
-    assert {"cafe.train", "cafe.smoke", "dist.ddp", "utils.echo"} <= listed
+    # what torchx lists without any registered package (valid components of torchx.components)
+    torchx_own = {c.name for c in ModuleComponentsFinder("torchx.components", "").find() if not c.validation_errors}
+    assert listed == torchx_own | {"cafe.train", "cafe.smoke"}
+
+
+def test_installed_as_torchrec_cafe_launch_not_a_top_level_launch_module() -> None:
+    import configparser
+    import importlib.metadata
+
+    import setuptools
+
+    dist = importlib.metadata.distribution("torchrec-cafe")
+    (entry,) = [e for e in dist.entry_points if e.group == "torchx.components" and e.name == "cafe"]
+    assert entry.value == "torchrec_cafe_launch.components"
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('launch') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/", env=ENV).returncode == 0  # nothing named launch
+    # setup.cfg lists the packages explicitly (to map launch/): it must name every one on disk
+    packages = set(setuptools.find_packages(str(ROOT), include=["torchrec_cafe*"])) | {"torchrec_cafe_launch"}
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert set(cfg["options"]["packages"].split()) == packages
+
+
+@pytest.mark.parametrize("component", ["cafe.train", "cafe.smoke", "launch/components.py:train", "launch/components.py:smoke"])
+def test_every_component_dry_runs_locally_on_a_host_without_gpus(component: str) -> None:
+    request = dryrun("-s", "local_cwd", component)
+    assert "examples.train_dlrm" in request
 
 
 def test_smoke_runs_two_processes_locally_and_writes_metrics(tmp_path: Path) -> None:
