@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Dict, List
 
-from examples.train_dlrm import quiet_logs, TrainConfig, run, synthetic
+from examples.train_dlrm import TrainConfig, quiet_logs, run, synthetic
 
 
 def _mean_std(values: List[float]) -> str:

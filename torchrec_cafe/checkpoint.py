@@ -35,10 +35,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.state_dict import _init_optim_state
-from torchrec.optim.keyed import KeyedOptimizer
 from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
 from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.state_dict import _init_optim_state
+from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_cafe.distributed.sharder import ShardedCafeEmbeddingBagCollection
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
@@ -203,6 +203,7 @@ class CheckpointLoadPlanner(DefaultLoadPlanner):
     asks for must still be in the checkpoint."""
 
     def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None  # set by set_up_planner before any plan
         return create_default_local_load_plan(self.state_dict, self.metadata, not self.allow_partial_load)
 
 

@@ -3,7 +3,7 @@
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
@@ -123,9 +123,9 @@ class CafeConfig:
             raise ValueError(f"update_interval must be >= 1, got {self.update_interval}")
 
     @classmethod
-    def paper(cls, compression_ratio: float, **overrides: object) -> "CafeConfig":
+    def paper(cls, compression_ratio: float, **overrides: Any) -> "CafeConfig":
         """The paper's settings: the official threshold schedule and one hashed row per cold ID."""
-        settings = {"threshold": paper_threshold(compression_ratio), "cold_rows": "hashed", **overrides}
+        settings: Dict[str, Any] = {"threshold": paper_threshold(compression_ratio), "cold_rows": "hashed", **overrides}
         return cls(compression_ratio=compression_ratio, **settings)
 
     @property

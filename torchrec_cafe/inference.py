@@ -2,7 +2,7 @@
 frozen ``CafeInferenceEBC``, see ``torchrec_cafe.modules.frozen``) and ``load_for_inference``, which
 builds the served modules of a checkpoint from its manifest alone."""
 
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch.distributed.checkpoint as dcp
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -32,7 +32,7 @@ def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
     return served
 
 
-def _module_from_description(tables: List[Dict[str, object]]) -> CafeEmbeddingBagCollection:
+def _module_from_description(tables: List[Dict[str, Any]]) -> CafeEmbeddingBagCollection:
     """An untrained module with the tables and CAFE settings of a manifest entry."""
     configs = [
         EmbeddingBagConfig(

@@ -49,6 +49,13 @@ class TableLayout:
         return self.cafe is not None and self.budget.compressed
 
     @property
+    def settings(self) -> CafeConfig:
+        """The CAFE settings of a table that has them (compressed and sketched ones do)."""
+        if self.cafe is None:
+            raise ValueError(f"table {self.config.name!r} is plain: it has no CAFE settings")
+        return self.cafe
+
+    @property
     def sketched(self) -> bool:
         return self.compressed and self.budget.sketched
 
@@ -103,6 +110,13 @@ class RemapContext:
     inverse: Optional[torch.Tensor] = None
     bags_per_feature: Optional[List[int]] = None
 
+    def record_stream(self, stream: torch.Stream) -> None:
+        """Marks every tensor as used on ``stream`` (made on the data-dist stream, read on the
+        compute stream by the gradient hook)."""
+        for t in (self.ids, self.tables, self.bag, self.feature, self.factor, self.hot_hits, self.inverse):
+            if t is not None:
+                t.record_stream(stream)
+
 
 @dataclass
 class Migration:
@@ -140,6 +154,21 @@ class KJTRemapper(nn.Module):
     """Maps KJTs in module feature order (the layouts' tables, then their features) to physical
     rows, using a ``HotSketch`` whose table t is the t-th sketched layout."""
 
+    # registered buffers (typed for the type checker; nn.Module's __getattr__ is untyped)
+    sketch_table: torch.Tensor
+    num_rows: torch.Tensor
+    pool: torch.Tensor
+    block_size: torch.Tensor
+    composed: torch.Tensor
+    mean: torch.Tensor
+    mean_as_weights: torch.Tensor
+    frequency: torch.Tensor
+    table_composed: torch.Tensor
+    table_rows: torch.Tensor
+    table_pool: torch.Tensor
+    table_block_size: torch.Tensor
+    table_reset_state: torch.Tensor
+
     def __init__(self, layouts: List[TableLayout], device: Optional[torch.device] = None) -> None:
         super().__init__()
         sketched = [l for l in layouts if l.sketched]
@@ -152,7 +181,7 @@ class KJTRemapper(nn.Module):
         self.static_features = [i for i, (l, t) in enumerate(per_feature) if l.compressed and t < 0]
         self.feature_mult = [2 if l.composed else 1 for l, _ in per_feature]  # physical entries per ID
         self.weighted_out = any(l.weighted or l.needs_weights for l in layouts)
-        self.frequency_tables = [t for t, l in enumerate(sketched) if l.cafe.importance == "frequency"]
+        self.frequency_tables = [t for t, l in enumerate(sketched) if l.settings.importance == "frequency"]
         constants = {
             "sketch_table": ([t for _, t in per_feature], torch.int64),
             "num_rows": ([l.config.num_embeddings for l, _ in per_feature], torch.int64),
@@ -162,12 +191,12 @@ class KJTRemapper(nn.Module):
             "mean": ([l.config.pooling == PoolingType.MEAN for l, _ in per_feature], torch.bool),
             "mean_as_weights": ([l.mean_as_weights for l, _ in per_feature], torch.bool),
             # per sketched table
-            "frequency": ([l.cafe.importance == "frequency" for l in sketched] or [False], torch.bool),
+            "frequency": ([l.settings.importance == "frequency" for l in sketched] or [False], torch.bool),
             "table_composed": ([l.composed for l in sketched] or [False], torch.bool),
             "table_rows": ([l.config.num_embeddings for l in sketched] or [1], torch.int64),
             "table_pool": ([l.budget.pool_rows for l in sketched] or [1], torch.int64),
             "table_block_size": ([l.block_size for l in sketched] or [1], torch.int64),
-            "table_reset_state": ([l.cafe.optimizer_state == "reset" for l in sketched] or [False], torch.bool),
+            "table_reset_state": ([l.settings.optimizer_state == "reset" for l in sketched] or [False], torch.bool),
         }
         for name, (values, dtype) in constants.items():
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
@@ -233,6 +262,7 @@ class KJTRemapper(nn.Module):
         src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), mult, output_size=total)
         second = (torch.arange(total, device=ids.device) - take(torch.cumsum(mult, 0) - mult, src)) == 1
         values = torch.where(second, take(block, src), take(rows, src))
+        assert weights is not None  # composed tables make the physical KJT weighted
         out_weights = take(weights, src)
         if alone is not None:
             drop = torch.where(second, 1, 2)  # a pool entry is dropped for code 2, a block entry for 1

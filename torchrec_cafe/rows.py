@@ -21,7 +21,7 @@ no longer reads; its optimizer state is copied from that pool row
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,7 +100,7 @@ def group_shards(shards: Sequence[RowShard]) -> List[RowGroup]:
     for shard in shards:
         tensors = [shard.weight] + shard.states
         if _groupable(shard):
-            key = tuple((t.untyped_storage().data_ptr(), t.dim(), _width(t)) for t in tensors)
+            key: Tuple[Any, ...] = tuple((t.untyped_storage().data_ptr(), t.dim(), _width(t)) for t in tensors)
             aliases = [_alias(t) for t in tensors]
         else:
             key, aliases = (id(shard),), [(t, 0) for t in tensors]
@@ -166,7 +166,7 @@ def migrate_group(
     value = w.index_select(0, rows(src, 0))
     if keep_weights is not None:
         value = rows_where(keep_weights, value, torch.zeros_like(value))
-    if src2 is not None:
+    if src2 is not None and use_src2 is not None:
         value = value + use_src2.unsqueeze(1).to(value.dtype) * w.index_select(0, rows(src2, 0))
     masked_row_write_(w, rows(dst, 0), value, mask)
     for k, state in enumerate(group.states, start=1):
@@ -210,7 +210,7 @@ def _stage(part: RowExchange) -> List[torch.Tensor]:
     for shard in part.shards:
         own, local = _owned(shard, part.src, part.mask)
         buffers[0] += _staged(shard.weight, local, own & keep)
-        if part.src2 is not None:
+        if part.src2 is not None and part.use_src2 is not None:
             own2, local2 = _owned(shard, part.src2, part.mask & part.use_src2)
             buffers[0] += _staged(shard.weight, local2, own2)
         for buffer, state in zip(buffers[1:], shard.states):
@@ -255,9 +255,11 @@ def parameter_shards(weight: nn.Parameter, table: str, optimizer: Optional[torch
     return [RowShard(table, weight.data, states, 0)]
 
 
-def _kernels(sharded_ebc: nn.Module) -> Iterator[Tuple[nn.Module, Optional[nn.Module]]]:
-    """(TorchRec kernel, its FBGEMM module) of every lookup of a ``ShardedEmbeddingBagCollection``."""
-    for lookup in sharded_ebc._lookups:
+def _kernels(sharded_ebc: nn.Module) -> Iterator[Tuple[Any, Any]]:
+    """(TorchRec kernel, its FBGEMM module or None) of every lookup of a
+    ``ShardedEmbeddingBagCollection`` (TorchRec internals: typed ``Any``)."""
+    lookups: Any = sharded_ebc._lookups
+    for lookup in lookups:
         lookup = getattr(lookup, "module", lookup)  # unwrap DistributedDataParallel
         for emb in getattr(lookup, "_emb_modules", []):
             yield emb, getattr(emb, "_emb_module", None)

@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import torch
 
-from examples.train_dlrm import quiet_logs, TrainConfig, build_model, embedding_tables, ensure_process_group, synthetic
+from examples.train_dlrm import TrainConfig, build_model, embedding_tables, ensure_process_group, quiet_logs, synthetic
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ become ``log(1 + max(x, 0))``: a fixed transform, unlike TorchRec's per-file ``x
 train and test files get the same one.
 """
 
-from typing import List, Sequence
+from typing import Any, List, Sequence, cast
 
 import torch
 from torchrec.datasets.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, INT_FEATURE_COUNT
@@ -36,7 +36,7 @@ def read_criteo_tsv(path: str, cardinalities: Sequence[int]) -> InMemoryCTR:
     dense: List[List[int]] = []
     cats: List[List[int]] = []
     with open_text(path) as f:
-        for line_no, row in enumerate(ReadLinesFromCSV([(path, f)], delimiter="\t"), 1):
+        for line_no, row in enumerate(ReadLinesFromCSV(cast(Any, [(path, f)]), delimiter="\t"), 1):
             if len(row) != _FIELDS:
                 raise ValueError(f"{path}, line {line_no}: {len(row)} tab-separated fields, expected {_FIELDS} (label, 13 counts, 26 categories)")
             try:
@@ -53,9 +53,9 @@ def read_criteo_tsv(path: str, cardinalities: Sequence[int]) -> InMemoryCTR:
     if not labels:
         raise ValueError(f"{path}: no samples")
     ids = torch.remainder(torch.tensor(cats, dtype=torch.int64), torch.tensor(cards))
-    counts = torch.tensor(dense, dtype=torch.float64).clamp_min(0)
+    dense_counts = torch.tensor(dense, dtype=torch.float64).clamp_min(0)
     return InMemoryCTR(
-        dense=torch.log1p(counts).float(),
+        dense=torch.log1p(dense_counts).float(),
         ids=ids,
         labels=torch.tensor(labels, dtype=torch.float32),
         feature_names=list(DEFAULT_CAT_NAMES),

@@ -12,6 +12,7 @@ of the last update) runs one step ahead of the previous batch's backward, hence
 ``CafeConfig.quarantine`` must be >= the pipeline depth (1 for ``TrainPipelineSparseDist``).
 """
 
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Type
 
 import torch
@@ -27,6 +28,7 @@ from torchrec.distributed.planner.storage_reservations import HeuristicalStorage
 from torchrec.distributed.planner.types import ParameterConstraints, Topology
 from torchrec.distributed.types import (
     Awaitable,
+    EmbeddingModuleShardingPlan,
     LazyAwaitable,
     ModuleSharder,
     ParameterSharding,
@@ -37,6 +39,22 @@ from torchrec.distributed.types import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.remap import RemapContext
+
+
+@dataclass
+class CafeEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
+    """TorchRec's EBC context plus what the remap of this batch saw (read when the output
+    awaitable resolves, to hook the importance scores); ``record_stream`` covers both, since the
+    pipeline remaps on its data-dist stream and the scores are taken on the compute stream."""
+
+    cafe_context: Optional[RemapContext] = None
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        super().record_stream(stream)
+        if self.cafe_context is not None:
+            self.cafe_context.record_stream(stream)
+
 
 _MODEL_PARALLEL_TYPES = [
     ShardingType.TABLE_WISE,
@@ -49,7 +67,7 @@ _SHARDING_TYPES = _MODEL_PARALLEL_TYPES + [ShardingType.DATA_PARALLEL]
 
 
 class ShardedCafeEmbeddingBagCollection(
-    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext]
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeEmbeddingBagCollectionContext]
 ):
     """Sharded form of ``CafeEmbeddingBagCollection``: same ``KeyedTensor`` output, same state-dict
     names (``_embedding_bag_collection.*`` as ShardedTensors, ``_sketch.*`` replicated)."""
@@ -65,10 +83,10 @@ class ShardedCafeEmbeddingBagCollection(
     ) -> None:
         super().__init__()
         inner_fqn = f"{module_fqn}._embedding_bag_collection" if module_fqn else None
-        sharded = ebc_sharder.shard(module._embedding_bag_collection, table_name_to_parameter_sharding, env, device, inner_fqn)
+        sharded = ebc_sharder.shard(module.physical_tables(), table_name_to_parameter_sharding, env, device, inner_fqn)
         # The unsharded module keeps the CAFE logic; it is not a child (its tables are replaced by
         # the sharded ones below), its sketch and remap constants are.
-        module._embedding_bag_collection = sharded
+        module.install_sharded_tables(sharded)
         if device is not None:
             module._follow(device)
         self.__dict__["_cafe"] = module
@@ -95,35 +113,35 @@ class ShardedCafeEmbeddingBagCollection(
     def stats(self) -> Dict[str, Dict[str, float]]:
         return self.cafe.stats()
 
-    def create_context(self) -> EmbeddingBagCollectionContext:
-        return self._embedding_bag_collection.create_context()
+    def create_context(self) -> CafeEmbeddingBagCollectionContext:
+        return CafeEmbeddingBagCollectionContext()
 
     def input_dist(
-        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+        self, ctx: CafeEmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         """Applies due updates (collective), remaps the local batch, then TorchRec's input dist."""
         cafe = self.cafe
         physical, context = cafe._remap(cafe._prepare(features, self.training))
-        ctx.cafe_context = context  # read when the output awaitable resolves
+        ctx.cafe_context = context
         return self._embedding_bag_collection.input_dist(ctx, physical)
 
-    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+    def compute(self, ctx: CafeEmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         return self._embedding_bag_collection.compute(ctx, dist_input)
 
     def output_dist(
-        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+        self, ctx: CafeEmbeddingBagCollectionContext, output: List[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
         return self._with_importance(ctx, self._embedding_bag_collection.output_dist(ctx, output))
 
     def compute_and_output_dist(
-        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+        self, ctx: CafeEmbeddingBagCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
         return self._with_importance(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
 
     def _with_importance(
-        self, ctx: EmbeddingBagCollectionContext, awaitable: LazyAwaitable[KeyedTensor]
+        self, ctx: CafeEmbeddingBagCollectionContext, awaitable: LazyAwaitable[KeyedTensor]
     ) -> LazyAwaitable[KeyedTensor]:
-        context = getattr(ctx, "cafe_context", None)
+        context = ctx.cafe_context
         if self.training and context is not None:
 
             def hook(kt: KeyedTensor) -> KeyedTensor:
@@ -184,10 +202,10 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         super().__init__(fused_params, qcomm_codecs_registry)
         self._ebc_sharder = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
 
-    def shard(
+    def shard(  # type: ignore[override]  # TorchRec declares ModuleSharder.shard an abstractclassmethod
         self,
         module: CafeEmbeddingBagCollection,
-        params: Dict[str, ParameterSharding],
+        params: EmbeddingModuleShardingPlan,
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
@@ -210,7 +228,7 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         return ShardedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn)
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        return self._ebc_sharder.shardable_parameters(module._embedding_bag_collection)
+        return self._ebc_sharder.shardable_parameters(module.physical_tables())
 
     @property
     def module_type(self) -> Type[CafeEmbeddingBagCollection]:

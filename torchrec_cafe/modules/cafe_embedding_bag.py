@@ -14,8 +14,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
+from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.rows import (
@@ -117,7 +117,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         # the inputs' device at the first forward.
         state_device = torch.device("cpu") if _is_meta(device) else device
         self._remapper = KJTRemapper(self._layouts, state_device)
-        self._embedding_bag_collection = EmbeddingBagCollection(
+        # A plain EBC, replaced by TorchRec's sharded one when the sharder shards this module.
+        self._embedding_bag_collection: nn.Module = EmbeddingBagCollection(
             tables=[l.physical_config() for l in self._layouts],
             is_weighted=self._remapper.weighted_out,
             device=device,
@@ -134,9 +135,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._column_features: Dict["tuple[str, ...]", "tuple[int, torch.Tensor]"] = {}
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
-        self._update_interval = self._sketched[0].cafe.update_interval if self._sketched else 1
+        self._update_interval = self._sketched[0].settings.update_interval if self._sketched else 1
         self._steps_since_update = 0
-        self._sync = self._sketched[0].cafe.sync if self._sketched else "aggregated"
+        self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
         self._ranks_checked = False
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
@@ -159,10 +160,20 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """The *physical* tables by logical table name (``nn.EmbeddingBag`` of ``P + B`` rows for a
         compressed table, the full table otherwise): what ``EmbeddingBagCollection.embedding_bags``
         holds, at the compressed size. Unsharded modules only."""
+        return self.physical_tables().embedding_bags
+
+    def physical_tables(self) -> EmbeddingBagCollection:
+        """The plain ``EmbeddingBagCollection`` of the physical tables (pool + block rows per
+        compressed table); ``ValueError`` once a sharder has replaced it by its sharded form."""
         inner = self._embedding_bag_collection
         if not isinstance(inner, EmbeddingBagCollection):
-            raise AttributeError("embedding_bags: the tables are sharded (see the sharded module's state_dict)")
-        return inner.embedding_bags
+            raise ValueError("the physical tables are sharded: the unsharded EmbeddingBagCollection is gone")
+        return inner
+
+    def install_sharded_tables(self, sharded: nn.Module) -> None:
+        """The sharder's call: the sharded form of ``physical_tables()`` replaces it (the state-dict
+        names stay ``_embedding_bag_collection.*``)."""
+        self._embedding_bag_collection = sharded
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script(module)`` scripts the frozen lookup of the module as it stands
@@ -309,11 +320,13 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         """Variable-batch KJTs: output row b of feature f is bag ``inverse[f, b]`` expanded, so a
         bag's gradient is the sum over the rows that repeat it. One index_add per feature."""
+        inverse, bags = context.inverse, context.bags_per_feature
+        assert inverse is not None and bags is not None  # hooked for variable-batch contexts only
         with torch.no_grad():
             squares = []
             for f, (lo, hi) in enumerate(spans):  # over features, not IDs
-                bag_grad = torch.zeros(context.bags_per_feature[f], hi - lo, device=grad.device)
-                bag_grad.index_add_(0, context.inverse[f], grad[:, lo:hi].float())
+                bag_grad = torch.zeros(bags[f], hi - lo, device=grad.device)
+                bag_grad.index_add_(0, inverse[f], grad[:, lo:hi].float())
                 squares.append(bag_grad.pow(2).sum(dim=1))
             self._stash(torch.cat(squares).sqrt(), context)
 
@@ -410,7 +423,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return
         digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).digest()
         mine = int.from_bytes(digest[:7], "big")  # fits int64
-        seen = torch.tensor([mine, -mine], dtype=torch.int64, device=self._sketch.step.device)
+        seen = torch.tensor([mine, -mine], dtype=torch.int64, device=self._remapper.sketch_table.device)
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)
         if int(seen[0]) != mine or -int(seen[1]) != mine:
             raise ValueError(
@@ -437,7 +450,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device = self._remapper.sketch_table.device
         if isinstance(inner, EmbeddingBagCollection):
             shards = [
-                s for n in names for s in parameter_shards(inner.embedding_bags[n].weight, n, self._optimizer)
+                s for n in names for s in parameter_shards(inner.embedding_bags[n].get_parameter("weight"), n, self._optimizer)
             ]
             return indexed_groups(shards, names, device), _row_split_tables(names, shards, device)
         if self._cached_groups is None or self._cached_groups[0] is not inner:
@@ -469,7 +482,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             b = l.budget
             sketch = b.sketch_bytes
             if l.config.name == first:
-                sketch += HotSketch.shared_state_bytes(l.cafe.slots_per_bucket)
+                sketch += HotSketch.shared_state_bytes(l.settings.slots_per_bucket)
             total = b.rows * b.row_bytes + sketch
             report[l.config.name] = {
                 "compressed": b.compressed,
@@ -488,9 +501,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def stats(self) -> Dict[str, Dict[str, float]]:
         """Per sketched table: hot-hit rate of the last batch and sketch counters (host sync)."""
-        out = {}
+        out: Dict[str, Dict[str, float]] = {}
+        sketch = self._sketch
+        if sketch is None:
+            return out
         for t, layout in enumerate(self._sketched):
-            s = dict(self._sketch.stats(t))
+            s: Dict[str, float] = dict(sketch.stats(t))
             c = self._last_context
             s["hot_hit_rate"] = float(c.hot_hits[t]) if c is not None else float("nan")
             out[layout.config.name] = s
@@ -537,18 +553,18 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
     if not sketched:
         return None
     for field in ("slots_per_bucket", "quarantine", "update_interval", "sync"):
-        values = {getattr(l.cafe, field) for l in sketched}
+        values = {getattr(l.settings, field) for l in sketched}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
     return HotSketch(
         num_buckets=[l.budget.num_buckets for l in sketched],
         pool_rows=[l.budget.pool_rows for l in sketched],
-        threshold=[l.cafe.threshold for l in sketched],
-        slots_per_bucket=sketched[0].cafe.slots_per_bucket,
-        decay=[l.cafe.decay for l in sketched],
-        quarantine=sketched[0].cafe.quarantine,
-        promote_load=[l.cafe.promote_load for l in sketched],
-        demote_load=[l.cafe.demote_load for l in sketched],
+        threshold=[l.settings.threshold for l in sketched],
+        slots_per_bucket=sketched[0].settings.slots_per_bucket,
+        decay=[l.settings.decay for l in sketched],
+        quarantine=sketched[0].settings.quarantine,
+        promote_load=[l.settings.promote_load for l in sketched],
+        demote_load=[l.settings.demote_load for l in sketched],
         device=device,
     )
 
@@ -584,7 +600,7 @@ def _layouts(
             logger.info(
                 "table %r: its budget of %d B (compression ratio %g) holds %d rows, too few for a "
                 "sketch: they serve every ID as cold rows",
-                t.name, budget.budget_bytes, c.compression_ratio, budget.rows,
+                t.name, budget.budget_bytes, budget.logical_bytes / budget.budget_bytes, budget.rows,
             )
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
     if not is_weighted and any(l.needs_weights or l.mean_as_weights for l in layouts):

@@ -38,6 +38,19 @@ class CafeInferenceEBC(nn.Module):
     reads its pool row alone, a blocked one its block row alone).
     """
 
+    # registered buffers (typed for the type checker; nn.Module's __getattr__ is untyped)
+    _num_rows: torch.Tensor
+    _sketch_table: torch.Tensor
+    _compressed: torch.Tensor
+    _pool: torch.Tensor
+    _pool_offset: torch.Tensor
+    _block_size: torch.Tensor
+    _composed: torch.Tensor
+    _mean_as_weights: torch.Tensor
+    hot_keys: torch.Tensor
+    hot_rows: torch.Tensor
+    owned: torch.Tensor
+
     def __init__(
         self,
         embedding_bag_collection: EmbeddingBagCollection,

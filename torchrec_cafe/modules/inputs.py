@@ -3,13 +3,15 @@ problem before any state changes, not an error from deep inside the remap or FBG
 embedding names (a feature read by several tables is looked up once per table, as ``f@table``)."""
 
 import dataclasses
-from typing import List, Sequence
+from typing import Dict, List, Sequence, TypeVar
 
 import torch
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.kjt import kjt_like
+
+ConfigT = TypeVar("ConfigT", bound=BaseEmbeddingConfig)
 
 _ID_DTYPES = (torch.int32, torch.int64)
 
@@ -56,14 +58,14 @@ def check_kjt(features: KeyedJaggedTensor) -> None:
 def embedding_names(tables: Sequence[BaseEmbeddingConfig]) -> List[List[str]]:
     """Per table, the output name of each of its features, as TorchRec names them: the feature
     name, or ``feature@table`` when several tables read that feature."""
-    count = {}
+    count: Dict[str, int] = {}
     for t in tables:
         for f in t.feature_names:
             count[f] = count.get(f, 0) + 1
     return [[f if count[f] == 1 else f"{f}@{t.name}" for f in t.feature_names] for t in tables]
 
 
-def with_embedding_names(tables: Sequence[BaseEmbeddingConfig]) -> List[BaseEmbeddingConfig]:
+def with_embedding_names(tables: Sequence[ConfigT]) -> List[ConfigT]:
     """The tables with each feature renamed to its embedding name: every feature is then read by
     one table, and the physical tables' output keys are TorchRec's."""
     return [dataclasses.replace(t, feature_names=names) for t, names in zip(tables, embedding_names(tables))]

@@ -24,11 +24,12 @@ that also plans, and evicts with row-wise Adagrad, on CPU.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, cast
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder, ShardedManagedCollisionEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -37,9 +38,10 @@ from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCo
 from torchrec.modules.mc_modules import (
     DistanceLFU_EvictionPolicy,
     LFU_EvictionPolicy,
+    ManagedCollisionCollection,
+    ManagedCollisionModule,
     MCHEvictionPolicy,
     MCHManagedCollisionModule,
-    ManagedCollisionCollection,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -145,6 +147,11 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     range, and plain tables index rows directly).
     """
 
+    # registered buffers (typed for the type checker)
+    _n: torch.Tensor
+    _hashed_rows: torch.Tensor
+    _columns: torch.Tensor
+
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
@@ -168,7 +175,7 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device = device or torch.device("cpu")
         self._managed: Optional[ManagedCollisionEmbeddingBagCollection] = None
         if managed:
-            modules = {
+            modules: Dict[str, ManagedCollisionModule] = {
                 t.name: _mch_module(self._layouts[t.name].zch_rows, t.num_embeddings, eviction, eviction_interval, buckets, device)
                 for t in managed
             }
@@ -260,7 +267,11 @@ class _ShardedMCHEmbeddingBagCollection(ShardedManagedCollisionEmbeddingBagColle
                     for state in tbe.split_optimizer_states()[int(index)]:
                         state[rows] = 0
                 weight = self._embedding_module.embedding_bags.get_parameter(f"{table}.weight")
-                weight[rows] = self._embedding_module._table_name_to_config[table].init_fn(weight[rows])
+                init_fn = self._embedding_module._table_name_to_config[table].init_fn
+                assert init_fn is not None  # EmbeddingBagConfig sets a default
+                fresh = init_fn(weight[rows])
+                if fresh is not None:
+                    weight[rows] = fresh
 
 
 class _CPUCapableMCEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
@@ -273,7 +284,7 @@ class _CPUCapableMCEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
             return [EmbeddingComputeKernel.FUSED.value]
         return super().compute_kernels(sharding_type, compute_device_type)
 
-    def shard(
+    def shard(  # type: ignore[override]  # TorchRec declares ModuleSharder.shard an abstractclassmethod
         self,
         module: ManagedCollisionEmbeddingBagCollection,
         params: Dict[str, ParameterSharding],
@@ -282,7 +293,7 @@ class _CPUCapableMCEBCSharder(ManagedCollisionEmbeddingBagCollectionSharder):
         module_fqn: Optional[str] = None,
     ) -> ShardedManagedCollisionEmbeddingBagCollection:
         return _ShardedMCHEmbeddingBagCollection(
-            module, params, ebc_sharder=self._e_sharder, mc_sharder=self._mc_sharder, env=env, device=device or torch.device("cuda")
+            module, params, ebc_sharder=cast(EmbeddingBagCollectionSharder, self._e_sharder), mc_sharder=self._mc_sharder, env=env, device=device or torch.device("cuda")
         )
 
 

@@ -17,7 +17,7 @@ rows * d * 4, nothing else.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -77,6 +77,15 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``<feature>@qr_remainder``, for the remainder lookups.
     """
 
+    # registered buffers (typed for the type checker)
+    _n: torch.Tensor
+    _m: torch.Tensor
+    _q: torch.Tensor
+    _is_qr: torch.Tensor
+    _first: torch.Tensor
+    _second: torch.Tensor
+    _target: torch.Tensor
+
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
@@ -96,7 +105,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         physical = []
         for t in tables:
             layout = self._layouts[t.name]
-            extra = {}
+            extra: Dict[str, Any] = {}
             if layout.compressed:
                 # Two rows per ID: scale each so their sum starts like a row of the logical table.
                 bound = math.sqrt(1.0 / (2 * t.num_embeddings))

@@ -186,6 +186,30 @@ class HotSketch(nn.Module):
         device: where the buffers live; all work happens there.
     """
 
+    # registered buffers (typed for the type checker; nn.Module's __getattr__ is untyped)
+    slot_keys: torch.Tensor
+    slot_scores: torch.Tensor
+    slot_state: torch.Tensor
+    pool_state: torch.Tensor
+    step: torch.Tensor
+    scale: torch.Tensor
+    mass: torch.Tensor
+    mass_since_decay: torch.Tensor
+    promotions: torch.Tensor
+    demotions: torch.Tensor
+    rejected: torch.Tensor
+    dropped_mass: torch.Tensor
+    _bucket_offset: torch.Tensor
+    _buckets: torch.Tensor
+    _pool_offset: torch.Tensor
+    _pool: torch.Tensor
+    _threshold: torch.Tensor
+    _decay: torch.Tensor
+    _decay_mass: torch.Tensor
+    _promote_load: torch.Tensor
+    _demote_load: torch.Tensor
+    _fixed: torch.Tensor
+
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
     # both paths. See host_reads_are_free.
     fixed_shapes: bool = False
@@ -223,12 +247,11 @@ class HotSketch(nn.Module):
         self.num_buckets, self.pool_rows = sum(ks), sum(ps)
         self.thresholds = [th if f else None for th, f in zip(thresholds, fixed)]
         k, c, p = self.num_buckets, slots_per_bucket, self.pool_rows
-        kw = {"device": device}
-        self.register_buffer("slot_keys", torch.zeros(k + 1, c, dtype=torch.int32, **kw))
-        self.register_buffer("slot_scores", torch.zeros(k + 1, c, dtype=torch.float32, **kw))
-        self.register_buffer("slot_state", torch.full((k + 1, c), EMPTY, dtype=torch.int8, **kw))
-        self.register_buffer("pool_state", torch.zeros(p + 1, dtype=torch.int8, **kw))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, **kw))
+        self.register_buffer("slot_keys", torch.zeros(k + 1, c, dtype=torch.int32, device=device))
+        self.register_buffer("slot_scores", torch.zeros(k + 1, c, dtype=torch.float32, device=device))
+        self.register_buffer("slot_state", torch.full((k + 1, c), EMPTY, dtype=torch.int8, device=device))
+        self.register_buffer("pool_state", torch.zeros(p + 1, dtype=torch.int8, device=device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         for name, dtype, value in (
             ("scale", torch.float64, 1.0),
             ("mass", torch.float64, 0.0),
@@ -238,7 +261,7 @@ class HotSketch(nn.Module):
             ("rejected", torch.int64, 0),
             ("dropped_mass", torch.float64, 0.0),
         ):
-            self.register_buffer(name, torch.full((t,), value, dtype=dtype, **kw))
+            self.register_buffer(name, torch.full((t,), value, dtype=dtype, device=device))
         # Constants derived from the constructor arguments: not state, not saved.
         for name, values, dtype in (
             ("_bucket_offset", _offsets(ks), torch.int64),
@@ -252,7 +275,7 @@ class HotSketch(nn.Module):
             ("_demote_load", [0.0 if f else x for x, f in zip(demote, fixed)], torch.float64),
             ("_fixed", fixed, torch.bool),
         ):
-            self.register_buffer(name, torch.tensor(values, dtype=dtype, **kw), persistent=False)
+            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
         # A decay event happens at most once per update, so scale grows at most 1/decay per update.
         fastest = max(-math.log(d) for d in decays)
         self._renorm_interval = min(
