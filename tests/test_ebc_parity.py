@@ -113,18 +113,24 @@ def test_cafe_settings_go_by_keyword() -> None:
 
 
 @BOTH
-def test_scripting(make: Callable) -> None:
-    """Scripting gives a module with the same outputs as the eval-mode module (for CAFE: its frozen
-    lookup, with a sketch that has promoted IDs)."""
+def test_scripting_in_eval_mode(make: Callable) -> None:
+    """Scripting an eval-mode module gives the same outputs (for CAFE: its frozen lookup, with a
+    sketch that has promoted IDs); the module itself is left as it was."""
     ebc = make(tables=[_table("t1", 3, ["f1", "f3"], rows=20_000), _table("t2", 4, ["f2"])], is_weighted=True)
     for _ in range(3):
         ebc(_kjt(["f1", "f3", "f2"], weighted=True)).values().sum().backward()
     kjt = _kjt(["f1", "f3", "f2"], weighted=True)
-    scripted = torch.jit.script(ebc)
     ebc.eval()
+    scripted = torch.jit.script(ebc)
     out, ref = scripted(kjt), ebc(kjt)
     assert out.keys() == ref.keys()
     torch.testing.assert_close(out.values(), ref.values())
+    assert type(ebc) is make or isinstance(ebc, CafeEmbeddingBagCollection)
+
+
+def test_scripting_a_training_cafe_module_is_refused() -> None:
+    with pytest.raises(ValueError, match="eval"):
+        torch.jit.script(CAFE(tables=[_table("t1", 3, ["f1"], rows=20_000)]))
 
 
 def _vbe_kjt() -> "tuple[KeyedJaggedTensor, KeyedJaggedTensor]":

@@ -19,11 +19,11 @@ from torchrec_cafe.sketch.hashing import _M1, _M2, _POSITIVE, _shr, finalise64, 
 from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET
 
 
-def _tables(pooling: PoolingType = PoolingType.SUM):
+def _tables(pooling: PoolingType = PoolingType.SUM, dim: int = 4):
     return [
-        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["a", "b"], pooling=pooling),
-        EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=50, feature_names=["c"], pooling=pooling),
-        EmbeddingBagConfig(name="t2", embedding_dim=4, num_embeddings=40, feature_names=["d"], pooling=pooling),
+        EmbeddingBagConfig(name="t0", embedding_dim=2 * dim, num_embeddings=20_000, feature_names=["a", "b"], pooling=pooling),
+        EmbeddingBagConfig(name="t1", embedding_dim=dim, num_embeddings=50, feature_names=["c"], pooling=pooling),
+        EmbeddingBagConfig(name="t2", embedding_dim=dim, num_embeddings=40, feature_names=["d"], pooling=pooling),
     ]
 
 
@@ -35,10 +35,10 @@ def _kjt(seed: int, weighted: bool = False, keys=("a", "b", "c", "d")) -> KeyedJ
     return KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, weights=weights)
 
 
-def _trained(pooling: PoolingType, weighted: bool, cold_rows: str) -> CafeEmbeddingBagCollection:
+def _trained(pooling: PoolingType, weighted: bool, cold_rows: str, dim: int = 4) -> CafeEmbeddingBagCollection:
     """t0 sketched, t1 plain, t2 static (two rows at CR 20: too few for a sketch)."""
     cfg = CafeConfig(compression_ratio=20, threshold=2.0, importance="frequency", cold_rows=cold_rows)
-    cafe = CafeEmbeddingBagCollection(_tables(pooling), cafe={"t0": cfg, "t2": cfg}, is_weighted=weighted)
+    cafe = CafeEmbeddingBagCollection(_tables(pooling, dim), cafe={"t0": cfg, "t2": cfg}, is_weighted=weighted)
     for step in range(4):
         cafe(_kjt(step, weighted))
     cafe.apply_pending_updates()
@@ -129,6 +129,10 @@ def test_export_of_a_dmp_trained_model_goes_through_its_checkpoint(tmp_path, sin
     sizes = export(path, str(tmp_path / "served"))  # the export command
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "served" / "cafe.pt"))(kjt).values(), expected)
     assert sizes["cafe"]["file_bytes"] > sizes["cafe"]["table_bytes"]
+    int8 = export(path, str(tmp_path / "int8"), "int8")  # quantized rows, same map
+    out = torch.jit.load(str(tmp_path / "int8" / "cafe.pt"))(kjt).values()
+    assert (out - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert int8["cafe"]["map_bytes"] == sizes["cafe"]["map_bytes"]
 
 
 @pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
@@ -144,3 +148,27 @@ def test_export_equals_trained_module_with_blocked_ids(cold_rows: str) -> None:
     assert bool(cafe._sketch.lookup(torch.arange(400))[2].any())
     scripted = torch.jit.script(export_for_inference(cafe))
     torch.testing.assert_close(scripted(kjt).values(), cafe(kjt).values())
+
+
+@pytest.mark.parametrize("weight_dtype, tolerance", [("fp16", 1e-3), ("int8", 1e-2), ("int4", 1.5e-1)])
+def test_quantized_export_is_close_smaller_and_scriptable(tmp_path, weight_dtype: str, tolerance: float) -> None:
+    """TorchRec's quantized tables under the frozen ID map: outputs within the stated share of the
+    float export's largest output, fewer table bytes, same map, TorchScript round trip exact."""
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+    from torchrec_cafe.inference import quantize_for_inference
+
+    served = export_for_inference(_trained(PoolingType.SUM, True, "composed", dim=32))  # FBGEMM pads int rows to 16 B
+    quantized = quantize_for_inference(served, weight_dtype)
+    assert isinstance(quantized.embedding_bag_collection, QuantEBC)
+    kjt = _kjt(11, weighted=True)
+    ref, out = served(kjt), quantized(kjt)
+    assert out.keys() == ref.keys() and out.values().dtype == torch.float32
+    assert (out.values() - ref.values()).abs().max() <= tolerance * ref.values().abs().max()
+    sizes, float_sizes = quantized.nbytes(), served.nbytes()
+    assert sizes["table_bytes"] < float_sizes["table_bytes"] and sizes["map_bytes"] == float_sizes["map_bytes"]
+    path = tmp_path / "q.pt"
+    torch.jit.save(torch.jit.script(quantized), path)
+    assert torch.equal(torch.jit.load(path)(kjt).values(), out.values())
+    with pytest.raises(ValueError, match="weight_dtype"):
+        quantize_for_inference(served, "int2")

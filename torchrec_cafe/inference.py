@@ -1,10 +1,13 @@
 """Serving a trained CAFE model without the training machinery: ``export_for_inference`` (the
-frozen ``CafeInferenceEBC``, see ``torchrec_cafe.modules.frozen``) and ``load_for_inference``, which
-builds the served modules of a checkpoint from its manifest alone."""
+frozen ``CafeInferenceEBC``, see ``torchrec_cafe.modules.frozen``), ``load_for_inference``, which
+builds the served modules of a checkpoint from its manifest alone, and ``quantize_for_inference``
+(TorchRec's quantized tables under the same frozen ID map)."""
 
 from typing import Any, Dict, List
 
+import torch
 import torch.distributed.checkpoint as dcp
+from torchrec.inference.modules import quantize_embeddings
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
 from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
@@ -12,7 +15,22 @@ from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.frozen import CafeInferenceEBC, export_for_inference
 
-__all__ = ["CafeInferenceEBC", "export_for_inference", "load_for_inference"]
+__all__ = ["CafeInferenceEBC", "export_for_inference", "load_for_inference", "quantize_for_inference"]
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
+
+
+def quantize_for_inference(served: CafeInferenceEBC, weight_dtype: str) -> CafeInferenceEBC:
+    """A copy of ``served`` whose physical tables are TorchRec's quantized ``EmbeddingBagCollection``
+    (``torchrec.quant``, FBGEMM's int-N TBE kernels) with rows of ``weight_dtype``: ``"fp16"``,
+    ``"int8"`` or ``"int4"`` (row-wise scale and bias); outputs stay float32. The frozen ID map is
+    unchanged. Script it with ``torch.jit.script`` (through ``torchrec.fx``, as TorchRec serves).
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    quantized = quantize_embeddings(served, dtype=WEIGHT_DTYPES[weight_dtype], inplace=False, output_dtype=torch.float)
+    assert isinstance(quantized, CafeInferenceEBC)  # a copy whose inner EBC was swapped
+    return quantized
 
 
 def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:

@@ -176,12 +176,19 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_bag_collection = sharded
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """``torch.jit.script(module)`` scripts the frozen lookup of the module as it stands
-        (``export_for_inference``: same outputs as ``eval()``; no sketch, scores or migrations, which
-        TorchScript has no place for)."""
+        """``torch.jit.script`` of an eval-mode module scripts its frozen lookup as it stands
+        (``export_for_inference``: the outputs of ``eval()``; no sketch, scores or migrations, which
+        TorchScript has no place for). Scripting a model that contains this module puts the frozen
+        form in its place *in that model too* (torch's ``__prepare_scriptable__`` contract): script a
+        copy of a model that trains on."""
+        if self.training:
+            raise ValueError(
+                "torch.jit.script of a CafeEmbeddingBagCollection needs eval() mode: TorchScript gets "
+                "its frozen lookup (export_for_inference), which does not train"
+            )
         from torchrec_cafe.modules.frozen import export_for_inference  # imports this module
 
-        return export_for_inference(self)
+        return export_for_inference(self).__prepare_scriptable__()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets promotions copy the optimizer state of plain torch optimizers (unsharded use).

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -78,67 +79,124 @@ class CafeInferenceEBC(nn.Module):
         self.register_buffer("owned", owned)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = as_embedding_features(features, self._input_features, self._feature_names)
-        ids = features.values().to(torch.int64)
-        lengths = features.lengths()
-        device = ids.device
-        per_key = torch.tensor(features.length_per_key(), device=device)
-        feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
-        n = self._num_rows[feature]
-        pool_row, hot, blocked = self._pool_rows(ids, feature)
-        rows = torch.where(self._compressed[feature], pool_row, torch.remainder(ids, n))
-        w = torch.ones_like(ids, dtype=torch.float32)
-        if self._is_weighted:
-            w = features.weights()
-        if self._weighted_out:
-            w = torch.where(self._mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
-            w = torch.where(blocked & ~self._composed[feature], torch.zeros_like(w), w)  # hashed: reads no row
-        if not self._any_composed:
-            return self.embedding_bag_collection(
-                kjt_like(features, self._feature_names, rows, lengths, w if self._weighted_out else None, features.inverse_indices_or_none())
-            )
-        # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
-        # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
-        composed = self._composed[feature]
-        block = block_rows(ids, n, self._pool[feature], self._block_size[feature])
-        values = torch.stack([rows, block], dim=1)
-        zero = torch.zeros_like(w)
-        weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
-        keep = torch.stack([torch.ones_like(composed), composed], dim=1)
-        out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
-        return self.embedding_bag_collection(
-            kjt_like(features, self._feature_names, values[keep], out_lengths, weights[keep], features.inverse_indices_or_none())
+        physical = frozen_physical_features(
+            features,
+            self._input_features,
+            self._feature_names,
+            [self._num_rows, self._sketch_table, self._compressed, self._pool, self._pool_offset, self._block_size,
+             self._composed, self._mean_as_weights, self.hot_keys, self.hot_rows, self.owned],
+            self._is_weighted,
+            self._weighted_out,
+            self._any_composed,
+            self._pool_seed,
         )
+        return self.embedding_bag_collection(physical)
 
-    def _pool_rows(self, ids: torch.Tensor, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
-        key = fingerprint32(ids)
-        pool = self._pool[feature].clamp(min=1)
-        choices = choices_of_hash(finalise64(key + self._pool_seed), pool)
-        table = self._sketch_table[feature]
-        sketched = table >= 0
-        owned = self.owned[(self._pool_offset[feature].unsqueeze(1) + choices).clamp(max=self.owned.numel() - 1)] == 1  # OWNED
-        owned = owned & sketched.unsqueeze(1)
-        # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
-        free = ~owned
-        first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
-        row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
-        blocked = owned.all(dim=1)
-        hot = torch.zeros_like(blocked)
-        if self.hot_keys.numel() > 0:
-            wanted = (table << 32) | key
-            pos = torch.searchsorted(self.hot_keys, wanted).clamp(max=self.hot_keys.numel() - 1)
-            hot = sketched & (self.hot_keys[pos] == wanted)
-            row = torch.where(hot, self.hot_rows[pos], row)
-            blocked = blocked & ~hot
-        return row, hot, blocked
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` scripts the ``torchrec.fx`` trace of this module, as TorchRec's
+        inference stack does: TorchRec's quantized EBCs are scriptable only that way."""
+        return symbolic_trace(self)
 
     def nbytes(self) -> Dict[str, int]:
-        """Bytes of the served form: the physical tables and the frozen lookup state."""
-        tables = sum(p.numel() * p.element_size() for p in self.embedding_bag_collection.parameters())
+        """Bytes of the served form: the physical tables as stored (float rows, or a quantized
+        EBC's FBGEMM row storage: quantized values, row scales and bias, rows padded to 16 bytes)
+        and the frozen lookup state."""
+        # A quantized EBC keeps its rows in FBGEMM int-N TBEs that are not registered submodules
+        # (its state-dict "weight" entries are views): count their storages.
+        kernels = getattr(self.embedding_bag_collection, "_emb_modules", [])
+        storages = [getattr(k, n) for k in kernels for n in ("weights_dev", "weights_host", "weights_uvm") if hasattr(k, n)]
+        if not kernels:
+            storages = list(self.embedding_bag_collection.parameters())
+        tables = sum(t.numel() * t.element_size() for t in storages)
         frozen = sum(b.numel() * b.element_size() for b in (self.hot_keys, self.hot_rows, self.owned))
         return {"table_bytes": tables, "map_bytes": frozen, "total_bytes": tables + frozen}
+
+
+def frozen_physical_features(
+    features: KeyedJaggedTensor,
+    input_features: List[str],
+    feature_names: List[str],
+    state: List[torch.Tensor],
+    is_weighted: bool,
+    weighted_out: bool,
+    any_composed: bool,
+    pool_seed: int,
+) -> KeyedJaggedTensor:
+    """Raw-ID KJT -> physical-row KJT of the frozen lookup (see ``CafeInferenceEBC``).
+
+    ``state``: the per-feature constants [F] (num_rows, sketch_table, compressed, pool,
+    pool_offset, block_size, composed, mean_as_weights), then hot_keys [M], hot_rows [M] and owned
+    [sum P + 1]. One free function, wrapped for ``torch.fx`` (a single node of a traced graph, so
+    ``torchrec.fx.symbolic_trace`` of the served module traces the inner, possibly quantized,
+    EmbeddingBagCollection as TorchRec's inference stack expects) and TorchScript-able.
+    """
+    num_rows, sketch_table, compressed, pool, pool_offset, block_size, composed_f, mean_as_weights = state[:8]
+    hot_keys, hot_rows, owned_rows = state[8], state[9], state[10]
+    features = as_embedding_features(features, input_features, feature_names)
+    ids = features.values().to(torch.int64)
+    lengths = features.lengths()
+    device = ids.device
+    per_key = torch.tensor(features.length_per_key(), device=device)
+    feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
+    n = num_rows[feature]
+    pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, hot_keys, hot_rows, owned_rows, pool_seed)
+    rows = torch.where(compressed[feature], pool_row, torch.remainder(ids, n))
+    w = torch.ones_like(ids, dtype=torch.float32)
+    if is_weighted:
+        w = features.weights()
+    if weighted_out:
+        w = torch.where(mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
+        w = torch.where(blocked & ~composed_f[feature], torch.zeros_like(w), w)  # hashed: reads no row
+    if not any_composed:
+        return kjt_like(features, feature_names, rows, lengths, w if weighted_out else None, features.inverse_indices_or_none())
+    # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
+    # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
+    composed = composed_f[feature]
+    block = block_rows(ids, n, pool[feature], block_size[feature])
+    values = torch.stack([rows, block], dim=1)
+    zero = torch.zeros_like(w)
+    weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
+    keep = torch.stack([torch.ones_like(composed), composed], dim=1)
+    out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
+    return kjt_like(features, feature_names, values[keep], out_lengths, weights[keep], features.inverse_indices_or_none())
+
+
+torch.fx.wrap("frozen_physical_features")
+
+
+def _pool_rows(
+    ids: torch.Tensor,
+    feature: torch.Tensor,
+    pool_f: torch.Tensor,
+    sketch_table: torch.Tensor,
+    pool_offset: torch.Tensor,
+    hot_keys: torch.Tensor,
+    hot_rows: torch.Tensor,
+    owned_rows: torch.Tensor,
+    pool_seed: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
+    key = fingerprint32(ids)
+    pool = pool_f[feature].clamp(min=1)
+    choices = choices_of_hash(finalise64(key + pool_seed), pool)
+    table = sketch_table[feature]
+    sketched = table >= 0
+    owned = owned_rows[(pool_offset[feature].unsqueeze(1) + choices).clamp(max=owned_rows.numel() - 1)] == 1  # OWNED
+    owned = owned & sketched.unsqueeze(1)
+    # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
+    free = ~owned
+    first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
+    row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
+    blocked = owned.all(dim=1)
+    hot = torch.zeros_like(blocked)
+    if hot_keys.numel() > 0:
+        wanted = (table << 32) | key
+        pos = torch.searchsorted(hot_keys, wanted).clamp(max=hot_keys.numel() - 1)
+        hot = sketched & (hot_keys[pos] == wanted)
+        row = torch.where(hot, hot_rows[pos], row)
+        blocked = blocked & ~hot
+    return row, hot, blocked
 
 
 @torch.no_grad()
