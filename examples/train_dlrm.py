@@ -33,18 +33,20 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
-from torchmetrics.functional.classification import binary_auroc
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.ne import NEMetric
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -60,6 +62,7 @@ from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBag
 METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_paper", "cafe_freq")
 _CAFE = CafeConfig(compression_ratio=1.0)  # the defaults of the cafe_* knobs
 DATA = ("synthetic", "criteo", "libfm")
+CTR_TASK = RecTaskInfo(name="ctr", label_name="label", prediction_name="prediction", weight_name="weight")
 EMBEDDING_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad}
 DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
 # The paper's setting (official artifact: tasks/*.json and bench/*.sh, DLRM with bottom MLP
@@ -290,23 +293,34 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Dict[str, float]:
-    """Test AUC and logloss over ``batches`` (with several ranks: over all ranks' batches)."""
+    """Test AUC and NE (``torchrec.metrics``: AUCMetric, NEMetric, one window over every rank's
+    batches) and logloss (mean binary cross-entropy, nats) over ``batches``."""
     model.eval()
-    logits, labels = [], []
+    batches = list(batches)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    size = max((b.labels.numel() for b in batches), default=1)
+    window = world * sum(b.labels.numel() for b in batches) + 1  # never slides: the whole test split
+    metrics = [
+        m(world_size=world, my_rank=rank, batch_size=size, tasks=[CTR_TASK], window_size=window, compute_on_all_ranks=True)
+        for m in (AUCMetric, NEMetric)
+    ]
+    for m in metrics:
+        m.to(device)
+    loss, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
-        logits.append(model(batch.dense_features, batch.sparse_features).squeeze(-1).float())
-        labels.append(batch.labels)
+        logit = model(batch.dense_features, batch.sparse_features).squeeze(-1).float()
+        for m in metrics:
+            m.update(predictions={"ctr": torch.sigmoid(logit)}, labels={"ctr": batch.labels}, weights={"ctr": torch.ones_like(batch.labels)})
+        loss += nn.functional.binary_cross_entropy_with_logits(logit, batch.labels.to(logit.dtype), reduction="sum")
+        count += batch.labels.numel()
     model.train()
-    logit, label = torch.cat(logits), torch.cat(labels)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (logit.cpu(), label.cpu()))
-        logit, label = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return {
-        "auc": float(binary_auroc(torch.sigmoid(logit), label.long())),
-        "logloss": float(nn.functional.binary_cross_entropy_with_logits(logit, label.to(logit.dtype))),
-    }
+    if world > 1:
+        totals = torch.stack([loss, count])
+        dist.all_reduce(totals)
+        loss, count = totals[0], totals[1]
+    values = {k: float(v) for m in metrics for k, v in m.compute().items()}
+    return {"auc": values["auc-ctr|window_auc"], "ne": values["ne-ctr|window_ne"], "logloss": float(loss / count)}
 
 
 def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainData, test: TestData, device: torch.device) -> Dict[str, object]:
@@ -339,7 +353,7 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
         metrics = evaluate(model, test_at(step), device)
         since = losses[history[-1]["step"] if history else 0 :]
         history.append({"step": step, "epoch": epoch, **metrics, "train_loss": statistics.fmean(since)})
-        bar.set_postfix(auc=f"{metrics['auc']:.4f}", logloss=f"{metrics['logloss']:.4f}")
+        bar.set_postfix(auc=f"{metrics['auc']:.4f}", ne=f"{metrics['ne']:.4f}")
 
     def until_next(every: int) -> int:
         return every - step % every if every else 50
@@ -397,7 +411,7 @@ def run(cfg: TrainConfig, data: Union[SyntheticCTR, InMemoryCTR], train: TrainDa
     losses = out["losses"]
     result: Dict[str, object] = {
         **asdict(cfg),
-        **{k: v for k, v in out["history"][-1].items() if k in ("auc", "logloss")},
+        **{k: v for k, v in out["history"][-1].items() if k in ("auc", "ne", "logloss")},
         "bytes": nbytes,
         "budget_bytes": full_bytes if cfg.method == "full" else budget_bytes(tables, cfg.compression_ratio),
         "full_bytes": full_bytes,

@@ -205,3 +205,32 @@ def test_restarted_run_resumes_from_its_checkpoint_and_ends_as_uninterrupted(tmp
     run_dependent = {"samples_per_s", "wall_s", "resumed_from", "checkpoint_dir"}
     assert {k: v for k, v in resumed.items() if k not in run_dependent} == {k: v for k, v in full.items() if k not in run_dependent}
     assert full["promotions"] > 0 and len(full["history"]) == 2
+
+
+def test_evaluate_reports_torchrec_auc_and_ne_over_all_batches() -> None:
+    """AUC and NE from torchrec.metrics over every batch: the AUC of all predictions at once, and
+    NE = logloss / entropy of the mean label."""
+    from torchmetrics.functional.classification import binary_auroc
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from examples.train_dlrm import evaluate
+
+    class Fixed(torch.nn.Module):  # logit = the first dense feature
+        def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+            return dense[:, :1]
+
+    g = torch.Generator().manual_seed(0)
+    empty = KeyedJaggedTensor(keys=["a"], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(100, dtype=torch.int64))
+    batches = []
+    for _ in range(3):
+        logit = torch.randn(100, 1, generator=g)
+        labels = (torch.rand(100, generator=g) < torch.sigmoid(logit[:, 0])).float()
+        batches.append(Batch(dense_features=logit, sparse_features=empty, labels=labels))
+    metrics = evaluate(Fixed(), batches, torch.device("cpu"))
+    logit, labels = torch.cat([b.dense_features[:, 0] for b in batches]), torch.cat([b.labels for b in batches])
+    assert metrics["auc"] == pytest.approx(float(binary_auroc(torch.sigmoid(logit), labels.long())), abs=1e-6)
+    logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(logit, labels))
+    p = float(labels.mean())
+    assert metrics["logloss"] == pytest.approx(logloss, rel=1e-6)
+    assert metrics["ne"] == pytest.approx(logloss / -(p * math.log(p) + (1 - p) * math.log(1 - p)), rel=1e-5)

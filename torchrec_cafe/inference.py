@@ -3,7 +3,7 @@ frozen ``CafeInferenceEBC``, see ``torchrec_cafe.modules.frozen``), ``load_for_i
 builds the served modules of a checkpoint from its manifest alone, and ``quantize_for_inference``
 (TorchRec's quantized tables under the same frozen ID map)."""
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -13,14 +13,17 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec_cafe.checkpoint import CheckpointLoadPlanner, verified_manifest
 from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
-from torchrec_cafe.modules.frozen import CafeInferenceEBC, export_for_inference
+from torchrec_cafe.modules.frozen import CafeInferenceEBC, CafeInferenceEC, export_bag_module, export_for_inference
 
-__all__ = ["CafeInferenceEBC", "export_for_inference", "load_for_inference", "quantize_for_inference"]
+__all__ = ["CafeInferenceEBC", "CafeInferenceEC", "export_for_inference", "load_for_inference", "quantize_for_inference"]
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "int8": torch.qint8, "int4": torch.quint4x2}
 
 
-def quantize_for_inference(served: CafeInferenceEBC, weight_dtype: str) -> CafeInferenceEBC:
+ServedT = TypeVar("ServedT", CafeInferenceEBC, CafeInferenceEC)
+
+
+def quantize_for_inference(served: ServedT, weight_dtype: str) -> ServedT:
     """A copy of ``served`` whose physical tables are TorchRec's quantized ``EmbeddingBagCollection``
     (``torchrec.quant``, FBGEMM's int-N TBE kernels) with rows of ``weight_dtype``: ``"fp16"``,
     ``"int8"`` or ``"int4"`` (row-wise scale and bias); outputs stay float32. The frozen ID map is
@@ -29,7 +32,7 @@ def quantize_for_inference(served: CafeInferenceEBC, weight_dtype: str) -> CafeI
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     quantized = quantize_embeddings(served, dtype=WEIGHT_DTYPES[weight_dtype], inplace=False, output_dtype=torch.float)
-    assert isinstance(quantized, CafeInferenceEBC)  # a copy whose inner EBC was swapped
+    assert isinstance(quantized, type(served))  # a copy whose inner EBC was swapped
     return quantized
 
 
@@ -46,7 +49,7 @@ def load_for_inference(path: str) -> Dict[str, CafeInferenceEBC]:
         state = {f"model.{prefix}{k}": v for k, v in module.state_dict().items()}
         dcp.load(state, checkpoint_id=path, planner=CheckpointLoadPlanner(), no_dist=True)
         module.load_state_dict({k[len(f"model.{prefix}") :]: v for k, v in state.items()})
-        served[prefix.rstrip(".")] = export_for_inference(module.eval())
+        served[prefix.rstrip(".")] = export_bag_module(module.eval())
     return served
 
 

@@ -34,14 +34,14 @@ from examples.train_dlrm import (
     quiet_logs,
 )
 from torchrec_cafe import CafeEmbeddingBagCollection, checkpoint
-from torchrec_cafe.inference import WEIGHT_DTYPES, export_for_inference, quantize_for_inference
+from torchrec_cafe.inference import WEIGHT_DTYPES, export_bag_module, quantize_for_inference
 
 DEFAULT_CR = {"frappe": 5, "ciao": 100, "synthetic": 100}
 
 
 def served_variants(cafe: CafeEmbeddingBagCollection) -> Dict[str, nn.Module]:
     """The scripted serving forms of a trained module: float32 rows, then each quantized dtype."""
-    served = export_for_inference(cafe)
+    served = export_bag_module(cafe)
     variants: Dict[str, nn.Module] = {"fp32": served}
     variants.update({dtype: quantize_for_inference(served, dtype) for dtype in WEIGHT_DTYPES})
     return variants

@@ -1,5 +1,6 @@
 """Multi-rank CAFE: the sharder, the sharded module and the sketch synchronisation."""
 
+from torchrec_cafe.distributed.embedding_sharder import CafeEmbeddingCollectionSharder, ShardedCafeEmbeddingCollection
 from torchrec_cafe.distributed.sharder import (
     CafeEmbeddingBagCollectionSharder,
     CafeStorageReservation,
@@ -10,9 +11,11 @@ from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gat
 
 __all__ = [
     "CafeEmbeddingBagCollectionSharder",
+    "CafeEmbeddingCollectionSharder",
     "CafeStorageReservation",
     "RowWiseEverywhereEBCSharder",
     "ShardedCafeEmbeddingBagCollection",
+    "ShardedCafeEmbeddingCollection",
     "all_gather_aggregated",
     "all_gather_occurrences",
 ]

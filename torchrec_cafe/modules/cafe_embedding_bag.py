@@ -186,9 +186,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 "torch.jit.script of a CafeEmbeddingBagCollection needs eval() mode: TorchScript gets "
                 "its frozen lookup (export_for_inference), which does not train"
             )
-        from torchrec_cafe.modules.frozen import export_for_inference  # imports this module
+        from torchrec_cafe.modules.frozen import export_bag_module  # imports this module
 
-        return export_for_inference(self).__prepare_scriptable__()
+        return export_bag_module(self).__prepare_scriptable__()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Lets promotions copy the optimizer state of plain torch optimizers (unsharded use).

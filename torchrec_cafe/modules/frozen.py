@@ -13,15 +13,16 @@ module is TorchScript-able (``torch.jit.script``, also what scripting the traine
 the form TorchRec's inference stack uses.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection, ids_as_bags, jagged_outputs
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
 from torchrec_cafe.remap import block_rows
@@ -199,8 +200,34 @@ def _pool_rows(
     return row, hot, blocked
 
 
+class CafeInferenceEC(nn.Module):
+    """Frozen ``CafeEmbeddingCollection``: raw-ID KJT -> ``Dict[str, JaggedTensor]``, through the
+    frozen bag lookup of single-ID bags, like the trained module in eval."""
+
+    def __init__(self, bags: CafeInferenceEBC, input_features: List[str], need_indices: bool) -> None:
+        super().__init__()
+        self.bags = bags
+        self._input_features = input_features
+        self._need_indices = need_indices
+
+    def forward(self, features: KeyedJaggedTensor) -> Dict[str, JaggedTensor]:
+        bags, per_key = ids_as_bags(features)
+        return jagged_outputs(self.bags(bags), features, per_key, self._input_features, self._need_indices)
+
+
 @torch.no_grad()
-def export_for_inference(module: CafeEmbeddingBagCollection, device: Optional[torch.device] = None) -> CafeInferenceEBC:
+def export_for_inference(
+    module: Union[CafeEmbeddingBagCollection, CafeEmbeddingCollection], device: Optional[torch.device] = None
+) -> Union[CafeInferenceEBC, CafeInferenceEC]:
+    """Freezes a trained, unsharded CAFE module (bag or unpooled) for serving; see
+    ``export_bag_module``."""
+    if isinstance(module, CafeEmbeddingCollection):
+        return CafeInferenceEC(export_bag_module(module.bags, device), module.input_features(), module.need_indices())
+    return export_bag_module(module, device)
+
+
+@torch.no_grad()
+def export_bag_module(module: CafeEmbeddingBagCollection, device: Optional[torch.device] = None) -> CafeInferenceEBC:
     """Freezes a trained, unsharded ``CafeEmbeddingBagCollection`` into a ``CafeInferenceEBC``.
 
     The module is not changed. A model trained under ``DistributedModelParallel`` is exported by
