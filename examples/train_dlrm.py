@@ -33,7 +33,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -43,11 +43,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
-from torchrec.models.dlrm import DLRM
+from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -110,6 +111,7 @@ class TrainConfig:
     progress: bool = False
     checkpoint_dir: Optional[str] = None  # resume from its latest checkpoint; save every checkpoint_every steps
     checkpoint_every: int = 0
+    pipeline: bool = False  # train and evaluate through TorchRec's TrainPipelineSparseDist
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -207,6 +209,9 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         slots_per_bucket=cfg.cafe_slots_per_bucket,
         optimizer_state=cfg.cafe_optimizer_state,
         sync=cfg.cafe_sync,
+        # TrainPipelineSparseDist remaps batch k before batch k-1's update lands: a freed pool row
+        # waits one update before a hot ID may claim it
+        quarantine=1 if cfg.pipeline else 0,
     )
     if cfg.method == "cafe_paper":
         paper = CafeConfig.paper(cfg.compression_ratio)
@@ -228,18 +233,22 @@ def budget_bytes(tables: Sequence[EmbeddingBagConfig], compression_ratio: float)
 
 
 def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: int, device: torch.device) -> "tuple[DistributedModelParallel, torch.optim.Optimizer, int]":
+    """TorchRec's ``DLRMTrain`` (batch -> (loss, (loss, logits, labels))) over a DLRM with the
+    method's embeddings, under DMP; (model, dense optimizer, embedding bytes)."""
     torch.manual_seed(cfg.seed)
     ebc = build_ebc(cfg, tables, device)
     nbytes = embedding_bytes(ebc)
     # The dense part starts alike for every method of a seed (the embedding methods draw different
     # amounts of randomness): comparisons between methods are then paired, not also between inits.
     torch.manual_seed(cfg.seed + 1_000_003)
-    model = DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=num_dense,
-        dense_arch_layer_sizes=cfg.dense_arch,
-        over_arch_layer_sizes=cfg.over_arch,
-        dense_device=device,
+    model = DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=num_dense,
+            dense_arch_layer_sizes=cfg.dense_arch,
+            over_arch_layer_sizes=cfg.over_arch,
+            dense_device=device,
+        )
     )
     apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], ebc.parameters(), {"lr": cfg.embedding_lr})
     plan, sharders = shard_plan(model, device)
@@ -272,15 +281,21 @@ def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, L
     return planner.plan(model, sharders), sharders
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], device: torch.device) -> "tuple[List[float], float]":
-    """Trains on ``batches``; returns per-step losses and seconds spent in the steps."""
+def train_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], device: torch.device, pipeline: Optional[TrainPipelineSparseDist] = None
+) -> "tuple[List[float], float]":
+    """Trains on ``batches`` (through ``pipeline`` when given, which drains at their end); returns
+    per-step losses and seconds spent in the steps."""
     model.train()
+    if pipeline is not None:
+        start = time.perf_counter()
+        losses = [out[0] for out in pipelined(pipeline, batches)]
+        return [float(x) for x in losses], time.perf_counter() - start
     losses, seconds = [], 0.0
     for batch in batches:
         batch = batch.to(device)
         start = time.perf_counter()
-        logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        loss, _ = model(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -291,10 +306,22 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     return [float(x) for x in losses], seconds
 
 
+def pipelined(pipeline: TrainPipelineSparseDist, batches: Iterable[Batch]) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (loss, logits, labels) of each batch through ``pipeline`` (a training step each when the
+    model trains, a forward when it evaluates); the pipeline is empty again at the end."""
+    it = iter(batches)
+    while True:
+        try:
+            yield pipeline.progress(it)
+        except StopIteration:
+            return
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> Dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device, pipeline: Optional[TrainPipelineSparseDist] = None) -> Dict[str, float]:
     """Test AUC and NE (``torchrec.metrics``: AUCMetric, NEMetric, one window over every rank's
-    batches) and logloss (mean binary cross-entropy, nats) over ``batches``."""
+    batches) and logloss (mean binary cross-entropy, nats) over ``batches``; ``model`` maps a
+    batch to (loss, (loss, logits, labels)), called directly or through ``pipeline``."""
     model.eval()
     batches = list(batches)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -307,13 +334,13 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
     for m in metrics:
         m.to(device)
     loss, count = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = batch.to(device)
-        logit = model(batch.dense_features, batch.sparse_features).squeeze(-1).float()
+    outputs = pipelined(pipeline, batches) if pipeline is not None else (model(b.to(device))[1] for b in batches)
+    for _, logits, labels in outputs:
+        logit, label = logits.float(), labels.float()
         for m in metrics:
-            m.update(predictions={"ctr": torch.sigmoid(logit)}, labels={"ctr": batch.labels}, weights={"ctr": torch.ones_like(batch.labels)})
-        loss += nn.functional.binary_cross_entropy_with_logits(logit, batch.labels.to(logit.dtype), reduction="sum")
-        count += batch.labels.numel()
+            m.update(predictions={"ctr": torch.sigmoid(logit)}, labels={"ctr": label}, weights={"ctr": torch.ones_like(label)})
+        loss += nn.functional.binary_cross_entropy_with_logits(logit, label, reduction="sum")
+        count += label.numel()
     model.train()
     if world > 1:
         totals = torch.stack([loss, count])
@@ -336,6 +363,7 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
     """
     epochs = train if isinstance(train, Epochs) else Epochs(lambda _: train, len(train))
     test_at = test if callable(test) else (lambda _: test)
+    pipeline = TrainPipelineSparseDist(model, optimizer, device) if cfg.pipeline else None
     optimizers = {"sparse": model.fused_optimizer, "dense": optimizer}
     progress = {"step": 0, "history": [], "losses": [], "samples": 0, "seconds": 0.0}
     resume = checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -350,7 +378,7 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
     def eval_now(epoch: int) -> None:
         for cafe in cafe_modules(model):
             cafe.apply_pending_updates()
-        metrics = evaluate(model, test_at(step), device)
+        metrics = evaluate(model, test_at(step), device, pipeline)
         since = losses[history[-1]["step"] if history else 0 :]
         history.append({"step": step, "epoch": epoch, **metrics, "train_loss": statistics.fmean(since)})
         bar.set_postfix(auc=f"{metrics['auc']:.4f}", ne=f"{metrics['ne']:.4f}")
@@ -365,7 +393,7 @@ def fit(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, tr
             chunk = list(itertools.islice(batches, min(until_next(cfg.eval_every), until_next(cfg.checkpoint_every), 50)))
             if not chunk:
                 break
-            chunk_losses, chunk_seconds = train_steps(model, optimizer, chunk, device)
+            chunk_losses, chunk_seconds = train_steps(model, optimizer, chunk, device, pipeline)
             losses += chunk_losses
             seconds += chunk_seconds
             samples += sum(b.labels.numel() for b in chunk)
@@ -513,6 +541,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--criteo-hash-size", type=int, help="criteo: rows of every table (default: Kaggle sizes, capped)")
     p.add_argument("--checkpoint-dir", help="resume from the latest checkpoint here (if any) and save new ones here")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (needs --checkpoint-dir)")
+    p.add_argument("--pipeline", action="store_true", default=None,
+                   help="train and evaluate through TorchRec's TrainPipelineSparseDist (input dist of batch k+1 overlaps step k)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write the result JSON here (rank 0)")
     args = p.parse_args(argv)

@@ -95,11 +95,11 @@ def test_mch_memory_within_budget_counts_id_buffers(eviction: str, cr: int) -> N
             assert r["total_bytes"] == r["logical_bytes"] or r["total_bytes"] <= max(r["budget_bytes"], r["row_bytes"])
             continue
         assert r["total_bytes"] <= r["budget_bytes"]
-        module = mch._managed._managed_collision_collection._managed_collision_modules[t.name]
+        module = mch.managed_collision_ebc._managed_collision_collection._managed_collision_modules[t.name]
         buffers = {n: b.numel() * b.element_size() for n, b in module.named_buffers()}
         assert r["id_state_bytes"] + r["uncharged_bytes"] == sum(buffers.values())
         assert r["uncharged_bytes"] == buffers["_output_segments_tensor"]
-        rows = mch._managed._embedding_module.embedding_bags[t.name].weight
+        rows = mch.managed_collision_ebc._embedding_module.embedding_bags[t.name].weight
         assert r["zch_rows"] * r["row_bytes"] == rows.numel() * rows.element_size()
 
 

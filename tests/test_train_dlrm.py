@@ -17,11 +17,21 @@ import torch.multiprocessing as mp
 
 from examples.train_dlrm import METHODS, TrainConfig, main, parse_args, run, synthetic
 from tests.conftest import free_port
+from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import InMemoryCTR, local_batch, read_criteo_tsv, read_libfm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FRAPPE = DATA / "frappe_ctr"
 CRITEO = DATA / "criteo_kaggle_head8k"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group() -> Iterator[None]:
+    """``main()`` initialises the default process group (as under torchrun) and leaves it: close it
+    so that a later test can set up its own."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -207,6 +217,39 @@ def test_restarted_run_resumes_from_its_checkpoint_and_ends_as_uninterrupted(tmp
     assert full["promotions"] > 0 and len(full["history"]) == 2
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_pipelined_training_matches_the_plain_loop(single_rank_pg: None, method: str) -> None:
+    """--pipeline: the same steps through TorchRec's TrainPipelineSparseDist (training and eval).
+    Plain tables (pipelined) and the baselines (their remap and combine are fx leaves, their
+    lookups run unpipelined) give the very same losses. CAFE's sharded module is pipelined: batch
+    k+1 is remapped before batch k's update lands (quarantine 1), so only the first step is the
+    same; it trains and promotes."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from examples.train_dlrm import build_model, embedding_tables, ensure_process_group, train_steps
+
+    data = synthetic(seed=1, batch_size=64, max_cardinality=20_000)
+    train = list(data.batches(12))
+    device = ensure_process_group()
+    tables = embedding_tables(data.config.cardinalities, 16)
+    losses = {}
+    for pipeline in (False, True):
+        cfg = TrainConfig(method=method, compression_ratio=10, pipeline=pipeline)
+        model, optimizer, _ = build_model(cfg, tables, data.config.num_dense, device)
+        pipe = TrainPipelineSparseDist(model, optimizer, device) if pipeline else None
+        losses[pipeline], _ = train_steps(model, optimizer, train, device, pipe)
+        if pipe is not None:  # the sharded EBC / CAFE module takes the batch's KJT: pipelined
+            assert len(pipe._pipelined_modules) == (1 if method == "full" or method.startswith("cafe") else 0)
+    assert len(losses[True]) == 12 and all(math.isfinite(x) for x in losses[True])
+    if not method.startswith("cafe"):
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    else:
+        assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-6)
+        assert sum(s["promotions"] for s in cafe_modules(model)[0].stats().values()) > 0
+    r = run(TrainConfig(method=method, compression_ratio=10, eval_every=6, pipeline=True), data, train, train[:3])
+    assert [h["step"] for h in r["history"]] == [6, 12] and r["pipeline"] and 0.5 < r["auc"] <= 1.0 and math.isfinite(r["ne"])
+
+
 def test_evaluate_reports_torchrec_auc_and_ne_over_all_batches() -> None:
     """AUC and NE from torchrec.metrics over every batch: the AUC of all predictions at once, and
     NE = logloss / entropy of the mean label."""
@@ -216,9 +259,10 @@ def test_evaluate_reports_torchrec_auc_and_ne_over_all_batches() -> None:
 
     from examples.train_dlrm import evaluate
 
-    class Fixed(torch.nn.Module):  # logit = the first dense feature
-        def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-            return dense[:, :1]
+    class Fixed(torch.nn.Module):  # as DLRMTrain, logit = the first dense feature
+        def forward(self, batch: Batch) -> "tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]":
+            logits = batch.dense_features[:, 0]
+            return logits.sum(), (logits.sum(), logits, batch.labels)
 
     g = torch.Generator().manual_seed(0)
     empty = KeyedJaggedTensor(keys=["a"], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(100, dtype=torch.int64))

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM
+from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from examples.benchmarks.quality_sweep import SUITES
 from examples.benchmarks.report import markdown_table, write_json
@@ -66,15 +66,16 @@ def run_suite(suite: str, compression_ratio: float, seed: int) -> List[Dict[str,
             dense_arch_layer_sizes=cfg.dense_arch,
             over_arch_layer_sizes=cfg.over_arch,
         )
-        checkpoint.load(path, dlrm)
+        unsharded_model = DLRMTrain(dlrm)  # the trainer's module tree, unsharded
+        checkpoint.load(path, unsharded_model)
     cafe = dlrm.sparse_arch.embedding_bag_collection
     assert isinstance(cafe, CafeEmbeddingBagCollection)
     test_batches = test(0) if callable(test) else test
     rows = []
-    unsharded = evaluate(dlrm, test_batches, torch.device("cpu"))
+    unsharded = evaluate(unsharded_model, test_batches, torch.device("cpu"))
     for name, module in served_variants(cafe.eval()).items():
         dlrm.sparse_arch.embedding_bag_collection = torch.jit.script(module)
-        metrics = evaluate(dlrm, test_batches, torch.device("cpu"))
+        metrics = evaluate(unsharded_model, test_batches, torch.device("cpu"))
         rows.append(
             {
                 "suite": suite,

@@ -47,8 +47,8 @@ def main() -> None:
         models[m] = build_model(cfg, tables, data.config.num_dense, device)
 
     def step(model, opt, batch) -> None:
-        logits = model(batch.dense_features, batch.sparse_features).squeeze(-1)
-        torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels).backward()
+        loss, _ = model(batch)  # DLRMTrain: batch -> (loss, (loss, logits, labels))
+        loss.backward()
         opt.step()
         opt.zero_grad()
 

@@ -1,13 +1,16 @@
 """The hashing trick as an EmbeddingBagCollection: the baseline CAFE is measured against."""
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import hashed_rows, table_budget_bytes
+from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.modules.remapped import RemappedEmbeddingBagCollection, ordered_features, per_value
 from torchrec_cafe.sketch.hashing import mix64
 
 _HASH_SEED = 0x4A54
@@ -39,7 +42,23 @@ def resized_table(table: EmbeddingBagConfig, rows: int) -> EmbeddingBagConfig:
     )
 
 
-class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class _HashRemap(nn.Module):
+    """Raw KJT -> KJT of hashed rows, ``mix64(id) % rows`` of each feature's table."""
+
+    _rows: torch.Tensor  # registered buffer, typed
+
+    def __init__(self, features: List[str], rows: List[int]) -> None:
+        super().__init__()
+        self._features = features
+        self.register_buffer("_rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = ordered_features(features, self._features)
+        (rows,) = per_value(features, [self._rows])
+        return kjt_like(features, features.keys(), hash_rows(features.values(), rows), features.lengths(), features.weights_or_none())
+
+
+class HashingEmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """Each table keeps as many rows as its budget (logical bytes / CR) holds, at least one, and
     every ID reads row ``mix64(id) % rows``: no sketch, no id state.
 
@@ -53,40 +72,10 @@ class HashingEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
     ) -> None:
-        super().__init__()
-        self._configs = list(tables)
-        self._is_weighted = is_weighted
-        self._rows: Dict[str, int] = {t.name: hashed_table_rows(t, compression_ratio) for t in tables}
-        physical = [resized_table(t, self._rows[t.name]) for t in tables]
-        self._embedding_bag_collection = EmbeddingBagCollection(physical, is_weighted, device)
-        self._feature_rows = [self._rows[t.name] for t in tables for _ in t.feature_names]
-        self._feature_names = [f for t in tables for f in t.feature_names]
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._configs
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Raw-ID KJT -> pooled KeyedTensor, IDs hashed per table."""
-        features = features.permute([features.keys().index(k) for k in self._feature_names])
-        lengths = features.length_per_key()
-        rows = torch.repeat_interleave(
-            torch.tensor(self._feature_rows, device=features.values().device),
-            torch.tensor(lengths, device=features.values().device),
-            output_size=sum(lengths),
-        )
-        hashed = hash_rows(features.values(), rows)
-        return self._embedding_bag_collection(
-            KeyedJaggedTensor(
-                keys=features.keys(),
-                values=hashed,
-                lengths=features.lengths(),
-                weights=features.weights_or_none(),
-                stride=features.stride(),
-            )
-        )
+        rows = {t.name: hashed_table_rows(t, compression_ratio) for t in tables}
+        remap = _HashRemap([f for t in tables for f in t.feature_names], [rows[t.name] for t in tables for _ in t.feature_names])
+        lookup = EmbeddingBagCollection([resized_table(t, rows[t.name]) for t in tables], is_weighted, device)
+        super().__init__(tables, is_weighted, remap, lookup, nn.Identity())
 
     def bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._embedding_bag_collection.parameters())

@@ -24,16 +24,17 @@ that also plans, and evicts with row-wise Adagrad, on CPU.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, cast
+from typing import Dict, List, Optional, Tuple, cast
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder, ShardedManagedCollisionEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
 from torchrec.modules.mc_modules import (
     DistanceLFU_EvictionPolicy,
@@ -43,11 +44,12 @@ from torchrec.modules.mc_modules import (
     MCHEvictionPolicy,
     MCHManagedCollisionModule,
 )
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import table_budget_bytes
-from torchrec_cafe.modules.columns import output_columns
+from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.hashing import hash_rows, hashed_table_rows, resized_table
+from torchrec_cafe.modules.remapped import LogicalColumns, RemappedEmbeddingBagCollection, ordered_features, output_columns, per_value
 
 EVICTION_POLICIES = ("lfu", "distance_lfu")
 _UNCHARGED_BUFFERS = ("_output_segments_tensor",)
@@ -132,7 +134,50 @@ def mch_layout(table: EmbeddingBagConfig, compression_ratio: float, eviction: st
     return MCHLayout(logical, budget, zch, row, charged, uncharged)
 
 
-class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class _MCHRemap(nn.Module):
+    """Raw KJT -> (KJT of the managed features, raw IDs mod N; KJT of the plain ones, hashed into
+    their rows when a table is hashed)."""
+
+    _n: torch.Tensor  # registered buffers, typed
+    _hashed_rows: torch.Tensor
+
+    def __init__(self, managed: List[str], plain: List[str], n: List[int], hashed_rows: List[int]) -> None:
+        super().__init__()
+        self._managed, self._plain = managed, plain
+        self.register_buffer("_n", torch.tensor(n), persistent=False)
+        self.register_buffer("_hashed_rows", torch.tensor(hashed_rows), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        features = ordered_features(features, self._managed + self._plain)
+        n, hashed = per_value(features, [self._n, self._hashed_rows])
+        values = features.values()
+        rows = torch.where(hashed > 0, hash_rows(values, hashed.clamp(min=1)), torch.remainder(values, n))
+        physical = kjt_like(features, features.keys(), rows, features.lengths(), features.weights_or_none())
+        managed, plain = physical.split([len(self._managed), len(self._plain)])
+        return managed, plain
+
+
+class _MCHLookup(nn.Module):
+    """(managed KJT, plain KJT) -> pooled [B, managed dims | plain dims] through TorchRec's MC-EBC
+    and a plain EBC (either may be absent)."""
+
+    def __init__(self, managed: Optional[ManagedCollisionEmbeddingBagCollection], plain: Optional[EmbeddingBagCollection]) -> None:
+        super().__init__()
+        self.managed = managed
+        self.plain = plain
+
+    def forward(self, features: Tuple[KeyedJaggedTensor, KeyedJaggedTensor]) -> torch.Tensor:
+        managed, plain = features
+        pooled = []
+        if self.managed is not None:
+            kt, _ = self.managed(managed)
+            pooled.append(kt.values())
+        if self.plain is not None:
+            pooled.append(self.plain(plain).values())
+        return torch.cat(pooled, dim=1)
+
+
+class MCHEmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """Drop-in ``EmbeddingBagCollection`` whose compressed tables are TorchRec MCH tables.
 
     Args:
@@ -147,11 +192,6 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     range, and plain tables index rows directly).
     """
 
-    # registered buffers (typed for the type checker)
-    _n: torch.Tensor
-    _hashed_rows: torch.Tensor
-    _columns: torch.Tensor
-
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
@@ -162,73 +202,48 @@ class MCHEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
     ) -> None:
-        super().__init__()
         if eviction_interval < 1:
             raise ValueError(f"eviction_interval must be >= 1, got {eviction_interval}")
         _policy(eviction)  # validates it even when no table is compressed
-        self._configs = list(tables)
-        self._is_weighted = is_weighted
-        self._layouts = {t.name: mch_layout(t, compression_ratio, eviction, buckets) for t in tables}
-        managed = [t for t in tables if self._layouts[t.name].compressed]
-        plain = [t for t in tables if not self._layouts[t.name].compressed]
-        physical = [resized_table(t, self._layouts[t.name].zch_rows) for t in managed]
+        layouts = {t.name: mch_layout(t, compression_ratio, eviction, buckets) for t in tables}
+        managed = [t for t in tables if layouts[t.name].compressed]
+        plain = [t for t in tables if not layouts[t.name].compressed]
+        physical = [resized_table(t, layouts[t.name].zch_rows) for t in managed]
         device = device or torch.device("cpu")
-        self._managed: Optional[ManagedCollisionEmbeddingBagCollection] = None
+        mc_ebc: Optional[ManagedCollisionEmbeddingBagCollection] = None
         if managed:
             modules: Dict[str, ManagedCollisionModule] = {
-                t.name: _mch_module(self._layouts[t.name].zch_rows, t.num_embeddings, eviction, eviction_interval, buckets, device)
+                t.name: _mch_module(layouts[t.name].zch_rows, t.num_embeddings, eviction, eviction_interval, buckets, device)
                 for t in managed
             }
-            self._managed = ManagedCollisionEmbeddingBagCollection(
+            mc_ebc = ManagedCollisionEmbeddingBagCollection(
                 EmbeddingBagCollection(physical, is_weighted, device),
                 ManagedCollisionCollection(modules, physical),
                 return_remapped_features=False,
             )
-        plain_physical = [resized_table(t, self._layouts[t.name].plain_rows) for t in plain]
-        self._plain = EmbeddingBagCollection(plain_physical, is_weighted, device) if plain else None
-        self._managed_features = [f for t in managed for f in t.feature_names]
-        self._plain_features = [f for t in plain for f in t.feature_names]
-        per_feature = [(t, self._layouts[t.name]) for t in managed + plain for _ in t.feature_names]
-        self.register_buffer("_n", torch.tensor([t.num_embeddings for t, _ in per_feature]), persistent=False)
-        self.register_buffer("_hashed_rows", torch.tensor([l.plain_rows if l.hashed else 0 for _, l in per_feature]), persistent=False)
+        plain_physical = [resized_table(t, layouts[t.name].plain_rows) for t in plain]
+        plain_ebc = EmbeddingBagCollection(plain_physical, is_weighted, device) if plain else None
+        per_feature = [(t, layouts[t.name]) for t in managed + plain for _ in t.feature_names]
+        remap = _MCHRemap(
+            [f for t in managed for f in t.feature_names],
+            [f for t in plain for f in t.feature_names],
+            [t.num_embeddings for t, _ in per_feature],
+            [l.plain_rows if l.hashed else 0 for _, l in per_feature],
+        )
         # Output columns: [managed outputs | plain outputs] -> the logical order.
         cols = output_columns(managed + plain)
-        self._keys = [f for t in tables for f in t.feature_names]
-        self._length_per_key = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self.register_buffer("_columns", torch.cat([cols[f] for f in self._keys]), persistent=False)
+        keys = [f for t in tables for f in t.feature_names]
+        empty = torch.zeros(0, dtype=torch.int64)
+        combine = LogicalColumns(keys, [t.embedding_dim for t in tables for _ in t.feature_names], torch.cat([cols[f] for f in keys]), empty, empty)
+        super().__init__(tables, is_weighted, remap, _MCHLookup(mc_ebc, plain_ebc), combine)
+        self._layouts = layouts
 
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._configs
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Raw-ID KJT (keys in any order) -> pooled KeyedTensor [B, sum dims] in the logical order."""
-        missing = sorted(set(self._keys) - set(features.keys()))
-        if missing:
-            raise ValueError(f"KJT lacks features {missing} of this module")
-        features = features.permute([features.keys().index(f) for f in self._managed_features + self._plain_features])
-        lengths = features.length_per_key()
-        repeats = torch.tensor(lengths, device=self._n.device)
-        n, hashed = (torch.repeat_interleave(x, repeats, output_size=sum(lengths)) for x in (self._n, self._hashed_rows))
-        values = features.values()
-        features = KeyedJaggedTensor(
-            keys=features.keys(),
-            values=torch.where(hashed > 0, hash_rows(values, hashed.clamp(min=1)), torch.remainder(values, n)),
-            lengths=features.lengths(),
-            weights=features.weights_or_none(),
-            stride=features.stride(),
-        )
-        managed, plain = features.split([len(self._managed_features), len(self._plain_features)])
-        pooled = []
-        if self._managed is not None:
-            kt, _ = self._managed(managed)
-            pooled.append(kt.values())
-        if self._plain is not None:
-            pooled.append(self._plain(plain).values())
-        values = torch.cat(pooled, dim=1).index_select(1, self._columns)
-        return KeyedTensor(keys=self._keys, length_per_key=self._length_per_key, values=values)
+    @property
+    def managed_collision_ebc(self) -> Optional[nn.Module]:
+        """TorchRec's MC-EBC of the compressed tables (sharded under DMP), None when none is."""
+        lookup = self._embedding_bag_collection
+        assert isinstance(lookup, _MCHLookup)
+        return lookup.managed
 
     def memory_report(self) -> Dict[str, Dict[str, float]]:
         """Per logical table: rows and bytes; ``total_bytes`` (rows + id state) <= ``budget_bytes``

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import table_budget_bytes
-from torchrec_cafe.modules.columns import output_columns
+from torchrec_cafe.modules.remapped import LogicalColumns, RemappedEmbeddingBagCollection, ordered_features, output_columns, per_value
 
 _REMAINDER_SUFFIX = "@qr_remainder"
 
@@ -50,6 +51,24 @@ class QRLayout:
         return (self.quotient_rows + self.remainder_rows) * self.row_bytes
 
 
+def _physical_table(t: EmbeddingBagConfig, layout: QRLayout) -> EmbeddingBagConfig:
+    """The physical table of ``t``: Q + m rows; a compressed one also serves the remainder feature."""
+    extra: Dict[str, Any] = {}
+    if layout.compressed:
+        # Two rows per ID: scale each so their sum starts like a row of the logical table.
+        bound = math.sqrt(1.0 / (2 * t.num_embeddings))
+        extra = {"weight_init_min": -bound, "weight_init_max": bound}
+    return EmbeddingBagConfig(
+        num_embeddings=layout.quotient_rows + layout.remainder_rows,
+        embedding_dim=t.embedding_dim,
+        name=t.name,
+        feature_names=list(t.feature_names) + ([f + _REMAINDER_SUFFIX for f in t.feature_names] if layout.compressed else []),
+        pooling=t.pooling,
+        data_type=t.data_type,
+        **extra,
+    )
+
+
 def qr_layout(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: int = 4) -> QRLayout:
     """Splits the table's budget into quotient and remainder rows (see the module docstring)."""
     n, row = table.num_embeddings, table.embedding_dim * dtype_bytes
@@ -68,7 +87,41 @@ def qr_layout(table: EmbeddingBagConfig, compression_ratio: float, dtype_bytes: 
     return QRLayout(logical, budget, rows - m, m, row)
 
 
-class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class _QRRemap(nn.Module):
+    """Raw KJT -> physical KJT: each ID's quotient row under its feature, and, for compressed
+    tables, its remainder row ``Q + h % m`` under ``<feature>@qr_remainder`` (h = id mod N)."""
+
+    _n: torch.Tensor  # registered buffers, typed
+    _m: torch.Tensor
+    _q: torch.Tensor
+    _is_qr: torch.Tensor
+
+    def __init__(self, features: List[str], n: List[int], m: List[int], q: List[int], is_qr: List[bool], num_compressed: int) -> None:
+        super().__init__()
+        self._features = features  # compressed features first: their remainders are a prefix
+        self._num_compressed = num_compressed
+        for name, values in (("_n", n), ("_m", m), ("_q", q), ("_is_qr", is_qr)):
+            self.register_buffer(name, torch.tensor(values), persistent=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        features = ordered_features(features, self._features)
+        n, m, q, is_qr = per_value(features, [self._n, self._m, self._q, self._is_qr])
+        h = torch.remainder(features.values(), n)
+        quotient = torch.where(is_qr, torch.remainder(h // m, q), torch.remainder(h, q))
+        n_qr = sum(features.length_per_key()[: self._num_compressed])
+        remainder = q[:n_qr] + torch.remainder(h[:n_qr], m[:n_qr])
+        stride = features.stride()
+        weights = features.weights_or_none()
+        return KeyedJaggedTensor(
+            keys=features.keys() + [f + _REMAINDER_SUFFIX for f in self._features[: self._num_compressed]],
+            values=torch.cat([quotient, remainder]),
+            lengths=torch.cat([features.lengths(), features.lengths()[: self._num_compressed * stride]]),
+            weights=None if weights is None else torch.cat([weights, weights[:n_qr]]),
+            stride=stride,
+        )
+
+
+class QREmbeddingBagCollection(RemappedEmbeddingBagCollection):
     """Drop-in ``EmbeddingBagCollection`` whose compressed tables use the quotient-remainder trick.
 
     Output: the ``KeyedTensor`` (keys, order, dims) of ``EmbeddingBagCollection(tables)``;
@@ -77,15 +130,6 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``<feature>@qr_remainder``, for the remainder lookups.
     """
 
-    # registered buffers (typed for the type checker)
-    _n: torch.Tensor
-    _m: torch.Tensor
-    _q: torch.Tensor
-    _is_qr: torch.Tensor
-    _first: torch.Tensor
-    _second: torch.Tensor
-    _target: torch.Tensor
-
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
@@ -93,91 +137,40 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
     ) -> None:
-        super().__init__()
-        self._configs = list(tables)
-        self._is_weighted = is_weighted
-        self._layouts: Dict[str, QRLayout] = {t.name: qr_layout(t, compression_ratio) for t in tables}
-        compressed = [t for t in tables if self._layouts[t.name].compressed]
-        plain = [t for t in tables if not self._layouts[t.name].compressed]
+        layouts: Dict[str, QRLayout] = {t.name: qr_layout(t, compression_ratio) for t in tables}
+        compressed = [t for t in tables if layouts[t.name].compressed]
+        plain = [t for t in tables if not layouts[t.name].compressed]
         # Compressed features first: their remainder lookups are then a prefix of the values.
-        self._features = [(f, t) for t in compressed + plain for f in t.feature_names]
-        self._num_compressed = sum(len(t.feature_names) for t in compressed)
-        physical = []
-        for t in tables:
-            layout = self._layouts[t.name]
-            extra: Dict[str, Any] = {}
-            if layout.compressed:
-                # Two rows per ID: scale each so their sum starts like a row of the logical table.
-                bound = math.sqrt(1.0 / (2 * t.num_embeddings))
-                extra = {"weight_init_min": -bound, "weight_init_max": bound}
-            physical.append(
-                EmbeddingBagConfig(
-                    num_embeddings=layout.quotient_rows + layout.remainder_rows,
-                    embedding_dim=t.embedding_dim,
-                    name=t.name,
-                    feature_names=list(t.feature_names)
-                    + ([f + _REMAINDER_SUFFIX for f in t.feature_names] if layout.compressed else []),
-                    pooling=t.pooling,
-                    data_type=t.data_type,
-                    **extra,
-                )
-            )
-        self._embedding_bag_collection = EmbeddingBagCollection(physical, is_weighted, device)
-
-        per_feature = [self._layouts[t.name] for _, t in self._features]
-        self.register_buffer("_n", torch.tensor([t.num_embeddings for _, t in self._features]), persistent=False)
-        self.register_buffer("_m", torch.tensor([max(l.remainder_rows, 1) for l in per_feature]), persistent=False)
-        self.register_buffer("_q", torch.tensor([l.quotient_rows for l in per_feature]), persistent=False)
-        self.register_buffer("_is_qr", torch.tensor([l.compressed for l in per_feature]), persistent=False)
+        features = [(f, t) for t in compressed + plain for f in t.feature_names]
+        physical = [_physical_table(t, layouts[t.name]) for t in tables]
+        per_feature = [layouts[t.name] for _, t in features]
+        remap = _QRRemap(
+            [f for f, _ in features],
+            [t.num_embeddings for _, t in features],
+            [max(l.remainder_rows, 1) for l in per_feature],
+            [l.quotient_rows for l in per_feature],
+            [l.compressed for l in per_feature],
+            sum(len(t.feature_names) for t in compressed),
+        )
         # Output columns: the logical order, each compressed feature = its quotient + remainder columns.
-        physical_cols = output_columns(physical)
-        logical_cols = output_columns(tables)
+        physical_cols, logical_cols = output_columns(physical), output_columns(tables)
         first, second, target = [], [], []
         for t in tables:
             for f in t.feature_names:
                 first.append(physical_cols[f])
-                if self._layouts[t.name].compressed:
+                if layouts[t.name].compressed:
                     second.append(physical_cols[f + _REMAINDER_SUFFIX])
                     target.append(logical_cols[f])
-        self.register_buffer("_first", torch.cat(first), persistent=False)
-        self.register_buffer("_second", torch.cat(second or [torch.zeros(0, dtype=torch.int64)]), persistent=False)
-        self.register_buffer("_target", torch.cat(target or [torch.zeros(0, dtype=torch.int64)]), persistent=False)
-        self._keys = [f for t in tables for f in t.feature_names]
-        self._length_per_key = [t.embedding_dim for t in tables for _ in t.feature_names]
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._configs
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Raw-ID KJT (keys in any order) -> pooled KeyedTensor [B, sum dims] in the logical order."""
-        missing = sorted(set(f for f, _ in self._features) - set(features.keys()))
-        if missing:
-            raise ValueError(f"KJT lacks features {missing} of this module")
-        features = features.permute([features.keys().index(f) for f, _ in self._features])
-        lengths = features.length_per_key()
-        repeats = torch.tensor(lengths, device=features.values().device)
-        n, m, q, is_qr = (
-            torch.repeat_interleave(x, repeats, output_size=sum(lengths)) for x in (self._n, self._m, self._q, self._is_qr)
+        empty = [torch.zeros(0, dtype=torch.int64)]
+        combine = LogicalColumns(
+            [f for t in tables for f in t.feature_names],
+            [t.embedding_dim for t in tables for _ in t.feature_names],
+            torch.cat(first),
+            torch.cat(second or empty),
+            torch.cat(target or empty),
         )
-        h = torch.remainder(features.values(), n)
-        quotient = torch.where(is_qr, torch.remainder(h // m, q), torch.remainder(h, q))
-        n_qr = sum(lengths[: self._num_compressed])
-        remainder = q[:n_qr] + torch.remainder(h[:n_qr], m[:n_qr])
-        stride = features.stride()
-        weights = features.weights_or_none()
-        physical = KeyedJaggedTensor(
-            keys=features.keys() + [f + _REMAINDER_SUFFIX for f, _ in self._features[: self._num_compressed]],
-            values=torch.cat([quotient, remainder]),
-            lengths=torch.cat([features.lengths(), features.lengths()[: self._num_compressed * stride]]),
-            weights=None if weights is None else torch.cat([weights, weights[:n_qr]]),
-            stride=stride,
-        )
-        pooled = self._embedding_bag_collection(physical).values()
-        out = pooled.index_select(1, self._first).index_add(1, self._target, pooled.index_select(1, self._second))
-        return KeyedTensor(keys=self._keys, length_per_key=self._length_per_key, values=out)
+        super().__init__(tables, is_weighted, remap, EmbeddingBagCollection(physical, is_weighted, device), combine)
+        self._layouts = layouts
 
     def memory_report(self) -> Dict[str, Dict[str, float]]:
         """Per logical table: rows and bytes (``total_bytes <= budget_bytes`` when compressed)."""
