@@ -172,3 +172,25 @@ def test_variable_batch_scores_are_the_norms_of_the_bag_gradients() -> None:
     bag_grads = [upstream[[0, 3], 0:3].sum(0), upstream[[1, 2], 0:3].sum(0), upstream[0, 3:6], upstream[1, 3:6], upstream[[2, 3], 3:6].sum(0)]
     expected = torch.stack([bag_grads[b].norm() for b in (0, 1, 1, 2, 3, 4, 4)])
     torch.testing.assert_close(norms, expected)
+
+
+@BOTH
+def test_fx_trace_scripts_and_serves_eval_outputs(make: Callable) -> None:
+    """``torchrec.fx.symbolic_trace`` then ``torch.jit.script``, as TorchRec's own test does; for
+    CAFE the trace is the frozen lookup as it stands: eval-mode outputs, the module untouched."""
+    from torchrec.fx import symbolic_trace
+
+    ebc = make(tables=[_table("t1", 3, ["f1", "f3"], rows=20_000), _table("t2", 4, ["f2"])], is_weighted=True)
+    for _ in range(3):
+        ebc(_kjt(["f1", "f3", "f2"], weighted=True)).values().sum().backward()
+    before = {k: v.clone() for k, v in ebc.state_dict().items()}
+    gm = symbolic_trace(ebc)
+    scripted = torch.jit.script(gm)
+    kjt = _kjt(["f1", "f3", "f2"], weighted=True)
+    out = gm(kjt)
+    assert out.values().shape == (3, 10) and out.keys() == ["f1", "f3", "f2"] and out.offset_per_key() == [0, 3, 6, 10]
+    ebc.eval()
+    torch.testing.assert_close(out.values(), ebc(kjt).values())
+    torch.testing.assert_close(scripted(kjt).values(), out.values())
+    after = ebc.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -9,6 +9,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -200,7 +201,15 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._optimizer = optimizer
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)]."""
+        """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)].
+
+        Under ``torch.fx`` tracing (``torchrec.fx.symbolic_trace``) of an unsharded module, the
+        trace records the frozen lookup as it stands (as ``export_for_inference`` serves it) and
+        the physical tables: a graph for inference, which scripts."""
+        if is_fx_tracing() and isinstance(self._embedding_bag_collection, EmbeddingBagCollection):
+            from torchrec_cafe.modules.frozen import traced_physical_features  # imports this module
+
+            return self._embedding_bag_collection(traced_physical_features(self, features))
         features = self._prepare(features, self.training)
         if features.stride() == 0:
             return self._empty_output(features.values().device)

@@ -242,9 +242,33 @@ def export_bag_module(module: CafeEmbeddingBagCollection, device: Optional[torch
             "checkpoint of a sharded model into an unsharded one (torchrec_cafe.checkpoint.load) first"
         )
     device = device or next(inner.parameters()).device
-    layouts, remapper = module._layouts, module._remapper
-    ebc = EmbeddingBagCollection(tables=[l.physical_config() for l in layouts], is_weighted=remapper.weighted_out, device=device)
+    remapper = module._remapper
+    ebc = EmbeddingBagCollection(tables=[l.physical_config() for l in module._layouts], is_weighted=remapper.weighted_out, device=device)
     ebc.load_state_dict(inner.state_dict())
+    constants, hot_keys, hot_rows, owned = frozen_state(module, device)
+    return CafeInferenceEBC(
+        embedding_bag_collection=ebc,
+        feature_names=list(module._feature_names),
+        input_features=list(module._input_features),
+        constants=constants,
+        hot_keys=hot_keys,
+        hot_rows=hot_rows,
+        owned=owned,
+        is_weighted=module.is_weighted(),
+        weighted_out=remapper.weighted_out,
+    )
+
+
+_CONSTANTS = ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "block_size", "composed", "mean_as_weights")
+
+
+@torch.no_grad()
+def frozen_state(
+    module: CafeEmbeddingBagCollection, device: Optional[torch.device] = None
+) -> "tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]":
+    """The frozen lookup of ``module`` as it stands: (per-feature constants [F] by name, hot keys
+    [M], their rows [M], pool-row states [sum P + 1])."""
+    layouts = module._layouts
     sketched = [l for l in layouts if l.sketched]
     pool_offset = [0]
     for l in sketched:
@@ -262,16 +286,23 @@ def export_bag_module(module: CafeEmbeddingBagCollection, device: Optional[torch
         "mean_as_weights": [l.mean_as_weights for l in per_feature],
     }
     hot_keys, hot_rows, owned = _frozen_lookup(module)
-    return CafeInferenceEBC(
-        embedding_bag_collection=ebc,
-        feature_names=list(module._feature_names),
-        input_features=list(module._input_features),
-        constants={k: torch.tensor(v, device=device) for k, v in constants.items()},
-        hot_keys=hot_keys.to(device),
-        hot_rows=hot_rows.to(device),
-        owned=owned.to(device),
-        is_weighted=module.is_weighted(),
-        weighted_out=remapper.weighted_out,
+    device = device or module._remapper.sketch_table.device
+    return {k: torch.tensor(v, device=device) for k, v in constants.items()}, hot_keys.to(device), hot_rows.to(device), owned.to(device)
+
+
+def traced_physical_features(module: CafeEmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """What ``torch.fx`` records for an unsharded module's remap: the frozen lookup as it stands
+    (its state becomes constants of the traced graph), as one ``frozen_physical_features`` node."""
+    constants, hot_keys, hot_rows, owned = frozen_state(module)
+    return frozen_physical_features(
+        features,
+        list(module._input_features),
+        list(module._feature_names),
+        [constants[name] for name in _CONSTANTS] + [hot_keys, hot_rows, owned],
+        module.is_weighted(),
+        module._remapper.weighted_out,
+        bool(constants["composed"].any()),
+        POOL_SEED_OFFSET,
     )
 
 
