@@ -16,7 +16,10 @@ import statistics
 import time
 from typing import Dict, List
 
-from examples.train_dlrm import TrainConfig, quiet_logs, run, synthetic
+from examples.harness.config import TrainConfig
+from examples.harness.data import synthetic
+from examples.harness.loop import run
+from examples.harness.model import quiet_logs
 
 
 def _mean_std(values: List[float]) -> str:

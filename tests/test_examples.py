@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from examples.train_dlrm import METHODS, TrainConfig, embedding_tables, run, synthetic
+from examples.harness.config import METHODS, TrainConfig
+from examples.harness.data import embedding_tables, synthetic
+from examples.harness.loop import run
 from torchrec_cafe import CafeConfig, table_budget
 
 

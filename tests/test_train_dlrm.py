@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from examples.train_dlrm import METHODS, TrainConfig, main, parse_args, run, synthetic
+from examples.harness.cli import main, parse_args
+from examples.harness.config import METHODS, TrainConfig
+from examples.harness.data import synthetic
+from examples.harness.loop import run
 from tests.conftest import free_port
 from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import InMemoryCTR, local_batch, read_criteo_tsv, read_libfm
@@ -226,7 +229,9 @@ def test_pipelined_training_matches_the_plain_loop(single_rank_pg: None, method:
     same; it trains and promotes."""
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from examples.train_dlrm import build_model, embedding_tables, ensure_process_group, train_steps
+    from examples.harness.data import embedding_tables
+    from examples.harness.loop import train_steps
+    from examples.harness.model import build_model, ensure_process_group
 
     data = synthetic(seed=1, batch_size=64, max_cardinality=20_000)
     train = list(data.batches(12))
@@ -257,7 +262,7 @@ def test_evaluate_reports_torchrec_auc_and_ne_over_all_batches() -> None:
     from torchrec.datasets.utils import Batch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from examples.train_dlrm import evaluate
+    from examples.harness.loop import evaluate
 
     class Fixed(torch.nn.Module):  # as DLRMTrain, logit = the first dense feature
         def forward(self, batch: Batch) -> "tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]":

@@ -18,7 +18,11 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from examples.benchmarks.report import group, markdown_table, mean_std, plot, write_json
-from examples.train_dlrm import METHODS, ensure_process_group, load, parse_args, quiet_logs, run
+from examples.harness.cli import parse_args
+from examples.harness.config import METHODS
+from examples.harness.data import load
+from examples.harness.loop import run
+from examples.harness.model import ensure_process_group, quiet_logs
 
 
 def recovery(history: List[Dict[str, float]], drift_at: int, tolerance: float = 0.01) -> Dict[str, Optional[float]]:

@@ -21,18 +21,10 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from examples.benchmarks.quality_sweep import SUITES
 from examples.benchmarks.report import markdown_table, write_json
-from examples.train_dlrm import (
-    build_ebc,
-    build_model,
-    data_shape,
-    embedding_tables,
-    ensure_process_group,
-    evaluate,
-    fit,
-    load,
-    parse_args,
-    quiet_logs,
-)
+from examples.harness.cli import parse_args
+from examples.harness.data import data_shape, embedding_tables, load
+from examples.harness.loop import evaluate, fit
+from examples.harness.model import build_ebc, build_model, ensure_process_group, quiet_logs
 from torchrec_cafe import CafeEmbeddingBagCollection, checkpoint
 from torchrec_cafe.inference import WEIGHT_DTYPES, export_bag_module, quantize_for_inference
 

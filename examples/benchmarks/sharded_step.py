@@ -28,7 +28,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 import torchrec_cafe.modules.cafe_embedding_bag as cafe_module
-from examples.train_dlrm import TrainConfig, build_ebc, embedding_tables, quiet_logs, synthetic
+from examples.harness.config import TrainConfig
+from examples.harness.data import embedding_tables, synthetic
+from examples.harness.model import build_ebc, quiet_logs
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
 from torchrec_cafe.sketch import HotSketch
 

@@ -20,7 +20,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from examples.benchmarks.report import markdown_table, write_json
-from examples.train_dlrm import METHODS, Epochs, build_model, data_shape, embedding_tables, ensure_process_group, load, parse_args, quiet_logs, train_steps
+from examples.harness.cli import parse_args
+from examples.harness.config import METHODS
+from examples.harness.data import Epochs, data_shape, embedding_tables, load
+from examples.harness.loop import train_steps
+from examples.harness.model import build_model, ensure_process_group, quiet_logs
 
 TARGET = 0.85  # CAFE's samples/s at least this share of hashing's (issue 5)
 

@@ -16,7 +16,9 @@ from typing import Dict, List
 
 import torch
 
-from examples.train_dlrm import TrainConfig, build_model, embedding_tables, ensure_process_group, quiet_logs, synthetic
+from examples.harness.config import TrainConfig
+from examples.harness.data import embedding_tables, synthetic
+from examples.harness.model import build_model, ensure_process_group, quiet_logs
 
 
 def main() -> None:

@@ -19,7 +19,10 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from examples.benchmarks.report import markdown_table, write_json
-from examples.train_dlrm import ensure_process_group, load, parse_args, quiet_logs, run
+from examples.harness.cli import parse_args
+from examples.harness.data import load
+from examples.harness.loop import run
+from examples.harness.model import ensure_process_group, quiet_logs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[float, Dict[str, float]]:
