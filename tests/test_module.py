@@ -408,3 +408,14 @@ def test_blocked_ids_never_read_a_private_row(cold_rows: str) -> None:
     torch.testing.assert_close(out, embeddings(cafe, "t", weight, ids))
     if cold_rows == "hashed":
         assert out[blocked].abs().sum() == 0
+
+
+def test_profiler_sees_cafe_stages() -> None:
+    """record_function ranges around CAFE's stages, for users' traces."""
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for seed in range(3):
+            cafe(_kjt(["f0", "f1", "f2"], batch=32, max_len=4, high=300, seed=seed)).values().pow(2).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    for stage in ("remap", "importance", "sketch update", "migration"):
+        assert f"## cafe: {stage} ##" in names, stage

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
+from torch.profiler import record_function
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -234,7 +235,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _remap(self, features: KeyedJaggedTensor) -> "tuple[KeyedJaggedTensor, Optional[RemapContext]]":
         """Ordered raw KJT -> (physical KJT, hook context); keeps the context for ``stats()``."""
-        physical, context = self._remapper(features, self._sketch)
+        with record_function("## cafe: remap ##"):
+            physical, context = self._remapper(features, self._sketch)
         self._last_context = context
         return physical, context
 
@@ -320,7 +322,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Per-occurrence importance = ||d loss / d pooled bag|| * |weight| (/ len for MEAN).
         Stashes norms only: rescaling (a collective with several ranks) and state changes happen
         at the next update, never inside backward."""
-        with torch.no_grad():
+        with torch.no_grad(), record_function("## cafe: importance ##"):
             dim, index = columns
             g2 = grad.float().pow(2)
             if dim:
@@ -374,22 +376,26 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (pending or distributed):
             return
-        scores = _normalised_scores(norms, feature, self._remapper.num_features, distributed)
-        if self._remapper.frequency_tables:
-            frequency = self._remapper.frequency.index_select(0, tables)
-            scores = torch.where(frequency, torch.ones_like(scores), scores)
+        with record_function("## cafe: importance ##"):
+            scores = _normalised_scores(norms, feature, self._remapper.num_features, distributed)
+            if self._remapper.frequency_tables:
+                frequency = self._remapper.frequency.index_select(0, tables)
+                scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
             self._check_ranks_agree()
-            if self._sync == "aggregated":
-                update = all_gather_aggregated(self._sketch, ids, scores, tables)
-            else:
-                update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
+            with record_function("## cafe: sketch sync + update ##"):
+                if self._sync == "aggregated":
+                    update = all_gather_aggregated(self._sketch, ids, scores, tables)
+                else:
+                    update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
         else:
-            update = self._sketch.update(ids, scores, tables)
+            with record_function("## cafe: sketch update ##"):
+                update = self._sketch.update(ids, scores, tables)
         groups, row_split = self._row_groups()  # also refuses optimizer state it cannot migrate
         if self._sketch.host_reads_are_free() and not bool(update.promoted.any()):
             return  # nothing to migrate (a free check on CPU; every rank agrees: replicas are identical)
-        self._migrate(self._remapper.migration(update), groups, row_split)
+        with record_function("## cafe: migration ##"):
+            self._migrate(self._remapper.migration(update), groups, row_split)
 
     @staticmethod
     def _migrate(m: Migration, groups: list, row_split: list) -> None:
