@@ -140,21 +140,21 @@ def frozen_physical_features(
     per_key = torch.tensor(features.length_per_key(), device=device)
     feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
-    n = num_rows[feature]
+    n = num_rows.index_select(0, feature)
     pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, hot_keys, hot_rows, owned_rows, pool_seed)
-    rows = torch.where(compressed[feature], pool_row, torch.remainder(ids, n))
+    rows = torch.where(compressed.index_select(0, feature), pool_row, torch.remainder(ids, n))
     w = torch.ones_like(ids, dtype=torch.float32)
     if is_weighted:
         w = features.weights()
     if weighted_out:
-        w = torch.where(mean_as_weights[feature], w / lengths.clamp(min=1)[bag].to(w.dtype), w)
-        w = torch.where(blocked & ~composed_f[feature], torch.zeros_like(w), w)  # hashed: reads no row
+        w = torch.where(mean_as_weights.index_select(0, feature), w / lengths.clamp(min=1).index_select(0, bag).to(w.dtype), w)
+        w = torch.where(blocked & ~composed_f.index_select(0, feature), torch.zeros_like(w), w)  # hashed: reads no row
     if not any_composed:
         return kjt_like(features, feature_names, rows, lengths, w if weighted_out else None, features.inverse_indices_or_none())
     # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
     # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
-    composed = composed_f[feature]
-    block = block_rows(ids, n, pool[feature], block_size[feature])
+    composed = composed_f.index_select(0, feature)
+    block = block_rows(ids, n, pool.index_select(0, feature), block_size.index_select(0, feature))
     values = torch.stack([rows, block], dim=1)
     zero = torch.zeros_like(w)
     weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
@@ -179,11 +179,12 @@ def _pool_rows(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
     key = fingerprint32(ids)
-    pool = pool_f[feature].clamp(min=1)
+    pool = pool_f.index_select(0, feature).clamp(min=1)
     choices = choices_of_hash(finalise64(key + pool_seed), pool)
-    table = sketch_table[feature]
+    table = sketch_table.index_select(0, feature)
     sketched = table >= 0
-    owned = owned_rows[(pool_offset[feature].unsqueeze(1) + choices).clamp(max=owned_rows.numel() - 1)] == 1  # OWNED
+    where = (pool_offset.index_select(0, feature).unsqueeze(1) + choices).clamp(max=owned_rows.numel() - 1)
+    owned = owned_rows.index_select(0, where.reshape(-1)).view(where.shape) == 1  # OWNED
     owned = owned & sketched.unsqueeze(1)
     # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
     free = ~owned
@@ -194,8 +195,8 @@ def _pool_rows(
     if hot_keys.numel() > 0:
         wanted = (table << 32) | key
         pos = torch.searchsorted(hot_keys, wanted).clamp(max=hot_keys.numel() - 1)
-        hot = sketched & (hot_keys[pos] == wanted)
-        row = torch.where(hot, hot_rows[pos], row)
+        hot = sketched & (hot_keys.index_select(0, pos) == wanted)
+        row = torch.where(hot, hot_rows.index_select(0, pos), row)
         blocked = blocked & ~hot
     return row, hot, blocked
 
