@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from examples.harness.config import METHODS, TrainConfig
 from examples.harness.data import embedding_tables, synthetic
@@ -76,3 +77,16 @@ def test_sketch_throughput_runs_and_reports(tmp_path) -> None:
                             "--devices", "cpu", "--out", str(out)])
     rows = json.load(open(out))["results"]
     assert len(rows) == 2 and all(r["update_ids_per_s"]["median"] > 0 and r["query_ids_per_s"]["median"] > 0 for r in rows)
+
+
+def test_serving_latency_runs_and_reports(tmp_path) -> None:
+    from examples.benchmarks import serving_latency
+
+    out = str(tmp_path / "serve")
+    threads = torch.get_num_threads()
+    try:
+        serving_latency.main(["--batches", "8", "--reps", "2", "--train-steps", "2", "--out", out])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark pins one thread
+    rows = json.load(open(out + ".json"))["runs"]
+    assert len(rows) == 1 and rows[0]["batch"] == 8 and rows[0]["ratio"] > 0
