@@ -2,13 +2,13 @@
 
 ``export_for_inference`` turns a trained ``CafeEmbeddingBagCollection`` into a
 ``CafeInferenceEBC``: a plain TorchRec ``EmbeddingBagCollection`` over the physical rows (pool
-rows, then block rows, per table) plus the frozen lookup state: per sketched table the sorted keys
-of its hot IDs with the pool row each owns, and which pool rows are owned. Every other ID reads
-its first pool choice that no hot ID owns (and, composed, its block row), exactly as the trained
-module's remap does. There is no sketch, no scoring and no migration: outputs equal the trained
+rows, then block rows, per table) plus the frozen lookup state: per pool row of the sketched
+tables, whether a hot ID owns it and that ID's key (5 bytes per row). A hot ID finds the row it
+owns among its four candidates; every other ID reads its first candidate that no hot ID owns (and,
+composed, its block row), exactly as the trained module's remap does. There is no sketch, no scoring and no migration: outputs equal the trained
 module's in ``eval()`` mode.
 
-The lookup is vectorised over all features (one sorted search for every table's hot keys) and the
+The lookup is vectorised over all features (a fixed number of elementwise ops per ID) and the
 module is TorchScript-able (``torch.jit.script``, also what scripting the trained module gives),
 the form TorchRec's inference stack uses.
 """
@@ -34,9 +34,9 @@ class CafeInferenceEBC(nn.Module):
     """Frozen CAFE lookup: raw-ID KJT -> pooled ``KeyedTensor``, like the trained module in eval.
 
     Per value of feature f (module feature order), with per-feature constants ``[F]``: plain tables
-    read ``id % N``; compressed ones a pool row (the owned one if ``(table << 32) | key`` is among
-    the sorted ``hot_keys``, else the first choice whose ``owned`` flag is clear, or the first
-    choice when all are owned) and, composed, block row ``P + (id % N) // block_size`` (a hot ID
+    read ``id % N``; compressed ones a pool row (the candidate it owns: ``owned`` with its key in
+    ``owner_keys``; else the first candidate whose ``owned`` flag is clear, or the first when all
+    are owned) and, composed, block row ``P + (id % N) // block_size`` (a hot ID
     reads its pool row alone, a blocked one its block row alone).
     """
 
@@ -49,8 +49,7 @@ class CafeInferenceEBC(nn.Module):
     _block_size: torch.Tensor
     _composed: torch.Tensor
     _mean_as_weights: torch.Tensor
-    hot_keys: torch.Tensor
-    hot_rows: torch.Tensor
+    owner_keys: torch.Tensor
     owned: torch.Tensor
 
     def __init__(
@@ -59,8 +58,7 @@ class CafeInferenceEBC(nn.Module):
         feature_names: List[str],
         input_features: List[str],
         constants: Dict[str, torch.Tensor],
-        hot_keys: torch.Tensor,
-        hot_rows: torch.Tensor,
+        owner_keys: torch.Tensor,
         owned: torch.Tensor,
         is_weighted: bool,
         weighted_out: bool,
@@ -75,8 +73,7 @@ class CafeInferenceEBC(nn.Module):
         self._pool_seed = POOL_SEED_OFFSET  # TorchScript reads no module globals
         for name in ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "block_size", "composed", "mean_as_weights"):
             self.register_buffer("_" + name, constants[name])
-        self.register_buffer("hot_keys", hot_keys)
-        self.register_buffer("hot_rows", hot_rows)
+        self.register_buffer("owner_keys", owner_keys)
         self.register_buffer("owned", owned)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -85,7 +82,7 @@ class CafeInferenceEBC(nn.Module):
             self._input_features,
             self._feature_names,
             [self._num_rows, self._sketch_table, self._compressed, self._pool, self._pool_offset, self._block_size,
-             self._composed, self._mean_as_weights, self.hot_keys, self.hot_rows, self.owned],
+             self._composed, self._mean_as_weights, self.owner_keys, self.owned],
             self._is_weighted,
             self._weighted_out,
             self._any_composed,
@@ -109,7 +106,7 @@ class CafeInferenceEBC(nn.Module):
         if not kernels:
             storages = list(self.embedding_bag_collection.parameters())
         tables = sum(t.numel() * t.element_size() for t in storages)
-        frozen = sum(b.numel() * b.element_size() for b in (self.hot_keys, self.hot_rows, self.owned))
+        frozen = sum(b.numel() * b.element_size() for b in (self.owner_keys, self.owned))
         return {"table_bytes": tables, "map_bytes": frozen, "total_bytes": tables + frozen}
 
 
@@ -126,13 +123,13 @@ def frozen_physical_features(
     """Raw-ID KJT -> physical-row KJT of the frozen lookup (see ``CafeInferenceEBC``).
 
     ``state``: the per-feature constants [F] (num_rows, sketch_table, compressed, pool,
-    pool_offset, block_size, composed, mean_as_weights), then hot_keys [M], hot_rows [M] and owned
-    [sum P + 1]. One free function, wrapped for ``torch.fx`` (a single node of a traced graph, so
+    pool_offset, block_size, composed, mean_as_weights), then owner_keys and owned, one entry per
+    pool row of the sketched tables (int32, int8). One free function, wrapped for ``torch.fx`` (a single node of a traced graph, so
     ``torchrec.fx.symbolic_trace`` of the served module traces the inner, possibly quantized,
     EmbeddingBagCollection as TorchRec's inference stack expects) and TorchScript-able.
     """
     num_rows, sketch_table, compressed, pool, pool_offset, block_size, composed_f, mean_as_weights = state[:8]
-    hot_keys, hot_rows, owned_rows = state[8], state[9], state[10]
+    owner_keys, owned_rows = state[8], state[9]
     features = as_embedding_features(features, input_features, feature_names)
     ids = features.values().to(torch.int64)
     lengths = features.lengths()
@@ -141,7 +138,7 @@ def frozen_physical_features(
     feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
     bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
     n = num_rows.index_select(0, feature)
-    pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, hot_keys, hot_rows, owned_rows, pool_seed)
+    pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, owner_keys, owned_rows, pool_seed)
     rows = torch.where(compressed.index_select(0, feature), pool_row, torch.remainder(ids, n))
     w = torch.ones_like(ids, dtype=torch.float32)
     if is_weighted:
@@ -172,34 +169,28 @@ def _pool_rows(
     pool_f: torch.Tensor,
     sketch_table: torch.Tensor,
     pool_offset: torch.Tensor,
-    hot_keys: torch.Tensor,
-    hot_rows: torch.Tensor,
+    owner_keys: torch.Tensor,
     owned_rows: torch.Tensor,
     pool_seed: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pool row of each value, hot, whether a cold value found every choice owned). [n] each."""
+    """(pool row of each value, hot, whether a cold value found every choice owned). [n] each.
+
+    A hot ID owns one of its candidates: the one whose owner key is its key (among owned rows).
+    A cold one reads its first unowned candidate."""
     key = fingerprint32(ids)
     pool = pool_f.index_select(0, feature).clamp(min=1)
     choices = choices_of_hash(finalise64(key + pool_seed), pool)
-    table = sketch_table.index_select(0, feature)
-    sketched = table >= 0
-    where = (pool_offset.index_select(0, feature).unsqueeze(1) + choices).clamp(max=owned_rows.numel() - 1)
-    owned = owned_rows.index_select(0, where.reshape(-1)).view(where.shape) == 1  # OWNED
-    owned = owned & sketched.unsqueeze(1)
-    # First unowned choice: weights 4, 3, 2, 1 make the first True the largest.
-    free = ~owned
-    first = torch.remainder(4 - (free.to(torch.int64) * torch.arange(4, 0, -1, device=ids.device)).amax(dim=1), 4)
-    row = choices.gather(1, first.unsqueeze(1)).squeeze(1)
-    blocked = owned.all(dim=1)
-    hot = torch.zeros_like(blocked)
-    if hot_keys.numel() > 0:
-        wanted = (table << 32) | key
-        pos = torch.searchsorted(hot_keys, wanted).clamp(max=hot_keys.numel() - 1)
-        hot = sketched & (hot_keys.index_select(0, pos) == wanted)
-        row = torch.where(hot, hot_rows.index_select(0, pos), row)
-        blocked = blocked & ~hot
-    return row, hot, blocked
-
+    sketched = (sketch_table.index_select(0, feature) >= 0).unsqueeze(1)
+    where = (pool_offset.index_select(0, feature).unsqueeze(1) + choices).clamp(max=owned_rows.numel() - 1).reshape(-1)
+    owned = (owned_rows.index_select(0, where).view(choices.shape) == 1) & sketched  # OWNED
+    mine = owned & (owner_keys.index_select(0, where).view(choices.shape) == key.to(torch.int32).unsqueeze(1))
+    # First True of a row: weights 4, 3, 2, 1 make it the largest.
+    rank = torch.arange(4, 0, -1, device=ids.device)
+    first_free = torch.remainder(4 - ((~owned).to(torch.int64) * rank).amax(dim=1), 4)
+    first_mine = torch.remainder(4 - (mine.to(torch.int64) * rank).amax(dim=1), 4)
+    hot = mine.any(dim=1)
+    row = choices.gather(1, torch.where(hot, first_mine, first_free).unsqueeze(1)).squeeze(1)
+    return row, hot, owned.all(dim=1) & ~hot
 
 class CafeInferenceEC(nn.Module):
     """Frozen ``CafeEmbeddingCollection``: raw-ID KJT -> ``Dict[str, JaggedTensor]``, through the
@@ -246,14 +237,13 @@ def export_bag_module(module: CafeEmbeddingBagCollection, device: Optional[torch
     remapper = module._remapper
     ebc = EmbeddingBagCollection(tables=[l.physical_config() for l in module._layouts], is_weighted=remapper.weighted_out, device=device)
     ebc.load_state_dict(inner.state_dict())
-    constants, hot_keys, hot_rows, owned = frozen_state(module, device)
+    constants, owner_keys, owned = frozen_state(module, device)
     return CafeInferenceEBC(
         embedding_bag_collection=ebc,
         feature_names=list(module._feature_names),
         input_features=list(module._input_features),
         constants=constants,
-        hot_keys=hot_keys,
-        hot_rows=hot_rows,
+        owner_keys=owner_keys,
         owned=owned,
         is_weighted=module.is_weighted(),
         weighted_out=remapper.weighted_out,
@@ -266,9 +256,9 @@ _CONSTANTS = ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "
 @torch.no_grad()
 def frozen_state(
     module: CafeEmbeddingBagCollection, device: Optional[torch.device] = None
-) -> "tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]":
-    """The frozen lookup of ``module`` as it stands: (per-feature constants [F] by name, hot keys
-    [M], their rows [M], pool-row states [sum P + 1])."""
+) -> "tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]":
+    """The frozen lookup of ``module`` as it stands: (per-feature constants [F] by name, the key
+    owning each pool row [sum P] int32, pool-row states [sum P] int8)."""
     layouts = module._layouts
     sketched = [l for l in layouts if l.sketched]
     pool_offset = [0]
@@ -286,20 +276,20 @@ def frozen_state(
         "composed": [l.composed for l in per_feature],
         "mean_as_weights": [l.mean_as_weights for l in per_feature],
     }
-    hot_keys, hot_rows, owned = _frozen_lookup(module)
+    owner_keys, owned = _frozen_lookup(module)
     device = device or module._remapper.sketch_table.device
-    return {k: torch.tensor(v, device=device) for k, v in constants.items()}, hot_keys.to(device), hot_rows.to(device), owned.to(device)
+    return {k: torch.tensor(v, device=device) for k, v in constants.items()}, owner_keys.to(device), owned.to(device)
 
 
 def traced_physical_features(module: CafeEmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     """What ``torch.fx`` records for an unsharded module's remap: the frozen lookup as it stands
     (its state becomes constants of the traced graph), as one ``frozen_physical_features`` node."""
-    constants, hot_keys, hot_rows, owned = frozen_state(module)
+    constants, owner_keys, owned = frozen_state(module)
     return frozen_physical_features(
         features,
         list(module._input_features),
         list(module._feature_names),
-        [constants[name] for name in _CONSTANTS] + [hot_keys, hot_rows, owned],
+        [constants[name] for name in _CONSTANTS] + [owner_keys, owned],
         module.is_weighted(),
         module._remapper.weighted_out,
         bool(constants["composed"].any()),
@@ -307,20 +297,18 @@ def traced_physical_features(module: CafeEmbeddingBagCollection, features: Keyed
     )
 
 
-def _frozen_lookup(module: CafeEmbeddingBagCollection) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-    """(sorted ``(table << 32) | key`` of every hot ID [M], the pool row each owns [M], the pool
-    states of all sketched tables [sum P] int8) of the module's sketch as it stands."""
+def _frozen_lookup(module: CafeEmbeddingBagCollection) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(the key of the hot ID owning each pool row of all sketched tables [sum P] int32, the
+    ``fingerprint32`` bits; the pool-row states [sum P] int8) of the module's sketch as it stands.
+    A hot ID owns one of its four candidate rows, so serving finds it there: no search."""
     sketch = module._sketch
     if sketch is None:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty, torch.zeros(1, dtype=torch.int8)
-    tables, keys, rows = [], [], []
+        return torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int8)
+    owners = torch.zeros(sum(sketch.pool_rows_per_table), dtype=torch.int64)
+    offset = 0
     for t, p in enumerate(sketch.pool_rows_per_table):
-        k = sketch.hot_keys(t)
-        row, _, _ = sketch.lookup_keys(k, torch.full_like(k, t))
-        tables.append(torch.full_like(k, t))
-        keys.append(k)
-        rows.append(row)
-    combined = (torch.cat(tables) << 32) | torch.cat(keys)
-    order = torch.argsort(combined)
-    return combined[order].cpu(), torch.cat(rows)[order].cpu(), sketch.pool_state[:-1].clone().cpu()
+        keys = sketch.hot_keys(t).cpu()
+        row, _, _ = sketch.lookup_keys(keys.to(sketch.slot_keys.device), torch.full_like(keys, t).to(sketch.slot_keys.device))
+        owners[offset + row.cpu()] = keys
+        offset += p
+    return owners.to(torch.int32), sketch.pool_state[:-1].clone().cpu()
