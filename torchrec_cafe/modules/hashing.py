@@ -76,6 +76,3 @@ class HashingEmbeddingBagCollection(RemappedEmbeddingBagCollection):
         remap = _HashRemap([f for t in tables for f in t.feature_names], [rows[t.name] for t in tables for _ in t.feature_names])
         lookup = EmbeddingBagCollection([resized_table(t, rows[t.name]) for t in tables], is_weighted, device)
         super().__init__(tables, is_weighted, remap, lookup, nn.Identity())
-
-    def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self._embedding_bag_collection.parameters())

@@ -14,6 +14,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_cafe.modules.inputs import as_embedding_features
+
 
 def output_columns(tables: List[EmbeddingBagConfig]) -> Dict[str, torch.Tensor]:
     """Feature -> int64 column indices [dim] of its pooled output in an EBC of ``tables`` (tables
@@ -32,7 +34,7 @@ def ordered_features(features: KeyedJaggedTensor, names: Sequence[str]) -> Keyed
     missing = sorted(set(names) - set(keys))
     if missing:
         raise ValueError(f"KJT lacks features {missing} of this module")
-    return features if keys == list(names) else features.permute([keys.index(f) for f in names])
+    return as_embedding_features(features, list(names), list(names))
 
 
 def per_value(features: KeyedJaggedTensor, constants: Sequence[torch.Tensor]) -> List[torch.Tensor]:
