@@ -36,11 +36,13 @@ class RefSketch:
         quarantine: int = 0,
         promote_load: float = 1.0,
         demote_load: float = 0.5,
+        displace_ratio: float = 0.0,
         bucket_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.K, self.P, self.c = num_buckets, pool_rows, slots_per_bucket
         self.threshold, self.decay, self.quarantine = threshold, float(decay), quarantine
         self.promote_load, self.demote_load = float(promote_load), float(demote_load)
+        self.displace_ratio = float(displace_ratio)
         default_mass = 10.0 * num_buckets * (max(threshold, 1.0) if threshold is not None else slots_per_bucket)
         self.decay_mass = float(decay_mass if decay_mass is not None else default_mass)
         self.bucket_of = bucket_of
@@ -51,7 +53,7 @@ class RefSketch:
         self.t = 0  # number of updates applied so far (= number of the next update)
         self.mass_since_decay_q = 0  # integer quanta
         self.dropped_q = 0
-        self.promotions = self.demotions = self.rejected = self.decays = 0
+        self.promotions = self.demotions = self.rejected = self.decays = self.displacements = 0
         self.last_promoted: List[tuple] = []  # (key, id, src row, src blocked, dst row) of the last update, in order
         self.last_demoted: List[int] = []  # pool rows freed by the last update
         self.last_mass_q = 0  # quanta accepted by the last update
@@ -180,6 +182,22 @@ class RefSketch:
                     s[2] = COLD
                     self.last_demoted.append(row)
                     self.demotions += 1
+        # 8. displacement: unplaced candidates, in order, demote the weakest owner of their choices.
+        if self.displace_ratio > 0:
+            owner = {self.choices(s[0])[s[2]]: s for slots in self.buckets for s in slots if s is not None and s[2] >= 0}
+            for x in cands:
+                if x in placed:
+                    continue
+                owned = [(owner[r][1], p, r) for p, r in enumerate(self.choices(x)) if r in owner]
+                if not owned:
+                    continue
+                weakest, _, row = min(owned)
+                if self.guaranteed(x) > self.displace_ratio * weakest:
+                    owner.pop(row)[2] = COLD
+                    self.pool[row] = -self.quarantine
+                    self.last_demoted.append(row)
+                    self.demotions += 1
+                    self.displacements += 1
         self.last_demoted.sort()
         self.t += 1
 

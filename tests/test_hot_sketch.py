@@ -176,6 +176,37 @@ def test_float_scores_match_reference(case):
     assert ref.promotions > 0 and ref.decays >= 2 and ref.demotions > 0
 
 
+def shifted_stream(cfg, mode, steps=160, batch=256, seed=5):
+    """A Zipf stream whose popular keys change half-way (disjoint universes), fed to a sketch and
+    the reference, compared after every update. Returns both and the new universe (head first)."""
+    rng = np.random.default_rng(seed)
+    old, new = universe(rng, 3000), universe(rng, 3000)
+    sk, ref = make_pair(**cfg)
+    for step in range(steps):
+        ids = draw_ids(rng, old if step < steps // 2 else new, batch, "zipf")
+        out = feed(sk, ref, ids, draw_scores(rng, batch, mode))
+        assert_same(sk, ref, exact=mode == "freq", out=out, probe=ids[:64])
+    return sk, ref, new
+
+
+@pytest.mark.parametrize(
+    "threshold, quarantine, ratio, mode",
+    [(None, 0, 2.0, "freq"), (2.0, 1, 4.0, "freq"), (None, 1, 2.0, "float")],
+    ids=["adaptive", "fixed-quarantine", "adaptive-float"],
+)
+def test_displacement_matches_reference_and_hands_the_pool_to_the_new_head(threshold, quarantine, ratio, mode):
+    """Without decay, after a popularity shift the old head keeps its rows unless stronger
+    candidates demote it (step 8); with displacement the new head holds more of the pool at the end."""
+    cfg = dict(num_buckets=32, pool_rows=16, threshold=threshold, slots_per_bucket=4, decay=1.0, quarantine=quarantine,
+               promote_load=0.1, demote_load=0.05)
+    sk, ref, new = shifted_stream({**cfg, "displace_ratio": ratio}, mode)
+    assert ref.displacements > 0
+    _, still, _ = shifted_stream(cfg, mode)
+    assert still.displacements == 0
+    head = set(key_of(new[:40].tolist()))
+    assert len(head & set(ref.hot_keys())) > len(head & set(still.hot_keys()))
+
+
 # ----------------------------------------------------------------------------- invariants
 
 

@@ -2,6 +2,8 @@
 the global batches."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,3 +65,15 @@ def test_replicas_equal_a_single_process_fed_the_global_batches(tmp_path, aggreg
         state = torch.load(tmp_path / f"rank{rank}.pt")
         for key, value in reference.state_dict().items():
             assert torch.equal(state[key], value), (rank, key)
+
+
+def test_lower_layers_load_no_higher_ones() -> None:
+    """The sketch layer (and its replicas over ranks) loads no TorchRec at all; the unsharded
+    module loads no CAFE sharding code."""
+    code = (
+        "import sys, torchrec_cafe.sketch, torchrec_cafe.sketch.replicas\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'torchrec'], 'sketch loaded torchrec'\n"
+        "import torchrec_cafe.modules.cafe_embedding_bag\n"
+        "assert 'torchrec_cafe.distributed' not in sys.modules, 'module loaded the sharder'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,6 +5,7 @@ depend on the split), and promoted rows equal their source rows right after migr
 source and destination live on different ranks."""
 
 import dataclasses
+import datetime
 import os
 from typing import List
 
@@ -20,7 +21,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from tests.conftest import free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
-from torchrec_cafe.distributed import RowWiseEverywhereEBCSharder
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, RowWiseEverywhereEBCSharder
 from torchrec_cafe.rows import tbe_shards
 
 from .cafe_reads import reads, rows_read
@@ -58,7 +59,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "fr
         apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
         constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
         topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
-        sharders = [RowWiseEverywhereEBCSharder()]
+        sharders = [CafeEmbeddingBagCollectionSharder()]
         plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
         dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
         for step in range(STEPS):
@@ -131,17 +132,48 @@ def test_grad_norm_replicas_stay_identical(tmp_path) -> None:
         assert torch.equal(second[key], value), key
 
 
-def _mismatched_worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _mismatched_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        cafe = CafeEmbeddingBagCollection(TABLES, cafe=dataclasses.replace(CONFIG, threshold=3.0 + rank))
-        cafe(local_part(_global_kjt(0), rank, WORLD))
-        with pytest.raises(ValueError, match="differ between ranks"):
+        config = dataclasses.replace(CONFIG, threshold=3.0 + rank)
+        # Unsharded, the module is local even in a 2-rank group: rank 0 alone trains and updates
+        # (a collective would wait for rank 1 until the timeout).
+        cafe = CafeEmbeddingBagCollection(TABLES, cafe=config)
+        if rank == 0:
+            for step in range(STEPS):
+                cafe(_global_kjt(step)).values().pow(2).sum().backward()
             cafe.apply_pending_updates()
+            assert int(cafe._sketch.promotions.sum()) > 0
+        messages = []
+        with pytest.raises(ValueError, match="differ between the ranks") as replicas:
+            cafe.replicate_across(dist.group.WORLD)
+        messages.append(str(replicas.value))
+        topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
+        sharders = [CafeEmbeddingBagCollectionSharder()]
+        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+        plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
+        with pytest.raises(ValueError, match="differ between the ranks") as sharded:
+            DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        messages.append(str(sharded.value))
+        # TorchRec's EBC sharder alone shards the inner tables and leaves the sketch local: refused.
+        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+        sharders = [RowWiseEverywhereEBCSharder()]
+        plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
+        dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        dmp(local_part(_global_kjt(0), rank, WORLD)).values().sum().backward()
+        with pytest.raises(RuntimeError, match="CafeEmbeddingBagCollectionSharder") as local:
+            dmp.module.apply_pending_updates()
+        messages.append(str(local.value))
+        torch.save(messages, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_with_different_configs_are_refused() -> None:
-    mp.start_processes(_mismatched_worker, args=(free_port(),), nprocs=WORLD, start_method="spawn")
+def test_ranks_with_different_configs_are_refused_and_unsharded_modules_stay_local(tmp_path) -> None:
+    """Different CAFE settings: ``replicate_across`` and sharding under DMP raise the same error on
+    every rank (the configs are compared before any other collective); an unsharded module never
+    communicates; tables sharded by TorchRec's EBC sharder alone under a local sketch are refused."""
+    mp.start_processes(_mismatched_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
+    assert first == second and len(first) == 3

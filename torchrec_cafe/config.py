@@ -55,6 +55,9 @@ class CafeConfig:
             skew); a number: the paper's fixed promotion/demotion score (``paper_threshold(cr)``
             gives the official schedule).
         promote_load / demote_load: the adaptive bars, ``0 <= demote_load <= promote_load``.
+        displace_ratio: a promotion candidate whose every choice is owned demotes the weakest owner
+            once its guaranteed score exceeds this many times the owner's (0: never; the paper has
+            no displacement), so a full pool keeps moving to the strongest IDs and follows drift.
         cold_rows: ``"composed"`` (default): every ID also reads the block row of its ID range
             (``(id mod N) // ceil(N / B)``), so a cold ID is a distinct (pool row, block row) pair,
             QR-style, and IDs numbered by first appearance or catalogue order share what they have
@@ -83,6 +86,7 @@ class CafeConfig:
     threshold: Optional[float] = None
     promote_load: float = 0.1
     demote_load: float = 0.05
+    displace_ratio: float = 0.0
     cold_rows: str = "composed"
     block_fraction: float = 0.5
     sketch_slots_per_row: float = 1.0
@@ -101,6 +105,8 @@ class CafeConfig:
             raise ValueError(f"threshold must be None or a finite number >= 0, got {self.threshold}")
         if not (0 <= self.demote_load <= self.promote_load and math.isfinite(self.promote_load)):
             raise ValueError(f"need 0 <= demote_load <= promote_load (finite), got {self.demote_load} and {self.promote_load}")
+        if not (self.displace_ratio == 0 or (self.displace_ratio >= 1 and math.isfinite(self.displace_ratio))):
+            raise ValueError(f"displace_ratio must be 0 (off) or a finite number >= 1, got {self.displace_ratio}")
         if self.cold_rows not in COLD_ROWS:
             raise ValueError(f"cold_rows must be one of {COLD_ROWS}, got {self.cold_rows!r}")
         if not 0 < self.block_fraction < 1:
@@ -124,8 +130,9 @@ class CafeConfig:
 
     @classmethod
     def paper(cls, compression_ratio: float, **overrides: Any) -> "CafeConfig":
-        """The paper's settings: the official threshold schedule and one hashed row per cold ID."""
-        settings: Dict[str, Any] = {"threshold": paper_threshold(compression_ratio), "cold_rows": "hashed", **overrides}
+        """The paper's settings: the official threshold schedule, one hashed row per cold ID, no
+        displacement."""
+        settings: Dict[str, Any] = {"threshold": paper_threshold(compression_ratio), "cold_rows": "hashed", "displace_ratio": 0.0, **overrides}
         return cls(compression_ratio=compression_ratio, **settings)
 
     @property

@@ -49,9 +49,11 @@ class TrainConfig:
     cafe_threshold: Optional[float] = _CAFE.threshold
     cafe_promote_load: float = _CAFE.promote_load
     cafe_demote_load: float = _CAFE.demote_load
+    cafe_displace_ratio: float = _CAFE.displace_ratio
     cafe_cold_rows: str = _CAFE.cold_rows
     cafe_block_fraction: float = _CAFE.block_fraction
     cafe_sketch_slots_per_row: float = _CAFE.sketch_slots_per_row
+    cafe_decay: float = _CAFE.decay
     cafe_update_interval: int = _CAFE.update_interval
     cafe_slots_per_bucket: int = _CAFE.slots_per_bucket
     cafe_optimizer_state: str = _CAFE.optimizer_state
@@ -87,9 +89,11 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         threshold=cfg.cafe_threshold,
         promote_load=cfg.cafe_promote_load,
         demote_load=cfg.cafe_demote_load,
+        displace_ratio=cfg.cafe_displace_ratio,
         cold_rows=cfg.cafe_cold_rows,
         block_fraction=cfg.cafe_block_fraction,
         sketch_slots_per_row=cfg.cafe_sketch_slots_per_row,
+        decay=cfg.cafe_decay,
         importance="frequency" if cfg.method == "cafe_freq" else "grad_norm",
         update_interval=cfg.cafe_update_interval,
         slots_per_bucket=cfg.cafe_slots_per_bucket,
@@ -102,5 +106,6 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
     if cfg.method == "cafe_paper":
         paper = CafeConfig.paper(cfg.compression_ratio)
         settings["cold_rows"] = paper.cold_rows
+        settings["displace_ratio"] = paper.displace_ratio
         settings["threshold"] = paper.threshold if cfg.cafe_threshold is None else cfg.cafe_threshold
     return CafeConfig(compression_ratio=cfg.compression_ratio, **settings)

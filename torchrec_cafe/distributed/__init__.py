@@ -7,7 +7,7 @@ from torchrec_cafe.distributed.sharder import (
     RowWiseEverywhereEBCSharder,
     ShardedCafeEmbeddingBagCollection,
 )
-from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
+from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences
 
 __all__ = [
     "CafeEmbeddingBagCollectionSharder",

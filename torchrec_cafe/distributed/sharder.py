@@ -82,6 +82,8 @@ class ShardedCafeEmbeddingBagCollection(
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__()
+        # First, before any collective: every rank must shard the same tables and CAFE settings.
+        module.replicate_across(env.process_group)
         inner_fqn = f"{module_fqn}._embedding_bag_collection" if module_fqn else None
         sharded = ebc_sharder.shard(module.physical_tables(), table_name_to_parameter_sharding, env, device, inner_fqn)
         # The unsharded module keeps the CAFE logic; it is not a child (its tables are replaced by

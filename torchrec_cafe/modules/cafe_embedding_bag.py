@@ -1,8 +1,6 @@
 """CafeEmbeddingBagCollection: a drop-in EmbeddingBagCollection under a per-table memory budget."""
 
 import dataclasses
-import hashlib
-import json
 import logging
 from typing import Dict, List, Mapping, Optional, Union
 
@@ -16,7 +14,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig, table_budget
-from torchrec_cafe.distributed.sketch_sync import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
@@ -33,16 +30,17 @@ from torchrec_cafe.rows import (
     tbe_shards,
 )
 from torchrec_cafe.sketch.hot_sketch import HotSketch
+from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences, check_same_on_all_ranks, spans_ranks
 
 logger: logging.Logger = logging.getLogger(__name__)
 
 
 def _normalised_scores(
-    norms: torch.Tensor, feature: torch.Tensor, num_features: int, distributed: bool
+    norms: torch.Tensor, feature: torch.Tensor, num_features: int, group: Optional[dist.ProcessGroup]
 ) -> torch.Tensor:
     """Official CAFE scaling: per feature, ``norm * n / sum(norm)`` so the mean score is 1.
 
-    The sums run over the whole update (all ranks' occurrences when ``distributed``: one
+    The sums run over the whole update (all ranks' occurrences when ``group`` spans ranks: one
     all-reduce of [2, F] float64), so every rank rescales as one process fed the global batch
     would. Non-finite norms stay non-finite (the sketch drops them) and do not enter the sums, so
     one bad gradient cannot poison the other occurrences' scores.
@@ -52,8 +50,8 @@ def _normalised_scores(
     sums = torch.zeros(2, num_features, dtype=torch.float64, device=norms.device)
     sums[0].index_add_(0, feature, clean)
     sums[1].index_add_(0, feature, finite.to(torch.float64))
-    if distributed:
-        dist.all_reduce(sums)
+    if spans_ranks(group):
+        dist.all_reduce(sums, group=group)
     total, count = sums[0], sums[1]
     scale = torch.where(total > 0, count / total, torch.zeros_like(total)).to(norms.dtype)
     return torch.where(finite, norms * scale.index_select(0, feature), norms)
@@ -140,7 +138,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._update_interval = self._sketched[0].settings.update_interval if self._sketched else 1
         self._steps_since_update = 0
         self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
-        self._ranks_checked = False
+        self._group: Optional[dist.ProcessGroup] = None  # replicas: see replicate_across
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
@@ -359,9 +357,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def apply_pending_updates(self) -> None:
         """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update).
 
-        With several ranks (an initialised process group of size > 1) this is a collective: every
-        rank applies the all-gathered, exactly pre-aggregated occurrences of all ranks, so the
-        replicated sketches stay bit-identical. Training ``forward`` calls it on every rank at the same steps.
+        Local unless ``replicate_across`` named a group of several ranks; then it is a collective
+        over that group: every rank applies the all-gathered, exactly pre-aggregated occurrences of
+        all ranks, so the replicated sketches stay bit-identical. Training ``forward`` calls it on
+        every rank at the same steps.
         """
         if self._sketch is None or self._steps_since_update == 0:
             # No training step since the last update: nothing to apply. The counter is host state
@@ -373,21 +372,21 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         else:
             ids = tables = feature = torch.zeros(0, dtype=torch.int64, device=self._sketch.step.device)
             norms = torch.zeros(0, device=ids.device)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._refuse_unreplicated_shards()
+        distributed = spans_ranks(self._group)
         if not (pending or distributed):
             return
         with record_function("## cafe: importance ##"):
-            scores = _normalised_scores(norms, feature, self._remapper.num_features, distributed)
+            scores = _normalised_scores(norms, feature, self._remapper.num_features, self._group)
             if self._remapper.frequency_tables:
                 frequency = self._remapper.frequency.index_select(0, tables)
                 scores = torch.where(frequency, torch.ones_like(scores), scores)
         if distributed:
-            self._check_ranks_agree()
             with record_function("## cafe: sketch sync + update ##"):
                 if self._sync == "aggregated":
-                    update = all_gather_aggregated(self._sketch, ids, scores, tables)
+                    update = all_gather_aggregated(self._sketch, ids, scores, tables, self._group)
                 else:
-                    update = self._sketch.update(*all_gather_occurrences(ids, scores, tables))
+                    update = self._sketch.update(*all_gather_occurrences(ids, scores, tables, self._group))
         else:
             with record_function("## cafe: sketch update ##"):
                 update = self._sketch.update(ids, scores, tables)
@@ -397,8 +396,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         with record_function("## cafe: migration ##"):
             self._migrate(self._remapper.migration(update), groups, row_split)
 
-    @staticmethod
-    def _migrate(m: Migration, groups: list, row_split: list) -> None:
+    def _migrate(self, m: Migration, groups: list, row_split: list) -> None:
         """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
         for group, bases, member in groups:
             mask = m.mask & member.index_select(0, m.tables)
@@ -409,7 +407,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 [
                     RowExchange(shards, m.src, m.dst, m.mask & (m.tables == t), m.keep_weights, m.block, m.composed, m.reset_state)
                     for t, shards in row_split
-                ]
+                ],
+                self._group,
             )
 
     def describe(self) -> List[Dict[str, object]]:
@@ -438,22 +437,31 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         to the run that was replaced) and restarts the update interval."""
         self._pending, self._steps_since_update, self._last_context = [], 0, None
 
-    def _check_ranks_agree(self) -> None:
-        """Once, at the first multi-rank update: every rank must build the same tables and CAFE
-        settings, or the replicated sketches would silently diverge (one all-reduce)."""
-        if self._ranks_checked:
-            return
-        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).digest()
-        mine = int.from_bytes(digest[:7], "big")  # fits int64
-        seen = torch.tensor([mine, -mine], dtype=torch.int64, device=self._remapper.sketch_table.device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if int(seen[0]) != mine or -int(seen[1]) != mine:
-            raise ValueError(
-                f"rank {dist.get_rank()}: CafeEmbeddingBagCollection tables or CafeConfig differ "
-                f"between ranks (config digests range over [{-int(seen[1])}, {int(seen[0])}], "
-                f"this rank {mine})"
+    def _refuse_unreplicated_shards(self) -> None:
+        """Tables sharded over several ranks by TorchRec's own EBC sharder (not CAFE's) under a
+        local sketch: every rank would remap with its own, diverging sketch."""
+        sharded = not isinstance(self._embedding_bag_collection, EmbeddingBagCollection)
+        if sharded and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "CafeEmbeddingBagCollection's tables are sharded over several ranks but its sketch is "
+                "local: shard the module itself with CafeEmbeddingBagCollectionSharder (not only its "
+                "inner EmbeddingBagCollection), or call replicate_across(group) on every rank"
             )
-        self._ranks_checked = True
+
+    def replicate_across(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Keeps this module's sketch a replica over the ranks of ``group`` (None: local, the
+        default: an unsharded module never communicates, whatever process groups exist).
+
+        Collective over ``group``, before any other of this module's: raises the same
+        ``ValueError`` on every rank if the ranks' tables or CAFE settings differ (the replicas
+        would diverge). From then on every sketch update and row migration is a collective over
+        ``group``. The CAFE sharder calls it with its ``ShardingEnv``'s group; call it yourself to
+        replicate an unsharded module (e.g. under DDP)."""
+        if spans_ranks(group):
+            assert group is not None
+            device = self._remapper.sketch_table.device
+            check_same_on_all_ranks(self.describe(), group, "CafeEmbeddingBagCollection tables or CafeConfig", device)
+        self._group = group
 
     def _row_groups(
         self,
@@ -474,12 +482,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             shards = [
                 s for n in names for s in parameter_shards(inner.embedding_bags[n].get_parameter("weight"), n, self._optimizer)
             ]
-            return indexed_groups(shards, names, device), _row_split_tables(names, shards, device)
+            return indexed_groups(shards, names, device), _row_split_tables(names, shards, device, self._group)
         if self._cached_groups is None or self._cached_groups[0] is not inner:
             shards = tbe_shards(inner, names)
             fused = indexed_groups([s for s in shards if not s.row_split], names, device)
             # [fused groups, row-split tables, data-parallel storage key, data-parallel groups]
-            self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device), None, []])
+            self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device, self._group), None, []])
         cache = self._cached_groups[1]
         dense = dense_shards(inner, names, self._optimizer)
         key = storage_key(dense)
@@ -543,16 +551,16 @@ def _discard_pending_after_load(module: CafeEmbeddingBagCollection, _incompatibl
 
 
 def _row_split_tables(
-    names: List[str], shards: List[RowShard], device: torch.device
+    names: List[str], shards: List[RowShard], device: torch.device, group: Optional[dist.ProcessGroup]
 ) -> List["tuple[int, List[RowShard]]"]:
-    """Tables split by rows across ranks, agreed by all ranks (one all-reduce, when building the
-    cache). Every rank must hold a shard of each: the row exchange is a collective."""
+    """Tables split by rows across the ranks of ``group``, agreed by all of them (one all-reduce,
+    when building the cache). Every rank must hold a shard of each: the row exchange is a collective."""
     local = [[s for s in shards if s.table == n and s.row_split] for n in names]
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not spans_ranks(group):
         return [(t, mine) for t, mine in enumerate(local) if mine]
     held = torch.tensor([[1 if mine else 0 for mine in local]] * 2, dtype=torch.int64, device=device)
     held[1] *= -1  # one all-reduce(MAX) gives max and -min
-    dist.all_reduce(held, op=dist.ReduceOp.MAX)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
     out = []
     for t, (most, neg_least) in enumerate(held.t().tolist()):
         if most and -neg_least == 0:
@@ -587,6 +595,7 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
         quarantine=sketched[0].settings.quarantine,
         promote_load=[l.settings.promote_load for l in sketched],
         demote_load=[l.settings.demote_load for l in sketched],
+        displace_ratio=[l.settings.displace_ratio for l in sketched],
         device=device,
     )
 

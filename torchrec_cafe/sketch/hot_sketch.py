@@ -47,7 +47,14 @@ as integers, so aggregation is exact and associative. Per update and table:
    for one row the first in that order gets it. Candidates left unplaced wait for a later update;
 6. quarantine: freed rows count down one update;
 7. demotion: hot keys whose score is below the demotion bar free their row (state ``-quarantine``,
-   so it can be claimed again from update t + quarantine + 1 on).
+   so it can be claimed again from update t + quarantine + 1 on);
+8. displacement (``displace_ratio`` r > 0): each candidate of step 5 left unplaced, in promotion
+   order, looks at the hot keys owning its choices (after step 7); if its guaranteed score exceeds
+   r x the lowest of their scores (the lowest choice on ties), that owner is demoted as in step 7.
+   Of several candidates naming one owner only the first counts. The freed row goes to whichever
+   candidate claims it first at a later update: a full pool keeps changing toward the strongest
+   keys (and after a popularity shift the new head takes the old head's rows) instead of keeping
+   the first keys that qualified until decay lowers them below the demotion bar.
 
 Bars (per table, real units): with a fixed ``threshold`` (the paper), both bars are the threshold;
 adaptively (``threshold=None``), the promotion bar is ``promote_load`` x the average load of a pool
@@ -183,6 +190,8 @@ class HotSketch(nn.Module):
             training remaps a batch before the previous update lands); at most 127.
         promote_load / demote_load: adaptive bars as multiples of the average pool-row load, per
             table; ``0 <= demote_load <= promote_load``.
+        displace_ratio: per table, how many times a waiting candidate's guaranteed score must exceed
+            the weakest owner of its choices to demote it (step 8); 0 disables displacement.
         device: where the buffers live; all work happens there.
     """
 
@@ -208,6 +217,7 @@ class HotSketch(nn.Module):
     _decay_mass: torch.Tensor
     _promote_load: torch.Tensor
     _demote_load: torch.Tensor
+    _displace_ratio: torch.Tensor
     _fixed: torch.Tensor
 
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
@@ -225,6 +235,7 @@ class HotSketch(nn.Module):
         quarantine: int = 0,
         promote_load: PerTable = 1.0,
         demote_load: PerTable = 0.5,
+        displace_ratio: PerTable = 0.0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
@@ -235,7 +246,11 @@ class HotSketch(nn.Module):
         decays = [float(x) for x in _per_table(decay, t, "decay")]
         promote = [float(x) for x in _per_table(promote_load, t, "promote_load")]
         demote = [float(x) for x in _per_table(demote_load, t, "demote_load")]
+        displace = [float(x) for x in _per_table(displace_ratio, t, "displace_ratio")]
         self._check_args(ks, ps, thresholds, decays, promote, demote, slots_per_bucket, quarantine)
+        if not all(r == 0 or (r >= 1 and math.isfinite(r)) for r in displace):
+            raise ValueError(f"displace_ratio must be 0 (off) or a finite number >= 1, got {displace}")
+        self.displaces = any(r > 0 for r in displace)
         fixed = [th is not None for th in thresholds]
         thresholds = [float(th) if th is not None else 0.0 for th in thresholds]
         if decay_mass is None:
@@ -273,6 +288,7 @@ class HotSketch(nn.Module):
             ("_decay_mass", masses, torch.float64),
             ("_promote_load", [0.0 if f else x for x, f in zip(promote, fixed)], torch.float64),
             ("_demote_load", [0.0 if f else x for x, f in zip(demote, fixed)], torch.float64),
+            ("_displace_ratio", displace, torch.float64),
             ("_fixed", fixed, torch.bool),
         ):
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
@@ -313,8 +329,8 @@ class HotSketch(nn.Module):
     @staticmethod
     def table_state_bytes(num_buckets: int, pool_rows: int, slots_per_bucket: int = 4) -> int:
         """Bytes one table owns: its slots (key 4 + score 4 + state 1), one state byte per pool row,
-        seven 8-byte counters and its constants (nine 8-byte values and a flag)."""
-        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 9 * 8 + 1
+        seven 8-byte counters and its constants (ten 8-byte values and a flag)."""
+        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 10 * 8 + 1
 
     @staticmethod
     def shared_state_bytes(slots_per_bucket: int = 4) -> int:
@@ -479,8 +495,8 @@ class HotSketch(nn.Module):
         accepted = torch.zeros(self.num_tables, dtype=torch.int64, device=key.device).index_add_(0, tab, uq)
         accepted = accepted.to(torch.float64) / _Q
         self._account(accepted)
-        update = self._promote(key, uid, tab, valid, torch.where(present, flat, written))
-        update.demoted = self._demote()
+        update, waiting = self._promote(key, uid, tab, valid, torch.where(present, flat, written))
+        update.demoted = self._demote() | self._displace(*waiting)
         update.accepted_mass = accepted.sum()
         self.step += 1
         self._maybe_renormalise()
@@ -562,10 +578,14 @@ class HotSketch(nn.Module):
         self.scale.copy_(torch.where(due, self.scale / self._decay, self.scale))
         self.mass_since_decay.copy_(torch.where(due, torch.zeros_like(accepted), self.mass_since_decay))
 
-    def _promote(self, key: torch.Tensor, uid: torch.Tensor, tab: torch.Tensor, valid: torch.Tensor, written: torch.Tensor) -> SketchUpdate:
+    def _promote(
+        self, key: torch.Tensor, uid: torch.Tensor, tab: torch.Tensor, valid: torch.Tensor, written: torch.Tensor
+    ) -> Tuple[SketchUpdate, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Step 5. ``written`` [N]: the slot each pair held or was written to in this update (-1 if
         none); a later newcomer of the same update may have taken that slot over, hence the key
-        check (it replaces a second probe of the buckets)."""
+        check (it replaces a second probe of the buckets). Returns the update and, for step 8, the
+        candidates left unplaced, in promotion order: (mask, guaranteed stored score, global choice
+        rows [., POOL_CHOICES], table)."""
         safe = written.clamp(min=0)
         stored = self._guaranteed(safe)
         promote_bar, _ = self.bars()
@@ -585,7 +605,7 @@ class HotSketch(nn.Module):
         order = torch.sort(torch.where(cand, stored, torch.full_like(stored, -1.0)), descending=True, stable=True).indices
         group = torch.where(cand, tab, torch.full_like(tab, self.num_tables))
         order = take(order, torch.sort(take(group, order), stable=True).indices)
-        cand, slot, tab, key, uid = (take(x, order) for x in (cand, slot, tab, key, uid))
+        cand, slot, tab, key, uid, stored = (take(x, order) for x in (cand, slot, tab, key, uid, stored))
         rows = self._choices(key, tab)
         src_choice, src_blocked = self._first_unowned(rows)
         chosen = self._claim_rows(cand, rows)
@@ -597,7 +617,8 @@ class HotSketch(nn.Module):
         self.promotions.index_add_(0, tab, promoted.to(torch.int64))
         offset = take(self._pool_offset, tab)
         src = _pick(rows, src_choice) - offset
-        return SketchUpdate(tab, uid, src, src_blocked, _pick(rows, chosen) - offset, promoted, torch.zeros(0), torch.zeros(()))
+        update = SketchUpdate(tab, uid, src, src_blocked, _pick(rows, chosen) - offset, promoted, torch.zeros(0), torch.zeros(()))
+        return update, (cand & ~promoted, stored, rows, tab)
 
     def _guaranteed(self, slot: torch.Tensor) -> torch.Tensor:
         """The part of each flat slot's stored score that SpaceSaving guarantees: its score minus
@@ -634,12 +655,12 @@ class HotSketch(nn.Module):
     def _demote(self) -> torch.Tensor:
         """Steps 6 and 7: quarantine countdown, then hot keys below the demotion bar free their row.
         Returns the freed pool rows [sum P] bool."""
-        k, c, t = self.num_buckets, self.slot_state.shape[1], self.num_tables
+        k, c = self.num_buckets, self.slot_state.shape[1]
         if self.quarantine:
             pool = self.pool_state
             pool.copy_(torch.where(pool < 0, pool + 1, pool))
         _, demote_bar = self.bars()
-        table = torch.repeat_interleave(torch.arange(t, device=demote_bar.device), self._buckets, output_size=k)
+        table = self._bucket_tables()
         state, scores = self.slot_state[:k], self.slot_scores[:k]
         drop = (state >= 0) & (scores < take(demote_bar, table).unsqueeze(1))
         drop, flat = drop.view(-1), torch.arange(k * c, device=drop.device)
@@ -649,14 +670,69 @@ class HotSketch(nn.Module):
             flat = drop.nonzero().squeeze(1)
             drop = torch.ones_like(flat, dtype=torch.bool)
         tab = take(table, flat // c)
-        choice = take(state.reshape(-1), flat).to(torch.int64).clamp(min=0)
-        rows = self._choices(take(self.slot_keys.view(-1), flat).to(torch.int64) & _LOW32, tab)
-        row = torch.where(drop, _pick(rows, choice), self.pool_rows)
+        row = torch.where(drop, self._owned_rows(flat, tab), self.pool_rows)
+        return self._free(drop, flat, row, tab)
+
+    def _bucket_tables(self) -> torch.Tensor:
+        """Table of each bucket (sentinel excluded). [sum K] int64"""
+        t = torch.arange(self.num_tables, device=self._buckets.device)
+        return torch.repeat_interleave(t, self._buckets, output_size=self.num_buckets)
+
+    def _owned_rows(self, flat: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """Global pool row owned by each hot flat slot of table ``tab`` (any value for cold ones). [N]"""
+        choice = take(self.slot_state.view(-1), flat).to(torch.int64).clamp(min=0)
+        return _pick(self._choices(take(self.slot_keys.view(-1), flat).to(torch.int64) & _LOW32, tab), choice)
+
+    def _free(self, drop: torch.Tensor, flat: torch.Tensor, row: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """Demotes the hot slots ``flat`` where ``drop`` (owning ``row``; the pool sentinel where
+        not ``drop``): rows to quarantine, slots cold. Returns the freed rows [sum P] bool."""
         self.pool_state.index_fill_(0, row, -self.quarantine)
         self.slot_state.view(-1).index_fill_(0, torch.where(drop, flat, self._trash_slot), COLD)
         self._clear_sentinels()
         self.demotions.index_add_(0, tab, drop.to(torch.int64))
         return torch.zeros(self.pool_rows + 1, dtype=torch.bool, device=drop.device).index_fill_(0, row, True)[:-1]
+
+    def _displace(self, waiting: torch.Tensor, guaranteed: torch.Tensor, rows: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        """Step 8 for the unplaced candidates (in promotion order, [N] each, ``rows`` [N,
+        POOL_CHOICES] global). Returns the freed pool rows [sum P] bool."""
+        device = waiting.device
+        if not self.displaces:
+            return torch.zeros(self.pool_rows, dtype=torch.bool, device=device)
+        ratio = take(self._displace_ratio, tab).to(torch.float32)
+        waiting = waiting & (ratio > 0)
+        if self.host_reads_are_free():
+            if not bool(waiting.any()):
+                return torch.zeros(self.pool_rows, dtype=torch.bool, device=device)
+            keep = waiting.nonzero().squeeze(1)
+            waiting, guaranteed, rows, tab, ratio = (take(x, keep) for x in (waiting, guaranteed, rows, tab, ratio))
+        owner_score, owner_slot = self._owners()
+        score = take(owner_score, rows.reshape(-1)).view(rows.shape)
+        weakest = score.amin(dim=1)
+        row = _pick(rows, first_in_row(score == weakest.unsqueeze(1)))
+        ok = waiting & torch.isfinite(weakest) & (guaranteed > ratio * weakest)
+        target = torch.where(ok, row, self.pool_rows)
+        pos = torch.arange(ok.numel(), device=device)
+        first = torch.full((self.pool_rows + 1,), ok.numel(), dtype=torch.int64, device=device)
+        first.scatter_reduce_(0, target, pos, reduce="amin")
+        won = ok & (take(first, target) == pos)
+        row = torch.where(won, row, self.pool_rows)
+        return self._free(won, take(owner_slot, row), row, tab)
+
+    def _owners(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(stored score of the hot key owning each global pool row, +inf if none; its flat slot),
+        [sum P + 1] each (the sentinel last): one pass over the hot slots."""
+        k, c = self.num_buckets, self.slots_per_bucket
+        flat = torch.arange(k * c, device=self.slot_state.device)
+        hot = self.slot_state[:k].reshape(-1) >= 0
+        if self.host_reads_are_free():
+            flat = hot.nonzero().squeeze(1)
+            hot = torch.ones_like(flat, dtype=torch.bool)
+        row = torch.where(hot, self._owned_rows(flat, take(self._bucket_tables(), flat // c)), self.pool_rows)
+        inf = torch.full((self.pool_rows + 1,), float("inf"), device=flat.device)
+        score = inf.index_put((row,), torch.where(hot, take(self.slot_scores.view(-1), flat), inf[0]))
+        score[-1] = float("inf")  # hot keys own distinct rows; the sentinel took the cold slots' writes
+        slot = torch.full((self.pool_rows + 1,), self._trash_slot, dtype=torch.int64, device=flat.device)
+        return score, slot.index_put((row,), torch.where(hot, flat, self._trash_slot))
 
     def _maybe_renormalise(self) -> None:
         # The only host sync of the sketch, once every ``_renorm_interval`` updates; scheduled by

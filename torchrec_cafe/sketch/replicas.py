@@ -1,4 +1,4 @@
-"""Keeping replicated HotSketches identical across ranks.
+"""Keeping replicated HotSketches identical across the ranks of an explicit process group.
 
 A sketch update is a pure function of the multiset of (table, id, score) occurrences (scores are
 quantised per occurrence and summed as integers), so if every rank applies the concatenation of
@@ -7,9 +7,14 @@ all ranks' occurrences, every replica ends bit-identical to a single process fed
 Two all-gather forms: ``all_gather_occurrences`` ships every occurrence (20 bytes each);
 ``all_gather_aggregated`` ships each rank's exact pre-aggregation (unique (table, key) pairs with
 their smallest id and integer quanta, 24 bytes per pair, plus the rejected counts), which is what
-the module uses.
+the module uses. ``check_same_on_all_ranks`` compares what the replicas are built from before any
+other collective, so ranks that disagree raise instead of hanging in mismatched collectives.
+
+Only ``torch.distributed``: this layer loads nothing of ``torchrec.distributed``.
 """
 
+import hashlib
+import json
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
@@ -19,6 +24,23 @@ from torchrec_cafe.sketch.hot_sketch import as_int32_bits
 
 if TYPE_CHECKING:
     from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
+
+
+def spans_ranks(group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether replicas over ``group`` need collectives (a group of more than one rank)."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
+def check_same_on_all_ranks(description: object, group: dist.ProcessGroup, what: str, device: torch.device) -> None:
+    """Collective (one all-reduce of 2 int64): raises the same ``ValueError`` on every rank of
+    ``group`` if the JSON-able ``description`` is not the same on all of them."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).digest()
+    mine = int.from_bytes(digest[:7], "big")  # fits int64
+    seen = torch.tensor([mine, -mine], dtype=torch.int64, device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=group)
+    high, low = int(seen[0]), -int(seen[1])
+    if high != low:
+        raise ValueError(f"{what} differ between the ranks of the process group (digests range over [{low}, {high}])")
 
 
 def _gathered_sizes(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> List[int]:
