@@ -90,11 +90,11 @@ class ShardedCafeEmbeddingBagCollection(
         # the sharded ones below), its sketch and remap constants are.
         module.install_sharded_tables(sharded)
         if device is not None:
-            module._follow(device)
+            module.follow(device)
         self.__dict__["_cafe"] = module
         self._embedding_bag_collection = sharded
-        self._sketch = module._sketch
-        self._remapper = module._remapper
+        self._sketch = module.sketch
+        self._remapper = module.remapper
         # As the unsharded module: snapshots include the pending step (a collective: every rank
         # calls state_dict, as DCP's save does), loads drop this module's own pending scores.
         self.register_state_dict_pre_hook(_apply_pending_before_save)
@@ -123,7 +123,7 @@ class ShardedCafeEmbeddingBagCollection(
     ) -> Awaitable[Awaitable[KJTList]]:
         """Applies due updates (collective), remaps the local batch, then TorchRec's input dist."""
         cafe = self.cafe
-        physical, context = cafe._remap(cafe._prepare(features, self.training))
+        physical, context = cafe.remap(features, self.training)
         ctx.cafe_context = context
         return self._embedding_bag_collection.input_dist(ctx, physical)
 
@@ -147,7 +147,7 @@ class ShardedCafeEmbeddingBagCollection(
         if self.training and context is not None:
 
             def hook(kt: KeyedTensor) -> KeyedTensor:
-                self.cafe._track_importance(kt, context)
+                self.cafe.track_importance(kt, context)
                 return kt
 
             awaitable.callbacks.append(hook)
@@ -266,7 +266,7 @@ class CafeStorageReservation(HeuristicalStorageReservation):
         constraints: Optional[Dict[str, ParameterConstraints]] = None,
     ) -> Topology:
         topology = super().reserve(topology, batch_size, module, sharders, constraints)
-        sketch = sum(m._sketch.nbytes() for m in module.modules() if isinstance(m, CafeEmbeddingBagCollection) and m._sketch is not None)
+        sketch = sum(m.sketch.nbytes() for m in module.modules() if isinstance(m, CafeEmbeddingBagCollection) and m.sketch is not None)
         for device in topology.devices:
             if topology.compute_device == "cuda":
                 device.storage.hbm -= sketch

@@ -156,6 +156,16 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._device
 
     @property
+    def sketch(self) -> Optional[HotSketch]:
+        """The HotSketch of all sketched tables (None if no table is sketched)."""
+        return self._sketch
+
+    @property
+    def remapper(self) -> KJTRemapper:
+        """Raw IDs -> physical rows (its constants are non-persistent buffers)."""
+        return self._remapper
+
+    @property
     def embedding_bags(self) -> nn.ModuleDict:
         """The *physical* tables by logical table name (``nn.EmbeddingBag`` of ``P + B`` rows for a
         compressed table, the full table otherwise): what ``EmbeddingBagCollection.embedding_bags``
@@ -218,13 +228,26 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._track_importance(kt, context)
         return kt
 
+    def remap(self, features: KeyedJaggedTensor, training: bool) -> "tuple[KeyedJaggedTensor, Optional[RemapContext]]":
+        """The part of a step before the table lookup, which a sharded module runs before its input
+        dist: validates and orders ``features``, applies the due sketch update when ``training``
+        (a collective over ``replicate_across``'s group) and maps raw IDs to physical rows.
+        Returns the physical KJT (the physical tables' features) and the context
+        ``track_importance`` needs (None without sketched tables)."""
+        return self._remap(self._prepare(features, training))
+
+    def track_importance(self, output: KeyedTensor, context: RemapContext) -> None:
+        """The part after the lookup, when training: ``output`` (the physical tables' pooled
+        ``KeyedTensor`` for ``context``'s batch) gets the gradient hook that scores this step's
+        occurrences for the next sketch update."""
+        self._track_importance(output, context)
+
     def _prepare(self, features: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
         """Validates and orders ``features``, follows their device and, when training, applies the
-        sketch update that is due (a collective with several ranks). Shared with the sharded
-        module's ``input_dist``."""
+        sketch update that is due."""
         features = self._check_and_order(features)
         if self._remapper.sketch_table.device != features.values().device:
-            self._follow(features.values().device)
+            self.follow(features.values().device)
         if training and self._sketch is not None:
             if self._steps_since_update >= self._update_interval:
                 self.apply_pending_updates()
@@ -238,8 +261,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._last_context = context
         return physical, context
 
-    def _follow(self, device: torch.device) -> None:
-        """Moves the sketch and remap constants next to the inputs (host-side check, no sync)."""
+    def follow(self, device: torch.device) -> None:
+        """Moves the sketch and remap constants (not the tables) to ``device``: next to the inputs,
+        or, sharded, next to the sharded tables (host-side, no sync)."""
         self._remapper.to(device)
         self._device = device
         if self._sketch is not None:
