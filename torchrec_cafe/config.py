@@ -58,6 +58,7 @@ class CafeConfig:
         displace_ratio: a promotion candidate whose every choice is owned demotes the weakest owner
             once its guaranteed score exceeds this many times the owner's (0: never; the paper has
             no displacement), so a full pool keeps moving to the strongest IDs and follows drift.
+            The same for all tables of a module.
         cold_rows: ``"composed"`` (default): every ID also reads the block row of its ID range
             (``(id mod N) // ceil(N / B)``), so a cold ID is a distinct (pool row, block row) pair,
             QR-style, and IDs numbered by first appearance or catalogue order share what they have

@@ -606,7 +606,7 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
     """One HotSketch for all sketched tables: one batch of ops per step whatever their count."""
     if not sketched:
         return None
-    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync"):
+    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync", "displace_ratio"):
         values = {getattr(l.settings, field) for l in sketched}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
@@ -619,7 +619,7 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
         quarantine=sketched[0].settings.quarantine,
         promote_load=[l.settings.promote_load for l in sketched],
         demote_load=[l.settings.demote_load for l in sketched],
-        displace_ratio=[l.settings.displace_ratio for l in sketched],
+        displace_ratio=sketched[0].settings.displace_ratio,
         device=device,
     )
 

@@ -190,8 +190,9 @@ class HotSketch(nn.Module):
             training remaps a batch before the previous update lands); at most 127.
         promote_load / demote_load: adaptive bars as multiples of the average pool-row load, per
             table; ``0 <= demote_load <= promote_load``.
-        displace_ratio: per table, how many times a waiting candidate's guaranteed score must exceed
-            the weakest owner of its choices to demote it (step 8); 0 disables displacement.
+        displace_ratio: how many times a waiting candidate's guaranteed score must exceed the
+            weakest owner of its choices to demote it (step 8), shared by all tables; 0 disables
+            displacement.
         device: where the buffers live; all work happens there.
     """
 
@@ -217,7 +218,6 @@ class HotSketch(nn.Module):
     _decay_mass: torch.Tensor
     _promote_load: torch.Tensor
     _demote_load: torch.Tensor
-    _displace_ratio: torch.Tensor
     _fixed: torch.Tensor
 
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
@@ -235,7 +235,7 @@ class HotSketch(nn.Module):
         quarantine: int = 0,
         promote_load: PerTable = 1.0,
         demote_load: PerTable = 0.5,
-        displace_ratio: PerTable = 0.0,
+        displace_ratio: float = 0.0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
@@ -246,11 +246,10 @@ class HotSketch(nn.Module):
         decays = [float(x) for x in _per_table(decay, t, "decay")]
         promote = [float(x) for x in _per_table(promote_load, t, "promote_load")]
         demote = [float(x) for x in _per_table(demote_load, t, "demote_load")]
-        displace = [float(x) for x in _per_table(displace_ratio, t, "displace_ratio")]
         self._check_args(ks, ps, thresholds, decays, promote, demote, slots_per_bucket, quarantine)
-        if not all(r == 0 or (r >= 1 and math.isfinite(r)) for r in displace):
-            raise ValueError(f"displace_ratio must be 0 (off) or a finite number >= 1, got {displace}")
-        self.displaces = any(r > 0 for r in displace)
+        if not (displace_ratio == 0 or (displace_ratio >= 1 and math.isfinite(displace_ratio))):
+            raise ValueError(f"displace_ratio must be 0 (off) or a finite number >= 1, got {displace_ratio}")
+        self.displace_ratio = float(displace_ratio)
         fixed = [th is not None for th in thresholds]
         thresholds = [float(th) if th is not None else 0.0 for th in thresholds]
         if decay_mass is None:
@@ -288,7 +287,6 @@ class HotSketch(nn.Module):
             ("_decay_mass", masses, torch.float64),
             ("_promote_load", [0.0 if f else x for x, f in zip(promote, fixed)], torch.float64),
             ("_demote_load", [0.0 if f else x for x, f in zip(demote, fixed)], torch.float64),
-            ("_displace_ratio", displace, torch.float64),
             ("_fixed", fixed, torch.bool),
         ):
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
@@ -329,8 +327,8 @@ class HotSketch(nn.Module):
     @staticmethod
     def table_state_bytes(num_buckets: int, pool_rows: int, slots_per_bucket: int = 4) -> int:
         """Bytes one table owns: its slots (key 4 + score 4 + state 1), one state byte per pool row,
-        seven 8-byte counters and its constants (ten 8-byte values and a flag)."""
-        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 10 * 8 + 1
+        seven 8-byte counters and its constants (nine 8-byte values and a flag)."""
+        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 9 * 8 + 1
 
     @staticmethod
     def shared_state_bytes(slots_per_bucket: int = 4) -> int:
@@ -696,20 +694,18 @@ class HotSketch(nn.Module):
         """Step 8 for the unplaced candidates (in promotion order, [N] each, ``rows`` [N,
         POOL_CHOICES] global). Returns the freed pool rows [sum P] bool."""
         device = waiting.device
-        if not self.displaces:
+        if not self.displace_ratio:
             return torch.zeros(self.pool_rows, dtype=torch.bool, device=device)
-        ratio = take(self._displace_ratio, tab).to(torch.float32)
-        waiting = waiting & (ratio > 0)
         if self.host_reads_are_free():
             if not bool(waiting.any()):
                 return torch.zeros(self.pool_rows, dtype=torch.bool, device=device)
             keep = waiting.nonzero().squeeze(1)
-            waiting, guaranteed, rows, tab, ratio = (take(x, keep) for x in (waiting, guaranteed, rows, tab, ratio))
+            waiting, guaranteed, rows, tab = (take(x, keep) for x in (waiting, guaranteed, rows, tab))
         owner_score, owner_slot = self._owners()
         score = take(owner_score, rows.reshape(-1)).view(rows.shape)
         weakest = score.amin(dim=1)
         row = _pick(rows, first_in_row(score == weakest.unsqueeze(1)))
-        ok = waiting & torch.isfinite(weakest) & (guaranteed > ratio * weakest)
+        ok = waiting & torch.isfinite(weakest) & (guaranteed > self.displace_ratio * weakest)
         target = torch.where(ok, row, self.pool_rows)
         pos = torch.arange(ok.numel(), device=device)
         first = torch.full((self.pool_rows + 1,), ok.numel(), dtype=torch.int64, device=device)
