@@ -17,4 +17,4 @@ case "$flavour" in
 esac
 pip install -q --disable-pip-version-check -r requirements.txt "$fbgemm" ${CAFE_EXTRA_REQS:-}
 pip install -q --disable-pip-version-check --no-deps torchrec==1.8.0
-pip install -q --disable-pip-version-check --no-deps -e .
+pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .   # builds torchrec_cafe._C against this torch

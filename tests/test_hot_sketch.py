@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchrec_cafe.sketch import HotSketch
+from torchrec_cafe.sketch import HotSketch, kernels
 from torchrec_cafe.sketch.hashing import fingerprint32
 from torchrec_cafe.sketch.hot_sketch import pool_choices
 
@@ -26,12 +26,16 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["cpu-path", "fixed-shape-path"])
+@pytest.fixture(autouse=True, params=["kernels", "tensor", "fixed-shape"], ids=["cpu-kernels", "cpu-path", "fixed-shape-path"])
 def code_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Every test runs on the CPU path (trims padding, skips empty phases) and on the fixed-shape,
-    sync-free path that accelerators take: both must give the same state."""
-    monkeypatch.setattr(HotSketch, "fixed_shapes", request.param)
-    return request.param
+    """Every test runs on the compiled CPU kernels, on the tensor CPU path (trims padding, skips
+    empty phases) and on the fixed-shape, sync-free path that accelerators take: all must give
+    the same state."""
+    if request.param == "kernels" and not kernels.AVAILABLE:
+        pytest.skip("torchrec_cafe._C is not built")
+    monkeypatch.setattr(HotSketch, "fixed_shapes", request.param == "fixed-shape")
+    monkeypatch.setattr(HotSketch, "use_kernels", request.param == "kernels")
+    return request.param == "fixed-shape"
 
 
 def make_pair(**cfg):

@@ -30,8 +30,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
 from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import fingerprint32
-from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate, pool_choices
+from torchrec_cafe.sketch.hot_sketch import _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, HotSketch, SketchUpdate, pool_choices
 from torchrec_cafe.sketch.ops import take
 
 
@@ -132,6 +133,9 @@ class Migration:
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
 
 
+_NO_SKETCH = HotSketch(1, 1)  # buffers to pass the remap kernel when there is no sketch (never read)
+
+
 def block_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:
     """Physical block row of each id of a composed table (per-value N, P and block size, [n]
     each): ``P + (id mod N) // block_size``. TorchScript-able. [n] int64"""
@@ -154,9 +158,14 @@ class KJTRemapper(nn.Module):
     """Maps KJTs in module feature order (the layouts' tables, then their features) to physical
     rows, using a ``HotSketch`` whose table t is the t-th sketched layout."""
 
+    # False keeps CPU remaps on the tensor code even when the compiled kernel is built (tests
+    # compare the two); the kernel also follows the sketch's ``kernels_apply()``.
+    use_kernels: bool = True
+
     # registered buffers (typed for the type checker; nn.Module's __getattr__ is untyped)
     sketch_table: torch.Tensor
     num_rows: torch.Tensor
+    static: torch.Tensor
     pool: torch.Tensor
     block_size: torch.Tensor
     composed: torch.Tensor
@@ -190,6 +199,7 @@ class KJTRemapper(nn.Module):
             "composed": ([l.composed for l, _ in per_feature], torch.bool),
             "mean": ([l.config.pooling == PoolingType.MEAN for l, _ in per_feature], torch.bool),
             "mean_as_weights": ([l.mean_as_weights for l, _ in per_feature], torch.bool),
+            "static": ([l.compressed and t < 0 for l, t in per_feature], torch.bool),
             # per sketched table
             "frequency": ([l.settings.importance == "frequency" for l in sketched] or [False], torch.bool),
             "table_composed": ([l.composed for l in sketched] or [False], torch.bool),
@@ -204,6 +214,8 @@ class KJTRemapper(nn.Module):
     def forward(
         self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]
     ) -> Tuple[KeyedJaggedTensor, Optional[RemapContext]]:
+        if self._kernel_applies(kjt, sketch):
+            return self._kernel_forward(kjt, sketch)
         ids = kjt.values().to(torch.int64)
         lengths = kjt.lengths()
         n, device = ids.numel(), ids.device
@@ -231,6 +243,43 @@ class KJTRemapper(nn.Module):
             alone = torch.zeros_like(ids).index_copy(0, sel, code)
             context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
         return self._physical(kjt, ids, rows, per_key, bag, feature, alone), context
+
+    def _kernel_applies(self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]) -> bool:
+        w = kjt.weights_or_none()
+        return (
+            kernels.AVAILABLE
+            and self.use_kernels
+            and kjt.values().device.type == "cpu"
+            and (sketch is None or sketch.kernels_apply())
+            and (w is None or w.dtype == torch.float32)
+        )
+
+    def _kernel_forward(
+        self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]
+    ) -> Tuple[KeyedJaggedTensor, Optional[RemapContext]]:
+        """``forward`` in one compiled pass (sketch/kernels.py), bit for bit the tensor code's result."""
+        with_sketch = sketch is not None and bool(self.sketched_features)
+        if kjt.variable_stride_per_key():
+            bags = torch.tensor(kjt.stride_per_key(), dtype=torch.int64)
+        else:
+            bags = torch.full((self.num_features,), kjt.stride(), dtype=torch.int64)
+        s = sketch if sketch is not None and with_sketch else _NO_SKETCH
+        w = kjt.weights_or_none()
+        values, lengths, weights, ids, tables, bag, feature, factor, hot_hits = torch.ops.torchrec_cafe.remap(
+            kjt.values(), kjt.lengths(), w if w is not None else torch.zeros(0), bags,
+            self.sketch_table, self.num_rows, self.pool, self.block_size, self.composed, self.mean, self.mean_as_weights,
+            self.static, self.weighted_out, with_sketch, self.frequency.numel(),
+            s.slot_keys, s.slot_state, s.pool_state, s._bucket_offset, s._buckets, s._pool_offset, s._pool,
+            _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET,
+        )  # fmt: skip
+        physical = kjt_like(kjt, kjt.keys(), values, lengths, weights if self.weighted_out else None, kjt.inverse_indices_or_none())
+        if not with_sketch:
+            return physical, None
+        context = RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hot_hits)
+        if kjt.variable_stride_per_key():
+            context.inverse = reorder_inverse_indices(kjt.inverse_indices_or_none(), kjt.keys())
+            context.bags_per_feature = kjt.stride_per_key()
+        return physical, context
 
     def _physical(
         self,

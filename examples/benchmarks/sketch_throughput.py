@@ -1,4 +1,5 @@
-"""Batched HotSketch throughput: ``update`` and query (``lookup``) ids/s on CPU, and on CUDA when available.
+"""Batched HotSketch throughput: ``update`` and query (``lookup``) ids/s on CPU (the compiled
+kernels and the tensor implementation), and on CUDA when available (tensor implementation).
 
 A Zipf-like stream (rank r of ~10M distinct ids drawn with probability ~ (r + 1)**-s, ranks hashed
 over int64, score 1 per occurrence) feeds two sketches: one table with K = H = 100k (c = 4,
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchrec_cafe.sketch import HotSketch
+from torchrec_cafe.sketch import HotSketch, kernels
 from torchrec_cafe.sketch.hashing import mix64
 
 # Official CAFE C++ sketch, serial, batches of 16k ids: millions of ids per second.
@@ -76,11 +77,12 @@ def _summary(rates: List[float]) -> Dict[str, object]:
 
 
 def _setup(
-    case: Case, args: argparse.Namespace, batch: int, device: torch.device
+    case: Case, args: argparse.Namespace, batch: int, device: torch.device, use_kernels: bool = True
 ) -> Tuple[HotSketch, ZipfStream, BatchFn]:
     """A warmed-up sketch of ``case``, its stream, and its update function."""
     t, k = case.tables, case.buckets
     sk = HotSketch([k] * t, [k] * t, args.threshold, slots_per_bucket=args.slots, decay=args.decay, device=device)
+    sk.use_kernels = use_kernels
     stream = ZipfStream(args.num_ids, args.zipf, t, args.seed)
     ones = torch.ones(batch, device=device)
 
@@ -93,8 +95,8 @@ def _setup(
     return sk, stream, update
 
 
-def measure(case: Case, args: argparse.Namespace, batch: int, device: torch.device) -> Dict[str, object]:
-    sk, stream, update = _setup(case, args, batch, device)
+def measure(case: Case, args: argparse.Namespace, batch: int, device: torch.device, use_kernels: bool) -> Dict[str, object]:
+    sk, stream, update = _setup(case, args, batch, device, use_kernels)
     steps = max(1, args.ids_per_rep // batch)
     upd, qry = [], []
     for _ in range(args.repeats):
@@ -104,6 +106,7 @@ def measure(case: Case, args: argparse.Namespace, batch: int, device: torch.devi
     stats = sk.stats(0)
     return {
         "device": str(device),
+        "implementation": "kernels" if sk.kernels_apply() else "tensor",
         "case": case.name,
         "tables": case.tables,
         "buckets_per_table": case.buckets,
@@ -167,14 +170,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             profile(cases[0], args, args.profile, device)
         return
 
-    results = [measure(case, args, b, device) for device in devices for case in cases for b in args.batch_sizes]
+    paths = {d: ([True, False] if d.type == "cpu" and kernels.AVAILABLE else [False]) for d in devices}
+    results = [
+        measure(case, args, b, device, k) for device in devices for k in paths[device] for case in cases for b in args.batch_sizes
+    ]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; M ids/s as median (best)\n")
-    print("| device | case | batch | update M ids/s | query M ids/s | vs official C++ (41 upd, 93 qry M/s) |")
-    print("|---|---|---|---|---|---|")
+    print("| device | implementation | case | batch | update M ids/s | query M ids/s | vs official C++ (41 upd, 93 qry M/s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         u, q = r["update_ids_per_s"], r["query_ids_per_s"]
         print(
-            f"| {r['device']} | {r['case']} | {r['batch']} | {u['median'] / 1e6:.2f} ({u['best'] / 1e6:.2f}) "
+            f"| {r['device']} | {r['implementation']} | {r['case']} | {r['batch']} | {u['median'] / 1e6:.2f} ({u['best'] / 1e6:.2f}) "
             f"| {q['median'] / 1e6:.2f} ({q['best'] / 1e6:.2f}) "
             f"| upd {r['vs_cpp']['update']:.3g}x, qry {r['vs_cpp']['query']:.3g}x |"
         )

@@ -75,6 +75,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import finalise64, fingerprint32, mix64, seed_offset
 from torchrec_cafe.sketch.ops import first_in_row, first_in_segment, lexsort, rank_in_segment, segment_last, take
 
@@ -94,6 +95,7 @@ _RENORM_AT = float(1 << 40)
 _RENORM_HEADROOM = 57 * math.log(2)
 _RENORM_CHECK_MAX_INTERVAL = 256  # updates between (host-synchronising) renormalisation checks
 _BUCKET_SEED = 0x5EED
+_BUCKET_SEED_OFFSET = seed_offset(_BUCKET_SEED)
 POOL_SEED_OFFSET = seed_offset(0x9001)  # mix64(keys, 0x9001) == finalise64(keys + POOL_SEED_OFFSET)
 _MAX_TABLES = (1 << 15) - 1
 _MAX_QUARANTINE = 127  # pool_state is int8
@@ -223,6 +225,9 @@ class HotSketch(nn.Module):
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
     # both paths. See host_reads_are_free.
     fixed_shapes: bool = False
+    # False keeps CPU updates and lookups on the tensor code even when the compiled kernels
+    # (sketch/kernels.py) are built; tests compare the two.
+    use_kernels: bool = True
 
     def __init__(
         self,
@@ -377,6 +382,8 @@ class HotSketch(nn.Module):
 
     def lookup_keys(self, keys: torch.Tensor, tables: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``lookup`` by key (``fingerprint32`` of the ids) and table. [N] each."""
+        if self.kernels_apply():
+            return kernels.lookup(self, keys, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET)
         flat, _ = self._probe(keys, tables)
         state = take(self.slot_state.view(-1), flat.clamp(min=0)).to(torch.int64)
         hot = (flat >= 0) & (state >= 0)
@@ -415,6 +422,8 @@ class HotSketch(nn.Module):
         ids, tables = self._check(ids, scores, tables)
         q, ok = _quantise(scores.to(ids.device, torch.float64))
         self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
+        if self.kernels_apply():
+            return self._kernel_update(fingerprint32(ids), ids, q, ok, tables)
         return self._update_pairs(*self._aggregate(fingerprint32(ids), ids, q, ok, tables))
 
     @torch.no_grad()
@@ -445,7 +454,10 @@ class HotSketch(nn.Module):
         self.rejected += rejected.to(self.rejected.device)
         quanta = quanta.to(keys.device, torch.int64)
         valid = torch.ones_like(quanta, dtype=torch.bool)
-        return self._update_pairs(*self._aggregate(keys, ids.to(keys.device, torch.int64), quanta, valid, tables))
+        ids = ids.to(keys.device, torch.int64)
+        if self.kernels_apply():
+            return self._kernel_update(keys, ids, quanta, valid, tables)
+        return self._update_pairs(*self._aggregate(keys, ids, quanta, valid, tables))
 
     def _check(self, ids: torch.Tensor, scores: torch.Tensor, tables: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if ids.dim() != 1 or scores.shape != ids.shape:
@@ -454,6 +466,22 @@ class HotSketch(nn.Module):
             raise ValueError(f"ids must be int64, got {ids.dtype}")
         ids = ids.to(self.slot_keys.device)
         return ids, self._tables_like(ids, tables)
+
+    def kernels_apply(self) -> bool:
+        """Whether updates and lookups run the compiled CPU kernels (built, on CPU, not forced to
+        the fixed-shape path, ``use_kernels``)."""
+        return kernels.AVAILABLE and self.use_kernels and self.host_reads_are_free()
+
+    def _kernel_update(
+        self, keys: torch.Tensor, ids: torch.Tensor, quanta: torch.Tensor, ok: torch.Tensor, tables: torch.Tensor
+    ) -> SketchUpdate:
+        """Steps 1-8 in the compiled kernel, then the step counter and renormalisation."""
+        tab, uid, src, blocked, dst, promoted, demoted, accepted = kernels.update(
+            self, keys, ids, quanta, ok, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD
+        )
+        self.step += 1
+        self._maybe_renormalise()
+        return SketchUpdate(tab, uid, src, blocked, dst, promoted, demoted, accepted.sum())
 
     def host_reads_are_free(self) -> bool:
         """On CPU reading a scalar costs nothing, so an update trims padding and skips empty phases;

@@ -1,0 +1,145 @@
+"""The compiled CPU kernels (torchrec_cafe._C) against HotSketch's tensor implementation: every
+buffer, every SketchUpdate field and every lookup bit-identical after each update, on random and
+Zipf streams over many tables, with decay, quarantine, displacement, fixed and adaptive bars, bad
+scores and a popularity shift; the compiled remap against the tensor remap during training; and
+the set-up builds them."""
+
+from typing import Dict
+
+import numpy as np
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.remap import KJTRemapper
+from torchrec_cafe.sketch import HotSketch, kernels
+
+UPDATE_FIELDS = ("tables", "ids", "src", "src_blocked", "dst", "promoted", "demoted", "accepted_mass")
+
+
+def test_the_setup_builds_the_kernels() -> None:
+    """scripts/setup_env.sh builds torchrec_cafe._C (pip install --no-build-isolation -e .)."""
+    assert kernels.AVAILABLE
+    assert HotSketch(num_buckets=4, pool_rows=4).kernels_apply()
+
+
+def _pair(monkeypatch: pytest.MonkeyPatch, **cfg: object) -> "tuple[HotSketch, HotSketch]":
+    monkeypatch.setattr(HotSketch, "fixed_shapes", False)
+    compiled, tensor = HotSketch(**cfg), HotSketch(**cfg)
+    tensor.use_kernels = False
+    assert compiled.kernels_apply() and not tensor.kernels_apply()
+    return compiled, tensor
+
+
+def _assert_same(compiled: HotSketch, tensor: HotSketch, uc: object, ut: object, where: str) -> None:
+    expected: Dict[str, torch.Tensor] = tensor.state_dict()
+    for name, value in compiled.state_dict().items():
+        assert torch.equal(value, expected[name]), f"{where}: {name}"
+    for field in UPDATE_FIELDS:
+        assert torch.equal(getattr(uc, field), getattr(ut, field)), f"{where}: SketchUpdate.{field}"
+
+
+CASES = {
+    # name: (sketch settings, distribution, importance)
+    "adaptive-zipf-3-tables": (dict(num_buckets=[64, 32, 8], pool_rows=[100, 40, 8], decay=[0.9, 0.5, 1.0],
+                                    decay_mass=[800.0, 500.0, 300.0], quarantine=1, promote_load=0.3, demote_load=0.15), "zipf", "float"),
+    "fixed-and-adaptive-displacing": (dict(num_buckets=[64, 32], pool_rows=[100, 40], threshold=[None, 5.0], decay=[0.9, 0.5],
+                                           decay_mass=[800.0, 500.0], quarantine=2, promote_load=0.3, demote_load=0.15,
+                                           displace_ratio=2.0), "zipf", "float"),
+    "uniform-frequency-c2": (dict(num_buckets=[16, 16, 16, 16], pool_rows=[24, 24, 8, 64], slots_per_bucket=2, threshold=[2.0, None, 1.0, None],
+                                  promote_load=0.1, demote_load=0.05), "uniform", "freq"),
+    "many-tables-displacing": (dict(num_buckets=[8] * 26, pool_rows=[16] * 26, decay=0.99, quarantine=0, promote_load=0.1,
+                                    demote_load=0.05, displace_ratio=4.0), "zipf", "float"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernels_equal_the_tensor_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, dist, importance = CASES[case]
+    compiled, tensor = _pair(monkeypatch, **cfg)
+    num_tables = compiled.num_tables
+    rng = np.random.default_rng(len(case))
+    universe = rng.integers(-(1 << 62), 1 << 62, 4000)
+    for step in range(160):
+        shift = 0 if step < 80 else 2000  # popularity shift half-way
+        ranks = np.minimum(rng.zipf(1.2, 512), 4000) - 1 if dist == "zipf" else rng.integers(0, 4000, 512)
+        ids = torch.tensor(universe[(ranks + shift) % 4000])
+        scores = torch.tensor(rng.exponential(1.0, 512).astype(np.float32) if importance == "float" else np.ones(512, np.float32))
+        scores[torch.tensor(rng.random(512) < 0.02)] = float("nan")
+        tables = torch.tensor(rng.integers(0, num_tables, 512))
+        _assert_same(compiled, tensor, compiled.update(ids, scores, tables), tensor.update(ids, scores, tables), f"update {step}")
+        for a, b in zip(compiled.lookup(ids, tables), tensor.lookup(ids, tables)):
+            assert torch.equal(a, b), f"lookup after update {step}"
+    assert int(tensor.promotions.sum()) > 0 and int(tensor.demotions.sum()) > 0
+
+
+def test_kernels_equal_the_tensor_path_on_gathered_quanta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``update_quanta`` (what ranks apply after the all-gather) and empty updates."""
+    compiled, tensor = _pair(monkeypatch, num_buckets=[32, 16], pool_rows=[48, 16], quarantine=1, promote_load=0.2, demote_load=0.1)
+    rng = np.random.default_rng(3)
+    for step in range(60):
+        n = 0 if step % 10 == 0 else 256
+        ids = torch.tensor(np.minimum(rng.zipf(1.3, n), 3000), dtype=torch.int64)
+        scores, tables = torch.ones(n), torch.tensor(rng.integers(0, 2, n))
+        parts = [s.aggregate(ids, scores, tables) for s in (compiled, tensor)]
+        for a, b in zip(*parts):
+            assert torch.equal(a, b)
+        _assert_same(compiled, tensor, compiled.update_quanta(*parts[0]), tensor.update_quanta(*parts[1]), f"update {step}")
+    assert int(tensor.promotions.sum()) > 0
+
+
+TABLES = [
+    EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["a", "b"], pooling=PoolingType.MEAN),
+    EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=3_000, feature_names=["c"]),
+    EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=50, feature_names=["d"]),
+    EmbeddingBagConfig(name="t3", embedding_dim=8, num_embeddings=40, feature_names=["e"]),
+]
+SETTINGS = {  # composed + MEAN; hashed cold rows; hashed into a budget too small to sketch; t3 plain
+    "t0": CafeConfig(compression_ratio=20), "t1": CafeConfig(compression_ratio=10, cold_rows="hashed"), "t2": CafeConfig(compression_ratio=30),
+}
+
+
+def _kjt(step: int, weighted: bool, variable_batch: bool) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(step)
+    keys = ["a", "b", "c", "d", "e"]
+    strides = [32, 20, 32, 7, 32] if variable_batch else [32] * 5
+    lengths = torch.randint(0, 4, (sum(strides),), generator=g)
+    values = (torch.rand(int(lengths.sum()), generator=g).pow(-1.3).long() * 7919) % 20_000 - 5
+    weights = torch.rand(values.numel(), generator=g) if weighted else None
+    if not variable_batch:
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
+    inverse = torch.stack([torch.randint(0, s, (32,), generator=g) for s in strides])
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights,
+                             stride_per_key_per_rank=[[s] for s in strides], inverse_indices=(keys, inverse))
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("variable_batch", [False, True], ids=["fixed-batch", "variable-batch"])
+def test_remap_kernel_equals_the_tensor_remap(weighted: bool, variable_batch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled remap gives the tensor remap's physical KJT (values, lengths, weights) and hook
+    context, step after step of training (hot, cold, blocked, static and plain features)."""
+    module = CafeEmbeddingBagCollection(TABLES, is_weighted=weighted, cafe=SETTINGS)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    remapper = module.remapper
+    for step in range(30):
+        features = module._prepare(_kjt(step, weighted, variable_batch), True)
+        monkeypatch.setattr(KJTRemapper, "use_kernels", True)
+        assert remapper._kernel_applies(features, module.sketch)
+        compiled, compiled_context = remapper(features, module.sketch)
+        monkeypatch.setattr(KJTRemapper, "use_kernels", False)
+        tensor, tensor_context = remapper(features, module.sketch)
+        assert torch.equal(compiled.values(), tensor.values()) and torch.equal(compiled.lengths(), tensor.lengths())
+        assert torch.equal(compiled.weights(), tensor.weights())  # composed and sketched tables pool weighted entries
+        assert compiled.stride_per_key() == tensor.stride_per_key()
+        for field in ("ids", "tables", "bag", "feature", "factor", "hot_hits"):
+            assert torch.equal(getattr(compiled_context, field), getattr(tensor_context, field)), field
+        if variable_batch:
+            assert torch.equal(compiled_context.inverse, tensor_context.inverse)
+        assert compiled_context.bags_per_feature == tensor_context.bags_per_feature
+        monkeypatch.setattr(KJTRemapper, "use_kernels", True)
+        module(_kjt(step, weighted, variable_batch)).values().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    stats = module.stats()
+    assert stats["t0"]["hot_ids"] > 0 and stats["t1"]["hot_ids"] > 0 and "t2" not in stats

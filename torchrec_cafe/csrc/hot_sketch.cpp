@@ -1,0 +1,353 @@
+// HotSketch update and lookup as serial CPU kernels (torch.library operators torchrec_cafe::*).
+//
+// They implement the batch semantics of torchrec_cafe/sketch/hot_sketch.py (its module docstring)
+// on the same buffers, bit for bit: the same integer quanta, the same float32 / float64 operations
+// in the same order, the same orderings and ties. The tensor implementation stays the reference
+// and the path on other devices; tests compare both after every update.
+//
+// Orderings the tensor code gets from stable sorts:
+//   pairs       by (table, key) ascending, each with the sum of its quanta and its smallest id;
+//   newcomers   per bucket by (quanta desc, key asc);
+//   candidates  by (table asc, guaranteed stored score desc, key asc).
+
+#include <torch/extension.h>
+
+#include <numeric>
+#include <vector>
+
+#include "sketch_common.h"
+
+namespace {
+
+Sketch make_sketch(
+    at::Tensor& slot_keys, at::Tensor& slot_scores, at::Tensor& slot_state, at::Tensor& pool_state,
+    at::Tensor& scale, at::Tensor& mass, at::Tensor& mass_since_decay, at::Tensor& promotions,
+    at::Tensor& demotions, at::Tensor& dropped_mass, const at::Tensor& bucket_offset, const at::Tensor& buckets,
+    const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold, const at::Tensor& decay,
+    const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
+    const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
+    double min_load, double displace_ratio) {
+  for (const at::Tensor* t : {&slot_keys, &slot_scores, &slot_state, &pool_state, &scale, &mass, &mass_since_decay,
+                              &promotions, &demotions, &dropped_mass}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "sketch buffers must be contiguous CPU tensors");
+  }
+  Sketch s;
+  s.keys = slot_keys.data_ptr<int32_t>();
+  s.scores = slot_scores.data_ptr<float>();
+  s.state = slot_state.data_ptr<int8_t>();
+  s.pool_state = pool_state.data_ptr<int8_t>();
+  s.scale = scale.data_ptr<double>();
+  s.mass = mass.data_ptr<double>();
+  s.mass_since_decay = mass_since_decay.data_ptr<double>();
+  s.promotions = promotions.data_ptr<int64_t>();
+  s.demotions = demotions.data_ptr<int64_t>();
+  s.dropped_mass = dropped_mass.data_ptr<double>();
+  s.bucket_offset = bucket_offset.data_ptr<int64_t>();
+  s.buckets = buckets.data_ptr<int64_t>();
+  s.pool_offset = pool_offset.data_ptr<int64_t>();
+  s.pool = pool.data_ptr<int64_t>();
+  s.threshold = threshold.data_ptr<double>();
+  s.decay = decay.data_ptr<double>();
+  s.decay_mass = decay_mass.data_ptr<double>();
+  s.promote_load = promote_load.data_ptr<double>();
+  s.demote_load = demote_load.data_ptr<double>();
+  s.fixed = fixed.data_ptr<bool>();
+  s.num_tables = scale.numel();
+  s.c = slot_keys.size(1);
+  s.num_buckets = slot_keys.size(0) - 1;  // the last bucket is the sentinel
+  s.pool_rows = pool_state.numel() - 1;
+  s.quarantine = quarantine;
+  s.bucket_seed_offset = bucket_seed_offset;
+  s.pool_seed_offset = pool_seed_offset;
+  s.min_load = min_load;
+  s.displace_ratio = displace_ratio;
+  return s;
+}
+
+struct Pair {
+  int64_t table, key, id, quanta;
+};
+
+// Step 1: unique valid (table, key) pairs in (table, key) order, with summed quanta and smallest id.
+std::vector<Pair> aggregate(const at::Tensor& keys, const at::Tensor& ids, const at::Tensor& quanta,
+                            const at::Tensor& ok, const at::Tensor& tables) {
+  const int64_t n = keys.numel();
+  auto k = keys.data_ptr<int64_t>();
+  auto i = ids.data_ptr<int64_t>();
+  auto q = quanta.data_ptr<int64_t>();
+  auto v = ok.data_ptr<bool>();
+  auto t = tables.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> order(n);  // (packed table/key, position)
+  for (int64_t j = 0; j < n; ++j) order[j] = {(t[j] << 32) | k[j], j};
+  std::sort(order.begin(), order.end());
+  std::vector<Pair> pairs;
+  for (int64_t a = 0; a < n;) {
+    int64_t b = a, sum = 0, id = std::numeric_limits<int64_t>::max();
+    bool valid = false;
+    for (; b < n && order[b].first == order[a].first; ++b) {
+      int64_t j = order[b].second;
+      sum += q[j];
+      id = std::min(id, i[j]);
+      valid = valid || v[j];
+    }
+    if (valid) pairs.push_back({order[a].first >> 32, order[a].first & 0xFFFFFFFFLL, id, sum});
+    a = b;
+  }
+  return pairs;
+}
+
+// Step 3 for one bucket's newcomers (in (quanta desc, key asc) order): returns the slot each was
+// written to, -1 if none.
+void insert_bucket(Sketch& s, int64_t b, const std::vector<const Pair*>& newcomers, std::vector<int64_t>& written,
+                   const std::vector<int64_t>& index, int64_t first, std::vector<int64_t>& lost) {
+  const int64_t c = s.c;
+  size_t r = 0;
+  for (int64_t j = 0; j < c && r < newcomers.size(); ++j) {
+    int64_t f = b * c + j;
+    if (s.state[f] != kEmpty) continue;
+    const Pair* p = newcomers[r];
+    s.keys[f] = as_int32_bits(p->key);
+    s.scores[f] = s.to_stored(p->quanta, p->table);
+    s.state[f] = kCold;
+    written[index[first + r]] = f;
+    ++r;
+  }
+  if (r == newcomers.size()) return;
+  const Pair* winner = newcomers[r];
+  int64_t rest = 0;
+  for (size_t x = r; x < newcomers.size(); ++x) rest += newcomers[x]->quanta;
+  int64_t low_slot = -1;
+  for (int64_t j = 0; j < c; ++j) {
+    int64_t f = b * c + j;
+    if (s.state[f] == kCold && (low_slot < 0 || s.scores[f] < s.scores[low_slot])) low_slot = f;
+  }
+  if (low_slot < 0) {
+    lost[winner->table] += rest;
+    return;
+  }
+  s.keys[low_slot] = as_int32_bits(winner->key);
+  s.scores[low_slot] = s.scores[low_slot] + s.to_stored(rest, winner->table);
+  s.state[low_slot] = kCold;
+  written[index[first + r]] = low_slot;
+}
+
+}  // namespace
+
+// One update (hot_sketch.py: HotSketch._aggregate + _update_pairs, without the step counter and
+// the renormalisation). Returns (tables, ids, src, src_blocked, dst, promoted) per candidate in
+// promotion order, the freed pool rows [sum P] and the accepted real mass per table [T].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_update(
+    const at::Tensor& keys, const at::Tensor& ids, const at::Tensor& quanta, const at::Tensor& ok,
+    const at::Tensor& tables, at::Tensor slot_keys, at::Tensor slot_scores, at::Tensor slot_state,
+    at::Tensor pool_state, at::Tensor scale, at::Tensor mass, at::Tensor mass_since_decay, at::Tensor promotions,
+    at::Tensor demotions, at::Tensor dropped_mass, const at::Tensor& bucket_offset, const at::Tensor& buckets,
+    const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold, const at::Tensor& decay,
+    const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
+    const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
+    double min_load, double displace_ratio) {
+  Sketch s = make_sketch(slot_keys, slot_scores, slot_state, pool_state, scale, mass, mass_since_decay, promotions,
+                         demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
+                         decay_mass, promote_load, demote_load, fixed, quarantine, bucket_seed_offset,
+                         pool_seed_offset, min_load, displace_ratio);
+  const int64_t T = s.num_tables;
+  std::vector<Pair> pairs = aggregate(keys.contiguous(), ids.contiguous(), quanta.contiguous(), ok.contiguous(),
+                                      tables.contiguous());
+  const int64_t n = static_cast<int64_t>(pairs.size());
+
+  // Step 2: tracked keys add their score; the others are newcomers.
+  std::vector<int64_t> written(n, -1), bucket(n);
+  std::vector<int64_t> newcomer;  // pair positions
+  std::vector<int64_t> accepted_q(T, 0);
+  for (int64_t j = 0; j < n; ++j) {
+    const Pair& p = pairs[j];
+    accepted_q[p.table] += p.quanta;
+    bucket[j] = s.bucket_of(p.key, p.table);
+    int64_t f = s.probe(p.key, bucket[j]);
+    if (f >= 0) {
+      s.scores[f] = s.scores[f] + s.to_stored(p.quanta, p.table);
+      written[j] = f;
+    } else {
+      newcomer.push_back(j);
+    }
+  }
+  // Step 3: per bucket, in (quanta desc, key asc) order.
+  std::stable_sort(newcomer.begin(), newcomer.end(), [&](int64_t a, int64_t b) {
+    if (bucket[a] != bucket[b]) return bucket[a] < bucket[b];
+    return pairs[a].quanta > pairs[b].quanta;
+  });
+  std::vector<int64_t> lost(T, 0);
+  for (size_t a = 0; a < newcomer.size();) {
+    size_t b = a;
+    std::vector<const Pair*> group;
+    for (; b < newcomer.size() && bucket[newcomer[b]] == bucket[newcomer[a]]; ++b) group.push_back(&pairs[newcomer[b]]);
+    insert_bucket(s, bucket[newcomer[a]], group, written, newcomer, static_cast<int64_t>(a), lost);
+    a = b;
+  }
+  // Step 4: mass and decay.
+  auto accepted = at::empty({T}, at::kDouble);
+  double* acc = accepted.data_ptr<double>();
+  for (int64_t t = 0; t < T; ++t) {
+    s.dropped_mass[t] += static_cast<double>(lost[t]) / kQuantum;
+    acc[t] = static_cast<double>(accepted_q[t]) / kQuantum;
+    s.mass[t] += acc[t] * s.scale[t];
+    s.mass_since_decay[t] += acc[t];
+    if (s.mass_since_decay[t] > s.decay_mass[t]) {
+      s.scale[t] = s.scale[t] / s.decay[t];
+      s.mass_since_decay[t] = 0.0;
+    }
+  }
+  // Step 5: candidates in (table, guaranteed desc, key) order claim rows in rounds.
+  std::vector<int64_t> cand;
+  std::vector<float> g(n, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    int64_t f = written[j];
+    if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
+    g[j] = s.guaranteed(f);
+    if (g[j] >= s.bars(pairs[j].table).first) cand.push_back(j);
+  }
+  std::stable_sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
+    if (pairs[a].table != pairs[b].table) return pairs[a].table < pairs[b].table;
+    return g[a] > g[b];
+  });
+  const int64_t m = static_cast<int64_t>(cand.size());
+  auto out_tab = at::empty({m}, at::kLong), out_id = at::empty({m}, at::kLong), out_src = at::empty({m}, at::kLong),
+       out_blocked = at::empty({m}, at::kBool), out_dst = at::empty({m}, at::kLong),
+       out_promoted = at::empty({m}, at::kBool);
+  int64_t *tab_p = out_tab.data_ptr<int64_t>(), *id_p = out_id.data_ptr<int64_t>(), *src_p = out_src.data_ptr<int64_t>();
+  int64_t* dst_p = out_dst.data_ptr<int64_t>();
+  bool *blocked_p = out_blocked.data_ptr<bool>(), *promoted_p = out_promoted.data_ptr<bool>();
+  std::vector<int64_t> rows(m * kChoices), chosen(m, -1);
+  for (int64_t x = 0; x < m; ++x) {
+    const Pair& p = pairs[cand[x]];
+    s.choices(p.key, p.table, &rows[x * kChoices]);
+    int src = -1;
+    for (int q = 0; q < kChoices && src < 0; ++q)
+      if (s.pool_state[rows[x * kChoices + q]] != kOwned) src = q;
+    blocked_p[x] = src < 0;
+    src_p[x] = rows[x * kChoices + std::max(src, 0)] - s.pool_offset[p.table];
+    tab_p[x] = p.table;
+    id_p[x] = p.id;
+  }
+  for (int q = 0; q < kChoices; ++q) {
+    for (int64_t x = 0; x < m; ++x) {
+      int64_t row = rows[x * kChoices + q];
+      if (chosen[x] < 0 && s.pool_state[row] == kFree) {
+        s.pool_state[row] = kOwned;
+        chosen[x] = q;
+      }
+    }
+  }
+  for (int64_t x = 0; x < m; ++x) {
+    const Pair& p = pairs[cand[x]];
+    bool won = chosen[x] >= 0;
+    if (won) {
+      s.state[written[cand[x]]] = static_cast<int8_t>(chosen[x]);
+      s.promotions[p.table] += 1;
+    }
+    promoted_p[x] = won;
+    dst_p[x] = rows[x * kChoices + std::max<int64_t>(chosen[x], 0)] - s.pool_offset[p.table];
+  }
+  // Steps 6 and 7: quarantine countdown, demotion below the bar.
+  auto freed_t = at::zeros({s.pool_rows}, at::kBool);
+  bool* freed = freed_t.data_ptr<bool>();
+  if (s.quarantine)
+    for (int64_t r = 0; r < s.pool_rows; ++r)
+      if (s.pool_state[r] < 0) s.pool_state[r] += 1;
+  std::vector<float> demote_bar(T);
+  for (int64_t t = 0; t < T; ++t) demote_bar[t] = s.bars(t).second;
+  int64_t row4[kChoices];
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = s.bucket_offset[t]; b < s.bucket_offset[t + 1]; ++b) {
+      for (int64_t f = b * s.c; f < (b + 1) * s.c; ++f) {
+        if (s.state[f] >= 0 && s.scores[f] < demote_bar[t]) {
+          s.choices(static_cast<uint32_t>(s.keys[f]), t, row4);
+          s.demote(f, row4[s.state[f]], t, freed);
+        }
+      }
+    }
+  }
+  // Step 8: displacement, against the owners as they stand after step 7.
+  if (displace_ratio > 0 && m > 0) {
+    std::vector<float> owner_score(s.pool_rows, std::numeric_limits<float>::infinity());
+    std::vector<int64_t> owner_slot(s.pool_rows, -1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t f = s.bucket_offset[t] * s.c; f < s.bucket_offset[t + 1] * s.c; ++f)
+        if (s.state[f] >= 0) {
+          s.choices(static_cast<uint32_t>(s.keys[f]), t, row4);
+          owner_score[row4[s.state[f]]] = s.scores[f];
+          owner_slot[row4[s.state[f]]] = f;
+        }
+    const float ratio = static_cast<float>(displace_ratio);
+    std::vector<int64_t> target(m, -1);
+    std::vector<bool> named(s.pool_rows, false);
+    for (int64_t x = 0; x < m; ++x) {
+      if (chosen[x] >= 0) continue;
+      float weakest = std::numeric_limits<float>::infinity();
+      int64_t row = -1;
+      for (int q = 0; q < kChoices; ++q) {
+        int64_t r = rows[x * kChoices + q];
+        if (owner_score[r] < weakest) weakest = owner_score[r], row = r;
+      }
+      if (row >= 0 && std::isfinite(weakest) && g[cand[x]] > ratio * weakest && !named[row]) {
+        named[row] = true;
+        target[x] = row;
+      }
+    }
+    for (int64_t x = 0; x < m; ++x)
+      if (target[x] >= 0) s.demote(owner_slot[target[x]], target[x], pairs[cand[x]].table, freed);
+  }
+  return {out_tab, out_id, out_src, out_blocked, out_dst, out_promoted, freed_t, accepted};
+}
+
+// The pool row each (table, key) reads (hot_sketch.py: lookup_keys): (row within the table's pool,
+// hot, blocked), [N] each.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
+    const at::Tensor& keys, const at::Tensor& tables, const at::Tensor& slot_keys, const at::Tensor& slot_state,
+    const at::Tensor& pool_state, const at::Tensor& bucket_offset, const at::Tensor& buckets,
+    const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
+  at::Tensor k = keys.contiguous(), t = tables.contiguous();
+  const int64_t n = k.numel();
+  Sketch s{};
+  s.keys = const_cast<int32_t*>(slot_keys.data_ptr<int32_t>());
+  s.state = const_cast<int8_t*>(slot_state.data_ptr<int8_t>());
+  s.pool_state = const_cast<int8_t*>(pool_state.data_ptr<int8_t>());
+  s.bucket_offset = bucket_offset.data_ptr<int64_t>();
+  s.buckets = buckets.data_ptr<int64_t>();
+  s.pool_offset = pool_offset.data_ptr<int64_t>();
+  s.pool = pool.data_ptr<int64_t>();
+  s.c = slot_keys.size(1);
+  s.bucket_seed_offset = bucket_seed_offset;
+  s.pool_seed_offset = pool_seed_offset;
+  auto row = at::empty({n}, at::kLong), hot = at::empty({n}, at::kBool), blocked = at::empty({n}, at::kBool);
+  auto kp = k.data_ptr<int64_t>(), tp = t.data_ptr<int64_t>(), rp = row.data_ptr<int64_t>();
+  auto hp = hot.data_ptr<bool>(), bp = blocked.data_ptr<bool>();
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const Lookup r = s.lookup(kp[j], tp[j]);
+      rp[j] = r.row, hp[j] = r.hot, bp[j] = r.blocked;
+    }
+  });
+  return {row, hot, blocked};
+}
+
+TORCH_LIBRARY(torchrec_cafe, m) {
+  m.def(
+      "sketch_update(Tensor keys, Tensor ids, Tensor quanta, Tensor ok, Tensor tables, Tensor(a!) slot_keys, "
+      "Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, Tensor(e!) scale, Tensor(f!) mass, "
+      "Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, Tensor(j!) dropped_mass, "
+      "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, Tensor threshold, Tensor decay, "
+      "Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, int quarantine, "
+      "int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sketch_lookup(Tensor keys, Tensor tables, Tensor slot_keys, Tensor slot_state, Tensor pool_state, "
+      "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, int bucket_seed_offset, "
+      "int pool_seed_offset) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) {
+  m.impl("sketch_update", &sketch_update);
+  m.impl("sketch_lookup", &sketch_lookup);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the operators

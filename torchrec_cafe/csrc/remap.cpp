@@ -1,0 +1,165 @@
+// The training remap (torchrec_cafe/remap.py: KJTRemapper.forward) as one serial CPU pass: raw ids
+// of a KJT -> physical rows, lengths and weights, plus the hook context of the sketched values.
+// Bit for bit what the tensor code computes (tested); the tensor code stays the reference and the
+// path on other devices.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "sketch_common.h"
+
+namespace {
+
+// hashing.py: fingerprint32 (fmix32(low ^ fmix32(high))).
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6BU;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35U;
+  return x ^ (x >> 16);
+}
+inline int64_t fingerprint32(int64_t id) {
+  uint64_t u = static_cast<uint64_t>(id);
+  return static_cast<int64_t>(fmix32(static_cast<uint32_t>(u) ^ fmix32(static_cast<uint32_t>(u >> 32))));
+}
+inline int64_t py_remainder(int64_t a, int64_t n) {  // torch.remainder / Python %: sign of n
+  int64_t r = a % n;
+  return (r != 0 && ((r < 0) != (n < 0))) ? r + n : r;
+}
+
+}  // namespace
+
+// Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits).
+// ``weights`` is an empty tensor for an unweighted input; the output weights are empty unless
+// ``weighted_out``. The context tensors are empty unless ``with_sketch``.
+std::vector<at::Tensor> cafe_remap(
+    const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& weights, const at::Tensor& bags_per_feature,
+    const at::Tensor& sketch_table, const at::Tensor& num_rows, const at::Tensor& pool, const at::Tensor& block_size,
+    const at::Tensor& composed, const at::Tensor& mean, const at::Tensor& mean_as_weights, const at::Tensor& is_static,
+    bool weighted_out, bool with_sketch, int64_t num_sketch_tables, const at::Tensor& slot_keys,
+    const at::Tensor& slot_state, const at::Tensor& pool_state, const at::Tensor& bucket_offset,
+    const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& table_pool, int64_t bucket_seed_offset,
+    int64_t pool_seed_offset) {
+  const at::Tensor ids_t = values.to(at::kLong).contiguous();
+  const at::Tensor len_t = lengths.contiguous();
+  const at::Tensor len64 = len_t.to(at::kLong);
+  const bool has_weights = weights.numel() > 0;
+  const int64_t n = ids_t.numel(), num_bags = len_t.numel(), F = bags_per_feature.numel();
+  const int64_t* ids = ids_t.data_ptr<int64_t>();
+  const int64_t* len = len64.data_ptr<int64_t>();
+  const float* w = has_weights ? weights.data_ptr<float>() : nullptr;
+  const int64_t *st = sketch_table.data_ptr<int64_t>(), *nr = num_rows.data_ptr<int64_t>(), *pl = pool.data_ptr<int64_t>();
+  const int64_t *bs = block_size.data_ptr<int64_t>(), *bpf = bags_per_feature.data_ptr<int64_t>();
+  const bool *comp = composed.data_ptr<bool>(), *mn = mean.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
+  const bool* stat = is_static.data_ptr<bool>();
+
+  Sketch s{};
+  if (with_sketch) {
+    s.keys = const_cast<int32_t*>(slot_keys.data_ptr<int32_t>());
+    s.state = const_cast<int8_t*>(slot_state.data_ptr<int8_t>());
+    s.pool_state = const_cast<int8_t*>(pool_state.data_ptr<int8_t>());
+    s.bucket_offset = bucket_offset.data_ptr<int64_t>();
+    s.buckets = buckets.data_ptr<int64_t>();
+    s.pool_offset = pool_offset.data_ptr<int64_t>();
+    s.pool = table_pool.data_ptr<int64_t>();
+    s.c = slot_keys.size(1);
+    s.bucket_seed_offset = bucket_seed_offset;
+    s.pool_seed_offset = pool_seed_offset;
+  }
+  // Output sizes: composed features give every value two entries.
+  int64_t total = 0, sketched = 0;
+  {
+    int64_t bag = 0, pos = 0;
+    for (int64_t f = 0; f < F; ++f) {
+      int64_t count = 0;
+      for (int64_t b = 0; b < bpf[f]; ++b, ++bag) count += len[bag];
+      total += comp[f] ? 2 * count : count;
+      if (with_sketch && st[f] >= 0) sketched += count;
+      pos += count;
+    }
+    TORCH_CHECK(bag == num_bags && pos == n, "lengths do not match the bags per feature and values");
+  }
+  at::Tensor out_values = at::empty({total}, at::kLong);
+  at::Tensor out_lengths = at::empty_like(len_t);
+  at::Tensor out_weights = weighted_out ? at::empty({total}, at::kFloat) : at::empty({0}, at::kFloat);
+  at::Tensor c_ids = at::empty({sketched}, at::kLong), c_tab = at::empty({sketched}, at::kLong);
+  at::Tensor c_bag = at::empty({sketched}, at::kLong), c_feat = at::empty({sketched}, at::kLong);
+  at::Tensor c_factor = at::empty({sketched}, at::kFloat);
+  const int64_t T = std::max<int64_t>(num_sketch_tables, 1);
+  std::vector<float> hits(T, 0.0f), seen(T, 0.0f);
+  int64_t* ov = out_values.data_ptr<int64_t>();
+  float* ow = weighted_out ? out_weights.data_ptr<float>() : nullptr;
+  int64_t *ci = c_ids.data_ptr<int64_t>(), *ct = c_tab.data_ptr<int64_t>(), *cb = c_bag.data_ptr<int64_t>();
+  int64_t* cf = c_feat.data_ptr<int64_t>();
+  float* cfa = c_factor.data_ptr<float>();
+
+  int64_t bag = 0, j = 0, o = 0, k = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    const bool sk = with_sketch && st[f] >= 0, two = comp[f];
+    for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
+      const int64_t L = len[bag];
+      const float inv_len = 1.0f / static_cast<float>(std::max<int64_t>(L, 1));
+      for (int64_t e = 0; e < L; ++e, ++j) {
+        const int64_t x = ids[j];
+        int64_t row;
+        int code = 0;  // 1: reads its pool row alone (hot, composed); 2: no pool row (blocked)
+        if (sk) {
+          const int64_t key = fingerprint32(x), t = st[f];
+          const Lookup r = s.lookup(key, t);
+          row = r.row;
+          code = (r.hot && two) ? 1 : (r.blocked ? 2 : 0);
+          hits[t] += r.hot ? 1.0f : 0.0f;
+          seen[t] += 1.0f;
+          const float a = w ? std::abs(w[j]) : 1.0f;
+          ci[k] = x, ct[k] = t, cb[k] = bag, cf[k] = f, cfa[k] = mn[f] ? a * inv_len : a;
+          ++k;
+        } else if (stat[f]) {
+          int64_t rows[kChoices];
+          Sketch::choices_in(fingerprint32(x), pl[f], pool_seed_offset, rows);
+          row = rows[0];
+        } else {
+          row = py_remainder(x, nr[f]);
+        }
+        float wt = 0.0f;
+        if (weighted_out) {
+          const float base = w ? w[j] : 1.0f;
+          wt = maw[f] ? base * inv_len : base;
+        }
+        ov[o] = row;
+        if (ow) ow[o] = code == 2 ? 0.0f : wt;
+        ++o;
+        if (two) {
+          ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
+          if (ow) ow[o] = code == 1 ? 0.0f : wt;
+          ++o;
+        }
+      }
+    }
+  }
+  {
+    // lengths x entries per value, in the input's dtype
+    at::Tensor mult = at::empty({num_bags}, at::kLong);
+    int64_t* m = mult.data_ptr<int64_t>();
+    int64_t b = 0;
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t i = 0; i < bpf[f]; ++i) m[b++] = comp[f] ? 2 : 1;
+    out_lengths = (len_t * mult.to(len_t.scalar_type()));
+  }
+  at::Tensor hot_hits = at::empty({T}, at::kFloat);
+  for (int64_t t = 0; t < T; ++t) hot_hits.data_ptr<float>()[t] = hits[t] / std::max(seen[t], 1.0f);
+  return {out_values, out_lengths, out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits};
+}
+
+TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {
+  m.def(
+      "remap(Tensor values, Tensor lengths, Tensor weights, Tensor bags_per_feature, Tensor sketch_table, "
+      "Tensor num_rows, Tensor pool, Tensor block_size, Tensor composed, Tensor mean, Tensor mean_as_weights, "
+      "Tensor is_static, bool weighted_out, bool with_sketch, int num_sketch_tables, Tensor slot_keys, "
+      "Tensor slot_state, Tensor pool_state, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, "
+      "Tensor table_pool, int bucket_seed_offset, int pool_seed_offset) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) { m.impl("remap", &cafe_remap); }

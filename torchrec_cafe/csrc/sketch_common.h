@@ -1,0 +1,134 @@
+// Shared by the HotSketch and remap kernels: the sketch's hashing and its buffers as raw pointers.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+constexpr int8_t kEmpty = -2;
+constexpr int8_t kCold = -1;
+constexpr int8_t kFree = 0;
+constexpr int8_t kOwned = 1;
+constexpr int kChoices = 4;
+constexpr double kQuantum = 65536.0;
+
+// splitmix64's finaliser masked to 63 bits (hashing.py: finalise64), on uint64 bits.
+inline int64_t finalise64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  z = z ^ (z >> 31);
+  return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
+}
+
+inline int32_t as_int32_bits(int64_t key) { return static_cast<int32_t>(static_cast<uint32_t>(key)); }
+
+struct Lookup {
+  int64_t row;
+  bool hot, blocked;
+};
+
+struct Sketch {
+  // state
+  int32_t* keys;
+  float* scores;
+  int8_t* state;
+  int8_t* pool_state;
+  double* scale;
+  double* mass;
+  double* mass_since_decay;
+  int64_t* promotions;
+  int64_t* demotions;
+  double* dropped_mass;
+  // constants
+  const int64_t* bucket_offset;
+  const int64_t* buckets;
+  const int64_t* pool_offset;
+  const int64_t* pool;
+  const double* threshold;
+  const double* decay;
+  const double* decay_mass;
+  const double* promote_load;
+  const double* demote_load;
+  const bool* fixed;
+  int64_t num_tables, num_buckets, c, pool_rows;
+  int64_t quarantine, bucket_seed_offset, pool_seed_offset;
+  double min_load, displace_ratio;
+
+  int64_t bucket_of(int64_t key, int64_t t) const {
+    uint64_t z = static_cast<uint64_t>(key) + static_cast<uint64_t>(bucket_seed_offset);
+    return bucket_offset[t] + finalise64(z) % buckets[t];
+  }
+  // The key's choices in a pool of P rows (hot_sketch.py: pool_choices).
+  static void choices_in(int64_t key, int64_t P, int64_t seed_offset, int64_t* rows) {
+    int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
+    int64_t h1 = h & 0xFFFFFFFFLL, h2 = (h >> 32) | 1;
+    for (int p = 0; p < kChoices; ++p) rows[p] = (h1 + p * h2) % P;
+  }
+  // Global pool row of each of the key's choices (pool_choices + the table's pool offset).
+  void choices(int64_t key, int64_t t, int64_t* rows) const {
+    choices_in(key, pool[t], pool_seed_offset, rows);
+    for (int p = 0; p < kChoices; ++p) rows[p] += pool_offset[t];
+  }
+  // Flat slot holding (t, key), or -1.
+  int64_t probe(int64_t key, int64_t bucket) const {
+    int32_t k32 = as_int32_bits(key);
+    for (int64_t j = 0; j < c; ++j) {
+      int64_t f = bucket * c + j;
+      if (keys[f] == k32 && state[f] != kEmpty) return f;
+    }
+    return -1;
+  }
+  // hot_sketch.py: lookup_keys: the row (within the table's pool) a key reads, hot, blocked.
+  Lookup lookup(int64_t key, int64_t t) const {
+    int64_t rows[kChoices];
+    int64_t f = probe(key, bucket_of(key, t));
+    choices(key, t, rows);
+    int8_t st = f >= 0 ? state[f] : kCold;
+    int p = st >= 0 ? st : -1;
+    bool all_owned = p < 0;
+    if (p < 0) {
+      for (int q = 0; q < kChoices && p < 0; ++q)
+        if (pool_state[rows[q]] != kOwned) p = q, all_owned = false;
+      if (p < 0) p = 0;
+    }
+    return {rows[p] - pool_offset[t], st >= 0, all_owned && st < 0};
+  }
+  float to_stored(int64_t q, int64_t t) const {
+    return static_cast<float>(static_cast<double>(q) / kQuantum * scale[t]);
+  }
+  // (promotion bar, demotion bar) of table t in stored units (hot_sketch.py: bars).
+  std::pair<float, float> bars(int64_t t) const {
+    if (fixed[t]) {
+      float f = static_cast<float>(threshold[t] * scale[t]);
+      return {f, f};
+    }
+    double load = std::max(mass[t] / static_cast<double>(pool[t]), min_load * scale[t]);
+    return {static_cast<float>(promote_load[t] * load), static_cast<float>(demote_load[t] * load)};
+  }
+  // Score minus the lowest other score of the bucket (0 if the bucket has an empty slot).
+  float guaranteed(int64_t slot) const {
+    int64_t b = slot / c;
+    bool has_empty = false, has_other = false;
+    float floor = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < c; ++j) {
+      int64_t f = b * c + j;
+      if (state[f] == kEmpty) has_empty = true;
+      if (f != slot && state[f] != kEmpty) {
+        has_other = true;
+        floor = std::min(floor, scores[f]);
+      }
+    }
+    if (has_empty || !has_other) floor = 0.0f;
+    return scores[slot] - floor;
+  }
+  void demote(int64_t slot, int64_t row, int64_t t, bool* freed) {
+    pool_state[row] = static_cast<int8_t>(-quarantine);
+    state[slot] = kCold;
+    demotions[t] += 1;
+    freed[row] = true;
+  }
+};
+

@@ -1,0 +1,56 @@
+"""The compiled CPU kernels (``torchrec_cafe._C``, built by the set-up from ``torchrec_cafe/csrc``)
+as ``torch.ops.torchrec_cafe.*`` operators: HotSketch's update and lookup here, the remap's
+(``torch.ops.torchrec_cafe.remap``) in ``torchrec_cafe/remap.py``.
+
+They apply an update and answer lookups serially, one hash probe per pair, on the sketch's own
+buffers and with its exact semantics: the state after every update and every lookup equals the
+tensor implementation's bit for bit (tested on random and Zipf streams, decay, quarantine,
+displacement, many tables). ``HotSketch`` uses them on CPU unless ``fixed_shapes`` is set or
+``use_kernels`` is off; the tensor code stays the reference and the path on other devices.
+"""
+
+from typing import TYPE_CHECKING, Tuple
+
+import torch
+
+try:
+    from torchrec_cafe import _C  # noqa: F401  (registers the operators)
+
+    AVAILABLE = True
+except ImportError:  # not built: the tensor implementation serves
+    AVAILABLE = False
+
+if TYPE_CHECKING:
+    from torchrec_cafe.sketch.hot_sketch import HotSketch
+
+Update = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def update(
+    sketch: "HotSketch", keys: torch.Tensor, ids: torch.Tensor, quanta: torch.Tensor, ok: torch.Tensor,
+    tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int, min_load: float,
+) -> Update:
+    """One update of occurrences (keys [N] int64 < 2**32, ids [N], integer quanta [N], valid [N],
+    tables [N]): (tables, ids, src, src_blocked, dst, promoted) per candidate in promotion order,
+    the freed pool rows [sum P] bool and the accepted real mass per table [T] float64."""
+    s = sketch
+    return torch.ops.torchrec_cafe.sketch_update(
+        keys, ids, quanta, ok, tables,
+        s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
+        s.promotions, s.demotions, s.dropped_mass,
+        s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
+        s._promote_load, s._demote_load, s._fixed,
+        s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
+    )  # fmt: skip
+
+
+def lookup(
+    sketch: "HotSketch", keys: torch.Tensor, tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``HotSketch.lookup_keys``: (row within the table's pool, hot, blocked), [N] each."""
+    s = sketch
+    return torch.ops.torchrec_cafe.sketch_lookup(
+        keys, tables, s.slot_keys, s.slot_state, s.pool_state, s._bucket_offset, s._buckets, s._pool_offset, s._pool,
+        bucket_seed_offset, pool_seed_offset,
+    )  # fmt: skip
+
