@@ -1,8 +1,8 @@
 """The compiled CPU kernels (torchrec_cafe._C) against HotSketch's tensor implementation: every
 buffer, every SketchUpdate field and every lookup bit-identical after each update, on random and
 Zipf streams over many tables, with decay, quarantine, displacement, fixed and adaptive bars, bad
-scores and a popularity shift; the compiled remap against the tensor remap during training; and
-the set-up builds them."""
+scores and a popularity shift; the compiled remap against the tensor remap during training; the
+compiled serving lookup against the tensor one; and the set-up builds them."""
 
 from typing import Dict
 
@@ -12,6 +12,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.modules.frozen import export_for_inference
 from torchrec_cafe.remap import KJTRemapper
 from torchrec_cafe.sketch import HotSketch, kernels
 
@@ -143,3 +144,27 @@ def test_remap_kernel_equals_the_tensor_remap(weighted: bool, variable_batch: bo
         optimizer.zero_grad()
     stats = module.stats()
     assert stats["t0"]["hot_ids"] > 0 and stats["t1"]["hot_ids"] > 0 and "t2" not in stats
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_frozen_lookup_kernel_equals_the_tensor_lookup(weighted: bool) -> None:
+    """The served module's compiled lookup gives the tensor lookup's outputs, eager (fixed and
+    variable batch) and scripted."""
+    module = CafeEmbeddingBagCollection(TABLES, is_weighted=weighted, cafe=SETTINGS)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for step in range(30):
+        module(_kjt(step, weighted, False)).values().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    served = export_for_inference(module.eval())
+    assert served._compiled
+    scripted = torch.jit.script(served)
+    for step, variable_batch in [(100, False), (101, True), (102, False)]:
+        features = _kjt(step, weighted, variable_batch)
+        compiled = served(features).values()
+        served._compiled = False
+        tensor = served(features).values()
+        served._compiled = True
+        assert torch.equal(compiled, tensor)
+        if not variable_batch:
+            assert torch.equal(scripted(features).values(), tensor)

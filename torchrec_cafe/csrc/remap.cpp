@@ -1,5 +1,6 @@
-// The training remap (torchrec_cafe/remap.py: KJTRemapper.forward) as one serial CPU pass: raw ids
-// of a KJT -> physical rows, lengths and weights, plus the hook context of the sketched values.
+// The training remap (torchrec_cafe/remap.py: KJTRemapper.forward) and the frozen serving lookup
+// (modules/frozen.py: frozen_physical_features) as serial CPU passes: raw ids of a KJT -> physical
+// rows, lengths and weights (training: plus the hook context of the sketched values).
 // Bit for bit what the tensor code computes (tested); the tensor code stays the reference and the
 // path on other devices.
 
@@ -153,6 +154,86 @@ std::vector<at::Tensor> cafe_remap(
   return {out_values, out_lengths, out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits};
 }
 
+
+// The frozen serving lookup (modules/frozen.py: frozen_physical_features after the key reordering):
+// per pool row of the sketched tables the owner's key and an owned flag, no sketch. Returns
+// (values, lengths, weights or empty).
+std::vector<at::Tensor> cafe_frozen_remap(
+    const at::Tensor& values, const at::Tensor& lengths, const at::Tensor& weights, const at::Tensor& bags_per_feature,
+    const at::Tensor& num_rows, const at::Tensor& sketch_table, const at::Tensor& compressed, const at::Tensor& pool,
+    const at::Tensor& pool_offset, const at::Tensor& block_size, const at::Tensor& composed,
+    const at::Tensor& mean_as_weights, const at::Tensor& owner_keys, const at::Tensor& owned, bool weighted_out,
+    int64_t pool_seed_offset) {
+  const at::Tensor ids_t = values.to(at::kLong).contiguous(), len_t = lengths.contiguous();
+  const at::Tensor len64 = len_t.to(at::kLong);
+  const int64_t F = bags_per_feature.numel(), n = ids_t.numel(), last = owned.numel() - 1;
+  const int64_t *ids = ids_t.data_ptr<int64_t>(), *len = len64.data_ptr<int64_t>();
+  const float* w = weights.numel() > 0 ? weights.data_ptr<float>() : nullptr;
+  const int64_t *bpf = bags_per_feature.data_ptr<int64_t>(), *nr = num_rows.data_ptr<int64_t>();
+  const int64_t *st = sketch_table.data_ptr<int64_t>(), *pl = pool.data_ptr<int64_t>();
+  const int64_t *po = pool_offset.data_ptr<int64_t>(), *bs = block_size.data_ptr<int64_t>();
+  const bool *cmp = compressed.data_ptr<bool>(), *two = composed.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
+  const int32_t* okeys = owner_keys.data_ptr<int32_t>();
+  const int8_t* own = owned.data_ptr<int8_t>();
+  int64_t total = 0;
+  {
+    int64_t bag = 0;
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t b = 0; b < bpf[f]; ++b, ++bag) total += two[f] ? 2 * len[bag] : len[bag];
+    TORCH_CHECK(bag == len_t.numel(), "lengths do not match the bags per feature");
+  }
+  at::Tensor out_values = at::empty({total}, at::kLong);
+  at::Tensor out_weights = weighted_out ? at::empty({total}, at::kFloat) : at::empty({0}, at::kFloat);
+  at::Tensor mult = at::empty({len_t.numel()}, at::kLong);
+  int64_t *ov = out_values.data_ptr<int64_t>(), *m = mult.data_ptr<int64_t>();
+  float* ow = weighted_out ? out_weights.data_ptr<float>() : nullptr;
+  int64_t bag = 0, j = 0, o = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
+      const int64_t L = len[bag];
+      m[bag] = two[f] ? 2 : 1;
+      for (int64_t e = 0; e < L; ++e, ++j) {
+        const int64_t x = ids[j];
+        bool hot = false, blocked = false;
+        int64_t row;
+        if (cmp[f]) {
+          const int64_t key = fingerprint32(x);
+          int64_t rows[kChoices];
+          Sketch::choices_in(key, std::max<int64_t>(pl[f], 1), pool_seed_offset, rows);
+          int first_free = -1, first_mine = -1;
+          for (int q = 0; q < kChoices; ++q) {
+            const int64_t at = std::min(po[f] + rows[q], last);
+            const bool is_owned = st[f] >= 0 && own[at] == kOwned;
+            if (is_owned && okeys[at] == as_int32_bits(key) && first_mine < 0) first_mine = q;
+            if (!is_owned && first_free < 0) first_free = q;
+          }
+          hot = first_mine >= 0;
+          blocked = first_free < 0 && !hot;
+          row = rows[hot ? first_mine : std::max(first_free, 0)];
+        } else {
+          row = py_remainder(x, nr[f]);
+        }
+        float wt = 1.0f;
+        if (weighted_out) {
+          wt = w ? w[j] : 1.0f;
+          if (maw[f]) wt = wt / static_cast<float>(std::max<int64_t>(L, 1));
+          if (blocked && !two[f]) wt = 0.0f;
+        }
+        ov[o] = row;
+        if (ow) ow[o] = blocked ? 0.0f : wt;
+        ++o;
+        if (two[f]) {
+          ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
+          if (ow) ow[o] = hot ? 0.0f : wt;
+          ++o;
+        }
+      }
+    }
+  }
+  TORCH_CHECK(j == n, "lengths do not sum to the number of values");
+  return {out_values, len_t * mult.to(len_t.scalar_type()), out_weights};
+}
+
 TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {
   m.def(
       "remap(Tensor values, Tensor lengths, Tensor weights, Tensor bags_per_feature, Tensor sketch_table, "
@@ -160,6 +241,13 @@ TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {
       "Tensor is_static, bool weighted_out, bool with_sketch, int num_sketch_tables, Tensor slot_keys, "
       "Tensor slot_state, Tensor pool_state, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, "
       "Tensor table_pool, int bucket_seed_offset, int pool_seed_offset) -> Tensor[]");
+  m.def(
+      "frozen_remap(Tensor values, Tensor lengths, Tensor weights, Tensor bags_per_feature, Tensor num_rows, "
+      "Tensor sketch_table, Tensor compressed, Tensor pool, Tensor pool_offset, Tensor block_size, Tensor composed, "
+      "Tensor mean_as_weights, Tensor owner_keys, Tensor owned, bool weighted_out, int pool_seed_offset) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) { m.impl("remap", &cafe_remap); }
+TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) {
+  m.impl("remap", &cafe_remap);
+  m.impl("frozen_remap", &cafe_frozen_remap);
+}

@@ -26,6 +26,7 @@ from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection, ids_as
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
 from torchrec_cafe.remap import block_rows
+from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import finalise64, fingerprint32
 from torchrec_cafe.sketch.hot_sketch import POOL_SEED_OFFSET, choices_of_hash
 
@@ -70,6 +71,9 @@ class CafeInferenceEBC(nn.Module):
         self._is_weighted = is_weighted
         self._weighted_out = weighted_out
         self._any_composed = bool(constants["composed"].any())
+        # CPU inputs go through the compiled lookup when it is built (the TorchScript form then
+        # needs torchrec_cafe's operators loaded, as TorchRec's needs FBGEMM's)
+        self._compiled = kernels.AVAILABLE
         self._pool_seed = POOL_SEED_OFFSET  # TorchScript reads no module globals
         for name in ("num_rows", "sketch_table", "compressed", "pool", "pool_offset", "block_size", "composed", "mean_as_weights"):
             self.register_buffer("_" + name, constants[name])
@@ -87,6 +91,7 @@ class CafeInferenceEBC(nn.Module):
             self._weighted_out,
             self._any_composed,
             self._pool_seed,
+            self._compiled,
         )
         return self.embedding_bag_collection(physical)
 
@@ -119,6 +124,7 @@ def frozen_physical_features(
     weighted_out: bool,
     any_composed: bool,
     pool_seed: int,
+    compiled: bool = False,
 ) -> KeyedJaggedTensor:
     """Raw-ID KJT -> physical-row KJT of the frozen lookup (see ``CafeInferenceEBC``).
 
@@ -127,10 +133,14 @@ def frozen_physical_features(
     pool row of the sketched tables (int32, int8). One free function, wrapped for ``torch.fx`` (a single node of a traced graph, so
     ``torchrec.fx.symbolic_trace`` of the served module traces the inner, possibly quantized,
     EmbeddingBagCollection as TorchRec's inference stack expects) and TorchScript-able.
+    ``compiled``: CPU inputs (float32 weights) take the compiled lookup, bit for bit the same.
     """
     num_rows, sketch_table, compressed, pool, pool_offset, block_size, composed_f, mean_as_weights = state[:8]
     owner_keys, owned_rows = state[8], state[9]
     features = as_embedding_features(features, input_features, feature_names)
+    w_in = features.weights_or_none()
+    if compiled and features.values().device.type == "cpu" and (w_in is None or w_in.dtype == torch.float32):
+        return _compiled_physical_features(features, feature_names, state, is_weighted, weighted_out, pool_seed)
     ids = features.values().to(torch.int64)
     lengths = features.lengths()
     device = ids.device
@@ -161,6 +171,34 @@ def frozen_physical_features(
 
 
 torch.fx.wrap("frozen_physical_features")
+
+
+if kernels.AVAILABLE:
+
+    def _compiled_physical_features(
+        features: KeyedJaggedTensor, feature_names: List[str], state: List[torch.Tensor], is_weighted: bool,
+        weighted_out: bool, pool_seed: int,
+    ) -> KeyedJaggedTensor:
+        """``frozen_physical_features`` of CPU inputs in one compiled pass (features already in
+        module order)."""
+        if features.variable_stride_per_key():
+            bags = torch.tensor(features.stride_per_key(), dtype=torch.int64)
+        else:
+            bags = torch.full([len(feature_names)], features.stride(), dtype=torch.int64)
+        w = features.weights() if is_weighted else torch.zeros(0)
+        out = torch.ops.torchrec_cafe.frozen_remap(
+            features.values(), features.lengths(), w, bags, state[0], state[1], state[2], state[3], state[4], state[5],
+            state[6], state[7], state[8], state[9], weighted_out, pool_seed,
+        )
+        return kjt_like(features, feature_names, out[0], out[1], out[2] if weighted_out else None, features.inverse_indices_or_none())
+
+else:
+
+    def _compiled_physical_features(
+        features: KeyedJaggedTensor, feature_names: List[str], state: List[torch.Tensor], is_weighted: bool,
+        weighted_out: bool, pool_seed: int,
+    ) -> KeyedJaggedTensor:
+        raise RuntimeError("torchrec_cafe._C (the compiled lookup) is not built")
 
 
 def _pool_rows(
@@ -294,6 +332,7 @@ def traced_physical_features(module: CafeEmbeddingBagCollection, features: Keyed
         module._remapper.weighted_out,
         bool(constants["composed"].any()),
         POOL_SEED_OFFSET,
+        kernels.AVAILABLE,
     )
 
 
