@@ -5,13 +5,14 @@
 // in the same order, the same orderings and ties. The tensor implementation stays the reference
 // and the path on other devices; tests compare both after every update.
 //
-// Orderings the tensor code gets from stable sorts:
-//   pairs       by (table, key) ascending, each with the sum of its quanta and its smallest id;
+// Orderings the tensor code gets from stable sorts, here total orders on unique pairs (aggregated
+// with a hash table, in no particular order):
 //   newcomers   per bucket by (quanta desc, key asc);
 //   candidates  by (table asc, guaranteed stored score desc, key asc).
 
 #include <torch/extension.h>
 
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -77,22 +78,36 @@ std::vector<Pair> aggregate(const at::Tensor& keys, const at::Tensor& ids, const
   auto q = quanta.data_ptr<int64_t>();
   auto v = ok.data_ptr<bool>();
   auto t = tables.data_ptr<int64_t>();
-  std::vector<std::pair<int64_t, int64_t>> order(n);  // (packed table/key, position)
-  for (int64_t j = 0; j < n; ++j) order[j] = {(t[j] << 32) | k[j], j};
-  std::sort(order.begin(), order.end());
+  // Open addressing on the packed (table, key): no sort. Later steps order what they need with
+  // total orders, so the pairs' order here does not matter.
+  size_t cap = 16;
+  while (cap < 2 * static_cast<size_t>(n)) cap <<= 1;
+  constexpr uint64_t kNone = ~0ULL;  // packed values have 47 bits
+  std::vector<uint64_t> slot_key(cap, kNone);
+  std::vector<int64_t> slot_pair(cap);
   std::vector<Pair> pairs;
-  for (int64_t a = 0; a < n;) {
-    int64_t b = a, sum = 0, id = std::numeric_limits<int64_t>::max();
-    bool valid = false;
-    for (; b < n && order[b].first == order[a].first; ++b) {
-      int64_t j = order[b].second;
-      sum += q[j];
-      id = std::min(id, i[j]);
-      valid = valid || v[j];
+  std::vector<char> valid;
+  pairs.reserve(n);
+  valid.reserve(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t packed = (static_cast<uint64_t>(t[j]) << 32) | static_cast<uint64_t>(k[j]);
+    size_t h = static_cast<size_t>(finalise64(packed)) & (cap - 1);
+    while (slot_key[h] != kNone && slot_key[h] != packed) h = (h + 1) & (cap - 1);
+    if (slot_key[h] == kNone) {
+      slot_key[h] = packed;
+      slot_pair[h] = static_cast<int64_t>(pairs.size());
+      pairs.push_back({t[j], k[j], i[j], 0});
+      valid.push_back(0);
     }
-    if (valid) pairs.push_back({order[a].first >> 32, order[a].first & 0xFFFFFFFFLL, id, sum});
-    a = b;
+    Pair& p = pairs[slot_pair[h]];
+    p.quanta += q[j];
+    p.id = std::min(p.id, i[j]);
+    valid[slot_pair[h]] |= v[j];
   }
+  size_t kept = 0;  // pairs with at least one valid score
+  for (size_t x = 0; x < pairs.size(); ++x)
+    if (valid[x]) pairs[kept++] = pairs[x];
+  pairs.resize(kept);
   return pairs;
 }
 
@@ -158,10 +173,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<int64_t> written(n, -1), bucket(n);
   std::vector<int64_t> newcomer;  // pair positions
   std::vector<int64_t> accepted_q(T, 0);
+  for (int64_t j = 0; j < n; ++j) bucket[j] = s.bucket_of(pairs[j].key, pairs[j].table);
+  constexpr int64_t kAhead = 16;  // buckets are random: fetch the next ones' lines while probing
   for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) {
+      const int64_t ahead = bucket[j + kAhead] * s.c;
+      __builtin_prefetch(s.keys + ahead);
+      __builtin_prefetch(s.state + ahead);
+      __builtin_prefetch(s.scores + ahead);
+    }
     const Pair& p = pairs[j];
     accepted_q[p.table] += p.quanta;
-    bucket[j] = s.bucket_of(p.key, p.table);
     int64_t f = s.probe(p.key, bucket[j]);
     if (f >= 0) {
       s.scores[f] = s.scores[f] + s.to_stored(p.quanta, p.table);
@@ -171,9 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   }
   // Step 3: per bucket, in (quanta desc, key asc) order.
-  std::stable_sort(newcomer.begin(), newcomer.end(), [&](int64_t a, int64_t b) {
+  std::sort(newcomer.begin(), newcomer.end(), [&](int64_t a, int64_t b) {
     if (bucket[a] != bucket[b]) return bucket[a] < bucket[b];
-    return pairs[a].quanta > pairs[b].quanta;
+    if (pairs[a].quanta != pairs[b].quanta) return pairs[a].quanta > pairs[b].quanta;
+    return pairs[a].key < pairs[b].key;
   });
   std::vector<int64_t> lost(T, 0);
   for (size_t a = 0; a < newcomer.size();) {
@@ -205,9 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     g[j] = s.guaranteed(f);
     if (g[j] >= s.bars(pairs[j].table).first) cand.push_back(j);
   }
-  std::stable_sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
+  std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
     if (pairs[a].table != pairs[b].table) return pairs[a].table < pairs[b].table;
-    return g[a] > g[b];
+    if (g[a] != g[b]) return g[a] > g[b];
+    return pairs[a].key < pairs[b].key;
   });
   const int64_t m = static_cast<int64_t>(cand.size());
   auto out_tab = at::empty({m}, at::kLong), out_id = at::empty({m}, at::kLong), out_src = at::empty({m}, at::kLong),
@@ -257,9 +281,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t t = 0; t < T; ++t) demote_bar[t] = s.bars(t).second;
   int64_t row4[kChoices];
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t b = s.bucket_offset[t]; b < s.bucket_offset[t + 1]; ++b) {
-      for (int64_t f = b * s.c; f < (b + 1) * s.c; ++f) {
-        if (s.state[f] >= 0 && s.scores[f] < demote_bar[t]) {
+    const float bar = demote_bar[t];
+    const int64_t end = s.bucket_offset[t + 1] * s.c;
+    for (int64_t lo = s.bucket_offset[t] * s.c; lo < end; lo += 8) {
+      const int64_t hi = std::min<int64_t>(lo + 8, end);
+      if (hi - lo == 8) {  // eight states at once: skip them unless one is hot (sign bit clear)
+        uint64_t word;
+        std::memcpy(&word, s.state + lo, 8);
+        if ((~word & 0x8080808080808080ULL) == 0) continue;
+      }
+      for (int64_t f = lo; f < hi; ++f) {
+        if (s.state[f] >= 0 && s.scores[f] < bar) {
           s.choices(static_cast<uint32_t>(s.keys[f]), t, row4);
           s.demote(f, row4[s.state[f]], t, freed);
         }
@@ -297,6 +329,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       if (target[x] >= 0) s.demote(owner_slot[target[x]], target[x], pairs[cand[x]].table, freed);
   }
   return {out_tab, out_id, out_src, out_blocked, out_dst, out_promoted, freed_t, accepted};
+}
+
+// ``sketch_update`` from raw occurrences (hot_sketch.py: HotSketch.update after its argument
+// checks): fingerprints, quantisation (scores clamped to 2**24, rounded half to even to 2**-16)
+// and the count of bad scores per table (``rejected``, updated in place) done here too.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sketch_update_scores(
+    const at::Tensor& ids, const at::Tensor& scores, const at::Tensor& tables, at::Tensor rejected, at::Tensor slot_keys,
+    at::Tensor slot_scores, at::Tensor slot_state, at::Tensor pool_state, at::Tensor scale, at::Tensor mass,
+    at::Tensor mass_since_decay, at::Tensor promotions, at::Tensor demotions, at::Tensor dropped_mass,
+    const at::Tensor& bucket_offset, const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool,
+    const at::Tensor& threshold, const at::Tensor& decay, const at::Tensor& decay_mass, const at::Tensor& promote_load,
+    const at::Tensor& demote_load, const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset,
+    int64_t pool_seed_offset, double min_load, double displace_ratio) {
+  const at::Tensor id_t = ids.contiguous(), score_t = scores.to(at::kDouble).contiguous(), tab_t = tables.contiguous();
+  const int64_t n = id_t.numel();
+  at::Tensor keys = at::empty({n}, at::kLong), quanta = at::empty({n}, at::kLong), ok = at::empty({n}, at::kBool);
+  const int64_t *id = id_t.data_ptr<int64_t>(), *tab = tab_t.data_ptr<int64_t>();
+  const double* sc = score_t.data_ptr<double>();
+  int64_t *k = keys.data_ptr<int64_t>(), *q = quanta.data_ptr<int64_t>(), *bad = rejected.data_ptr<int64_t>();
+  bool* good = ok.data_ptr<bool>();
+  constexpr double kMaxScore = 16777216.0;  // 2**24
+  for (int64_t j = 0; j < n; ++j) {
+    k[j] = fingerprint32(id[j]);
+    const double x = sc[j];
+    good[j] = std::isfinite(x) && x >= 0;
+    q[j] = good[j] ? static_cast<int64_t>(std::nearbyint(std::min(x, kMaxScore) * kQuantum)) : 0;
+    bad[tab[j]] += good[j] ? 0 : 1;
+  }
+  return sketch_update(keys, id_t, quanta, ok, tab_t, slot_keys, slot_scores, slot_state, pool_state, scale, mass,
+                       mass_since_decay, promotions, demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool,
+                       threshold, decay, decay_mass, promote_load, demote_load, fixed, quarantine, bucket_seed_offset,
+                       pool_seed_offset, min_load, displace_ratio);
 }
 
 // The pool row each (table, key) reads (hot_sketch.py: lookup_keys): (row within the table's pool,
@@ -340,6 +404,14 @@ TORCH_LIBRARY(torchrec_cafe, m) {
       "int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "sketch_update_scores(Tensor ids, Tensor scores, Tensor tables, Tensor(k!) rejected, Tensor(a!) slot_keys, "
+      "Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, Tensor(e!) scale, Tensor(f!) mass, "
+      "Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, Tensor(j!) dropped_mass, "
+      "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, Tensor threshold, Tensor decay, "
+      "Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, int quarantine, "
+      "int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "sketch_lookup(Tensor keys, Tensor tables, Tensor slot_keys, Tensor slot_state, Tensor pool_state, "
       "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, int bucket_seed_offset, "
       "int pool_seed_offset) -> (Tensor, Tensor, Tensor)");
@@ -347,6 +419,7 @@ TORCH_LIBRARY(torchrec_cafe, m) {
 
 TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) {
   m.impl("sketch_update", &sketch_update);
+  m.impl("sketch_update_scores", &sketch_update_scores);
   m.impl("sketch_lookup", &sketch_lookup);
 }
 

@@ -12,26 +12,6 @@
 
 #include "sketch_common.h"
 
-namespace {
-
-// hashing.py: fingerprint32 (fmix32(low ^ fmix32(high))).
-inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6BU;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35U;
-  return x ^ (x >> 16);
-}
-inline int64_t fingerprint32(int64_t id) {
-  uint64_t u = static_cast<uint64_t>(id);
-  return static_cast<int64_t>(fmix32(static_cast<uint32_t>(u) ^ fmix32(static_cast<uint32_t>(u >> 32))));
-}
-inline int64_t py_remainder(int64_t a, int64_t n) {  // torch.remainder / Python %: sign of n
-  int64_t r = a % n;
-  return (r != 0 && ((r < 0) != (n < 0))) ? r + n : r;
-}
-
-}  // namespace
 
 // Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits).
 // ``weights`` is an empty tensor for an unweighted input; the output weights are empty unless

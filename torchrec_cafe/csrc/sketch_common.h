@@ -23,6 +23,24 @@ inline int64_t finalise64(uint64_t z) {
   return static_cast<int64_t>(z & 0x7FFFFFFFFFFFFFFFULL);
 }
 
+// hashing.py: fingerprint32 (fmix32(low ^ fmix32(high))).
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6BU;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35U;
+  return x ^ (x >> 16);
+}
+inline int64_t fingerprint32(int64_t id) {
+  uint64_t u = static_cast<uint64_t>(id);
+  return static_cast<int64_t>(fmix32(static_cast<uint32_t>(u) ^ fmix32(static_cast<uint32_t>(u >> 32))));
+}
+inline int64_t py_remainder(int64_t a, int64_t n) {  // torch.remainder / Python %: sign of n
+  int64_t r = a % n;
+  return (r != 0 && ((r < 0) != (n < 0))) ? r + n : r;
+}
+
+
 inline int32_t as_int32_bits(int64_t key) { return static_cast<int32_t>(static_cast<uint32_t>(key)); }
 
 struct Lookup {

@@ -420,10 +420,11 @@ class HotSketch(nn.Module):
             tables: int [N] table of each occurrence, in [0, T); default all 0.
         """
         ids, tables = self._check(ids, scores, tables)
+        if self.kernels_apply():
+            update = kernels.update_scores(self, ids, scores, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD)
+            return self._after_kernel(update)
         q, ok = _quantise(scores.to(ids.device, torch.float64))
         self.rejected.index_add_(0, tables, (~ok).to(torch.int64))
-        if self.kernels_apply():
-            return self._kernel_update(fingerprint32(ids), ids, q, ok, tables)
         return self._update_pairs(*self._aggregate(fingerprint32(ids), ids, q, ok, tables))
 
     @torch.no_grad()
@@ -475,10 +476,12 @@ class HotSketch(nn.Module):
     def _kernel_update(
         self, keys: torch.Tensor, ids: torch.Tensor, quanta: torch.Tensor, ok: torch.Tensor, tables: torch.Tensor
     ) -> SketchUpdate:
-        """Steps 1-8 in the compiled kernel, then the step counter and renormalisation."""
-        tab, uid, src, blocked, dst, promoted, demoted, accepted = kernels.update(
-            self, keys, ids, quanta, ok, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD
-        )
+        """Steps 1-8 of aggregated quanta in the compiled kernel."""
+        return self._after_kernel(kernels.update(self, keys, ids, quanta, ok, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD))
+
+    def _after_kernel(self, out: kernels.Update) -> SketchUpdate:
+        """The kernel's outputs as a SketchUpdate, then the step counter and renormalisation."""
+        tab, uid, src, blocked, dst, promoted, demoted, accepted = out
         self.step += 1
         self._maybe_renormalise()
         return SketchUpdate(tab, uid, src, blocked, dst, promoted, demoted, accepted.sum())

@@ -44,6 +44,23 @@ def update(
     )  # fmt: skip
 
 
+def update_scores(
+    sketch: "HotSketch", ids: torch.Tensor, scores: torch.Tensor, tables: torch.Tensor, bucket_seed_offset: int,
+    pool_seed_offset: int, min_load: float,
+) -> Update:
+    """``update`` from raw occurrences (ids [N] int64, float scores [N], tables [N]): fingerprints,
+    quantisation and the bad-score counts (``sketch.rejected``) in the kernel too."""
+    s = sketch
+    return torch.ops.torchrec_cafe.sketch_update_scores(
+        ids, scores, tables, s.rejected,
+        s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
+        s.promotions, s.demotions, s.dropped_mass,
+        s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
+        s._promote_load, s._demote_load, s._fixed,
+        s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
+    )  # fmt: skip
+
+
 def lookup(
     sketch: "HotSketch", keys: torch.Tensor, tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
