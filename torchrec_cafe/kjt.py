@@ -27,3 +27,11 @@ def kjt_like(
             inverse_indices=inverse_indices,
         )
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights, stride=like.stride())
+
+
+def bags_per_key(kjt: KeyedJaggedTensor) -> torch.Tensor:
+    """Bags (samples) of each key, [keys] int64 on CPU: the stride, or a variable-batch KJT's
+    per-key strides. TorchScript-able."""
+    if kjt.variable_stride_per_key():
+        return torch.tensor(kjt.stride_per_key(), dtype=torch.int64)
+    return torch.full([len(kjt.keys())], kjt.stride(), dtype=torch.int64)

@@ -29,7 +29,7 @@ from torchrec.modules.embedding_modules import reorder_inverse_indices
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import bags_per_key, kjt_like
 from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import fingerprint32
 from torchrec_cafe.sketch.hot_sketch import _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, HotSketch, SketchUpdate, pool_choices
@@ -259,18 +259,13 @@ class KJTRemapper(nn.Module):
     ) -> Tuple[KeyedJaggedTensor, Optional[RemapContext]]:
         """``forward`` in one compiled pass (sketch/kernels.py), bit for bit the tensor code's result."""
         with_sketch = sketch is not None and bool(self.sketched_features)
-        if kjt.variable_stride_per_key():
-            bags = torch.tensor(kjt.stride_per_key(), dtype=torch.int64)
-        else:
-            bags = torch.full((self.num_features,), kjt.stride(), dtype=torch.int64)
         s = sketch if sketch is not None and with_sketch else _NO_SKETCH
         w = kjt.weights_or_none()
         values, lengths, weights, ids, tables, bag, feature, factor, hot_hits = torch.ops.torchrec_cafe.remap(
-            kjt.values(), kjt.lengths(), w if w is not None else torch.zeros(0), bags,
+            kjt.values(), kjt.lengths(), w if w is not None else torch.zeros(0), bags_per_key(kjt),
             self.sketch_table, self.num_rows, self.pool, self.block_size, self.composed, self.mean, self.mean_as_weights,
             self.static, self.weighted_out, with_sketch, self.frequency.numel(),
-            s.slot_keys, s.slot_state, s.pool_state, s._bucket_offset, s._buckets, s._pool_offset, s._pool,
-            _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET,
+            *kernels.lookup_state(s), _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET,
         )  # fmt: skip
         physical = kjt_like(kjt, kjt.keys(), values, lengths, weights if self.weighted_out else None, kjt.inverse_indices_or_none())
         if not with_sketch:

@@ -371,17 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
     const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
   at::Tensor k = keys.contiguous(), t = tables.contiguous();
   const int64_t n = k.numel();
-  Sketch s{};
-  s.keys = const_cast<int32_t*>(slot_keys.data_ptr<int32_t>());
-  s.state = const_cast<int8_t*>(slot_state.data_ptr<int8_t>());
-  s.pool_state = const_cast<int8_t*>(pool_state.data_ptr<int8_t>());
-  s.bucket_offset = bucket_offset.data_ptr<int64_t>();
-  s.buckets = buckets.data_ptr<int64_t>();
-  s.pool_offset = pool_offset.data_ptr<int64_t>();
-  s.pool = pool.data_ptr<int64_t>();
-  s.c = slot_keys.size(1);
-  s.bucket_seed_offset = bucket_seed_offset;
-  s.pool_seed_offset = pool_seed_offset;
+  const Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
+                               bucket_seed_offset, pool_seed_offset);
   auto row = at::empty({n}, at::kLong), hot = at::empty({n}, at::kBool), blocked = at::empty({n}, at::kBool);
   auto kp = k.data_ptr<int64_t>(), tp = t.data_ptr<int64_t>(), rp = row.data_ptr<int64_t>();
   auto hp = hot.data_ptr<bool>(), bp = blocked.data_ptr<bool>();
@@ -394,23 +385,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
   return {row, hot, blocked};
 }
 
+// The sketch buffers (mutated), constants and scalars both update operators take, and their outputs.
+#define SKETCH_STATE_SCHEMA                                                                                    \
+  "Tensor(a!) slot_keys, Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, "                 \
+  "Tensor(e!) scale, Tensor(f!) mass, Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, " \
+  "Tensor(j!) dropped_mass, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, "              \
+  "Tensor threshold, Tensor decay, Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, "    \
+  "int quarantine, int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "          \
+  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
 TORCH_LIBRARY(torchrec_cafe, m) {
-  m.def(
-      "sketch_update(Tensor keys, Tensor ids, Tensor quanta, Tensor ok, Tensor tables, Tensor(a!) slot_keys, "
-      "Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, Tensor(e!) scale, Tensor(f!) mass, "
-      "Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, Tensor(j!) dropped_mass, "
-      "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, Tensor threshold, Tensor decay, "
-      "Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, int quarantine, "
-      "int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "sketch_update_scores(Tensor ids, Tensor scores, Tensor tables, Tensor(k!) rejected, Tensor(a!) slot_keys, "
-      "Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, Tensor(e!) scale, Tensor(f!) mass, "
-      "Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, Tensor(j!) dropped_mass, "
-      "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, Tensor threshold, Tensor decay, "
-      "Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, int quarantine, "
-      "int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sketch_update(Tensor keys, Tensor ids, Tensor quanta, Tensor ok, Tensor tables, " SKETCH_STATE_SCHEMA);
+  m.def("sketch_update_scores(Tensor ids, Tensor scores, Tensor tables, Tensor(k!) rejected, " SKETCH_STATE_SCHEMA);
   m.def(
       "sketch_lookup(Tensor keys, Tensor tables, Tensor slot_keys, Tensor slot_state, Tensor pool_state, "
       "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, int bucket_seed_offset, "

@@ -37,19 +37,9 @@ std::vector<at::Tensor> cafe_remap(
   const bool *comp = composed.data_ptr<bool>(), *mn = mean.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
   const bool* stat = is_static.data_ptr<bool>();
 
-  Sketch s{};
-  if (with_sketch) {
-    s.keys = const_cast<int32_t*>(slot_keys.data_ptr<int32_t>());
-    s.state = const_cast<int8_t*>(slot_state.data_ptr<int8_t>());
-    s.pool_state = const_cast<int8_t*>(pool_state.data_ptr<int8_t>());
-    s.bucket_offset = bucket_offset.data_ptr<int64_t>();
-    s.buckets = buckets.data_ptr<int64_t>();
-    s.pool_offset = pool_offset.data_ptr<int64_t>();
-    s.pool = table_pool.data_ptr<int64_t>();
-    s.c = slot_keys.size(1);
-    s.bucket_seed_offset = bucket_seed_offset;
-    s.pool_seed_offset = pool_seed_offset;
-  }
+  const Sketch s = with_sketch ? lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset,
+                                             table_pool, bucket_seed_offset, pool_seed_offset)
+                               : Sketch{};
   // Output sizes: composed features give every value two entries.
   int64_t total = 0, sketched = 0;
   {

@@ -150,3 +150,21 @@ struct Sketch {
   }
 };
 
+
+// The part of a sketch that lookups read (keys, states, pool states, layout, seeds), as a Sketch.
+inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_state, const at::Tensor& pool_state,
+                          const at::Tensor& bucket_offset, const at::Tensor& buckets, const at::Tensor& pool_offset,
+                          const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
+  Sketch s{};
+  s.keys = const_cast<int32_t*>(slot_keys.data_ptr<int32_t>());
+  s.state = const_cast<int8_t*>(slot_state.data_ptr<int8_t>());
+  s.pool_state = const_cast<int8_t*>(pool_state.data_ptr<int8_t>());
+  s.bucket_offset = bucket_offset.data_ptr<int64_t>();
+  s.buckets = buckets.data_ptr<int64_t>();
+  s.pool_offset = pool_offset.data_ptr<int64_t>();
+  s.pool = pool.data_ptr<int64_t>();
+  s.c = slot_keys.size(1);
+  s.bucket_seed_offset = bucket_seed_offset;
+  s.pool_seed_offset = pool_seed_offset;
+  return s;
+}

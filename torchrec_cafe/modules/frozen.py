@@ -21,7 +21,7 @@ from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import bags_per_key, kjt_like
 from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection, ids_as_bags, jagged_outputs
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
@@ -181,13 +181,9 @@ if kernels.AVAILABLE:
     ) -> KeyedJaggedTensor:
         """``frozen_physical_features`` of CPU inputs in one compiled pass (features already in
         module order)."""
-        if features.variable_stride_per_key():
-            bags = torch.tensor(features.stride_per_key(), dtype=torch.int64)
-        else:
-            bags = torch.full([len(feature_names)], features.stride(), dtype=torch.int64)
         w = features.weights() if is_weighted else torch.zeros(0)
         out = torch.ops.torchrec_cafe.frozen_remap(
-            features.values(), features.lengths(), w, bags, state[0], state[1], state[2], state[3], state[4], state[5],
+            features.values(), features.lengths(), w, bags_per_key(features), state[0], state[1], state[2], state[3], state[4], state[5],
             state[6], state[7], state[8], state[9], weighted_out, pool_seed,
         )
         return kjt_like(features, feature_names, out[0], out[1], out[2] if weighted_out else None, features.inverse_indices_or_none())

@@ -9,7 +9,7 @@ displacement, many tables). ``HotSketch`` uses them on CPU unless ``fixed_shapes
 ``use_kernels`` is off; the tensor code stays the reference and the path on other devices.
 """
 
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
 import torch
 
@@ -26,6 +26,25 @@ if TYPE_CHECKING:
 Update = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def lookup_state(sketch: "HotSketch") -> List[torch.Tensor]:
+    """What the lookup reads, in the operators' argument order: slot keys and states, pool states,
+    bucket and pool layout."""
+    s = sketch
+    return [s.slot_keys, s.slot_state, s.pool_state, s._bucket_offset, s._buckets, s._pool_offset, s._pool]
+
+
+def _update_state(sketch: "HotSketch", bucket_seed_offset: int, pool_seed_offset: int, min_load: float) -> list:
+    """The state and settings both update operators take (csrc: SKETCH_STATE_SCHEMA)."""
+    s = sketch
+    return [
+        s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
+        s.promotions, s.demotions, s.dropped_mass,
+        s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
+        s._promote_load, s._demote_load, s._fixed,
+        s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
+    ]  # fmt: skip
+
+
 def update(
     sketch: "HotSketch", keys: torch.Tensor, ids: torch.Tensor, quanta: torch.Tensor, ok: torch.Tensor,
     tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int, min_load: float,
@@ -33,15 +52,8 @@ def update(
     """One update of occurrences (keys [N] int64 < 2**32, ids [N], integer quanta [N], valid [N],
     tables [N]): (tables, ids, src, src_blocked, dst, promoted) per candidate in promotion order,
     the freed pool rows [sum P] bool and the accepted real mass per table [T] float64."""
-    s = sketch
-    return torch.ops.torchrec_cafe.sketch_update(
-        keys, ids, quanta, ok, tables,
-        s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
-        s.promotions, s.demotions, s.dropped_mass,
-        s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
-        s._promote_load, s._demote_load, s._fixed,
-        s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
-    )  # fmt: skip
+    state = _update_state(sketch, bucket_seed_offset, pool_seed_offset, min_load)
+    return torch.ops.torchrec_cafe.sketch_update(keys, ids, quanta, ok, tables, *state)
 
 
 def update_scores(
@@ -50,24 +62,12 @@ def update_scores(
 ) -> Update:
     """``update`` from raw occurrences (ids [N] int64, float scores [N], tables [N]): fingerprints,
     quantisation and the bad-score counts (``sketch.rejected``) in the kernel too."""
-    s = sketch
-    return torch.ops.torchrec_cafe.sketch_update_scores(
-        ids, scores, tables, s.rejected,
-        s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
-        s.promotions, s.demotions, s.dropped_mass,
-        s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
-        s._promote_load, s._demote_load, s._fixed,
-        s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
-    )  # fmt: skip
+    state = _update_state(sketch, bucket_seed_offset, pool_seed_offset, min_load)
+    return torch.ops.torchrec_cafe.sketch_update_scores(ids, scores, tables, sketch.rejected, *state)
 
 
 def lookup(
     sketch: "HotSketch", keys: torch.Tensor, tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``HotSketch.lookup_keys``: (row within the table's pool, hot, blocked), [N] each."""
-    s = sketch
-    return torch.ops.torchrec_cafe.sketch_lookup(
-        keys, tables, s.slot_keys, s.slot_state, s.pool_state, s._bucket_offset, s._buckets, s._pool_offset, s._pool,
-        bucket_seed_offset, pool_seed_offset,
-    )  # fmt: skip
-
+    return torch.ops.torchrec_cafe.sketch_lookup(keys, tables, *lookup_state(sketch), bucket_seed_offset, pool_seed_offset)
