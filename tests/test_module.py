@@ -410,6 +410,34 @@ def test_blocked_ids_never_read_a_private_row(cold_rows: str) -> None:
         assert out[blocked].abs().sum() == 0
 
 
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_the_lookup_reads_only_the_rows_an_id_uses(cold_rows: str, use_kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The physical KJT holds, per ID in order, exactly the rows its embedding sums (a hot ID its
+    private row, a cold one pool + block row, a blocked one its block row or nothing): the fused
+    lookup reads and updates no other row, and SUM tables of unweighted inputs pool unweighted."""
+    from torchrec_cafe.remap import KJTRemapper
+
+    monkeypatch.setattr(KJTRemapper, "use_kernels", use_kernels)
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10_000, feature_names=["a"])]
+    cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=100, threshold=1.0, importance="frequency", cold_rows=cold_rows))
+    kjt = KeyedJaggedTensor(keys=["a"], values=torch.arange(60), lengths=torch.ones(60, dtype=torch.int64))
+    for _ in range(3):
+        cafe(kjt)
+    cafe.apply_pending_updates()
+    ids = torch.arange(400)  # seen and unseen
+    batch = KeyedJaggedTensor(keys=["a"], values=ids.flip(0), lengths=torch.tensor([1, 3, 0, 396]))
+    physical, _ = cafe.remap(batch, training=False)
+    expected = rows_read(cafe, "t", ids.flip(0))
+    _, hot, blocked = reads(cafe, "t", ids)
+    assert bool(hot.any()) and bool(blocked.any()) and not bool((hot | blocked).all())
+    assert physical.weights_or_none() is None
+    assert physical.values().tolist() == [r for rows in expected for r in rows]
+    bags = torch.tensor([0, 1, 1, 1] + [3] * 396)
+    per_bag = torch.zeros(4, dtype=torch.int64).index_add_(0, bags, torch.tensor([len(r) for r in expected]))
+    assert physical.lengths().tolist() == per_bag.tolist()
+
+
 def test_profiler_sees_cafe_stages() -> None:
     """record_function ranges around CAFE's stages, for users' traces."""
     cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, threshold=1.0))

@@ -12,10 +12,12 @@ rows), rows ``[P, P + B)`` the *block* rows (``cold_rows="composed"`` only). An 
   head: the tail shares rows only with the tail. A cold ID whose every choice is owned (most of
   the pool private) reads its block row alone.
 
-Plain tables reduce IDs modulo N, so any int64 ID is valid everywhere. Composed tables give each
-ID two entries in its bag, so their output is pooled from a weighted KJT (weights ``w`` or ``1``,
-``/ len`` for MEAN). All features are remapped together by per-feature constant tensors: a fixed
-number of tensor ops whatever the number of tables.
+Plain tables reduce IDs modulo N, so any int64 ID is valid everywhere. The physical KJT holds the
+entries an ID reads and no others (a composed cold ID two, a hot or blocked one one, a blocked ID
+of a hashed table none): SUM tables pool from an unweighted KJT (when the input is), so the lookup
+does no more work than the rows read. MEAN tables whose bags change (composed or sketched) pool as
+SUM with weights ``w / len`` (``len``: the bag's IDs). All features are remapped together by
+per-feature constant tensors: a fixed number of tensor ops whatever the number of tables.
 """
 
 import math
@@ -70,16 +72,16 @@ class TableLayout:
         return math.ceil(self.config.num_embeddings / max(self.budget.block_rows, 1))
 
     @property
-    def needs_weights(self) -> bool:
-        """Sketched and composed tables pool from weighted entries: a blocked ID's pool entry, and
-        a hot ID's block entry, weigh 0."""
+    def entries_vary(self) -> bool:
+        """Sketched and composed tables read 0 to 2 physical entries per ID, so a bag's entries
+        are not its IDs."""
         return self.composed or self.sketched
 
     @property
     def mean_as_weights(self) -> bool:
-        """MEAN is computed as SUM with weights w/len when some entries weigh 0 or bags gain
-        entries (``needs_weights``) or carry weights (torch's EmbeddingBag has no weighted MEAN)."""
-        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.needs_weights)
+        """MEAN is computed as SUM with weights w/len when bags' entries are not their IDs
+        (``entries_vary``) or carry weights (torch's EmbeddingBag has no weighted MEAN)."""
+        return self.config.pooling == PoolingType.MEAN and (self.weighted or self.entries_vary)
 
     def physical_config(self) -> EmbeddingBagConfig:
         c = self.config
@@ -188,8 +190,8 @@ class KJTRemapper(nn.Module):
         self.num_features = len(per_feature)
         self.sketched_features = [i for i, (_, t) in enumerate(per_feature) if t >= 0]
         self.static_features = [i for i, (l, t) in enumerate(per_feature) if l.compressed and t < 0]
-        self.feature_mult = [2 if l.composed else 1 for l, _ in per_feature]  # physical entries per ID
-        self.weighted_out = any(l.weighted or l.needs_weights for l in layouts)
+        self.entries_vary = any(l.entries_vary for l in layouts)
+        self.weighted_out = any(l.weighted or l.mean_as_weights for l in layouts)
         self.frequency_tables = [t for t, l in enumerate(sketched) if l.settings.importance == "frequency"]
         constants = {
             "sketch_table": ([t for _, t in per_feature], torch.int64),
@@ -239,6 +241,7 @@ class KJTRemapper(nn.Module):
             rows = rows.index_copy(0, sel, row)
             # Hot IDs read their pool row alone (code 1, composed tables), blocked ones no pool row
             # (2): their block row alone, or (hashed cold rows) nothing, never another ID's row.
+            # Static tables (code 0) read their first choice (and block row).
             code = torch.where(hot & take(self.composed, f), 1, torch.where(blocked, 2, 0))
             alone = torch.zeros_like(ids).index_copy(0, sel, code)
             context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
@@ -287,7 +290,8 @@ class KJTRemapper(nn.Module):
         alone: Optional[torch.Tensor],
     ) -> KeyedJaggedTensor:
         """``alone`` [n]: per value, 1 if it reads its pool row alone (hot, composed), 2 if it reads
-        no pool row (blocked), 0 otherwise: the dropped entry weighs 0."""
+        no pool row (blocked), 0 otherwise. Each value becomes its entries, in order (pool row,
+        block row), within its bag."""
         lengths = kjt.lengths()
         weights: Optional[torch.Tensor] = None
         if self.weighted_out:
@@ -295,28 +299,24 @@ class KJTRemapper(nn.Module):
             base = w if w is not None else torch.ones_like(rows, dtype=torch.float32)
             inv_len = 1.0 / take(lengths.clamp(min=1).to(base.dtype), bag)
             weights = torch.where(take(self.mean_as_weights, feature), base * inv_len, base)
-        if max(self.feature_mult) == 1:
-            if alone is not None and weights is not None:
-                weights = torch.where(alone == 2, torch.zeros_like(weights), weights)
+        if not self.entries_vary or ids.device.type == "meta":
+            # (meta tensors hold no data to count entries by; the pooled output's shape is the same)
             return kjt_like(kjt, kjt.keys(), rows, lengths, weights, kjt.inverse_indices_or_none())
-        # Composed features: each ID becomes (pool row, block row), adjacent in its bag.
+        composed = take(self.composed, feature)
+        code = alone if alone is not None else torch.zeros_like(ids)
+        reads_pool = (code != 2).to(torch.int64)
+        reads_block = (composed & (code != 1)).to(torch.int64)
+        count = reads_pool + reads_block
         block = block_rows(ids, take(self.num_rows, feature), take(self.pool, feature), take(self.block_size, feature))
-        mult = take(self.composed, feature).to(torch.int64) + 1
-        total = sum(k * m for k, m in zip(per_key, self.feature_mult))
-        src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), mult, output_size=total)
-        second = (torch.arange(total, device=ids.device) - take(torch.cumsum(mult, 0) - mult, src)) == 1
-        values = torch.where(second, take(block, src), take(rows, src))
-        assert weights is not None  # composed tables make the physical KJT weighted
-        out_weights = take(weights, src)
-        if alone is not None:
-            drop = torch.where(second, 1, 2)  # a pool entry is dropped for code 2, a block entry for 1
-            out_weights = torch.where(take(alone, src) == drop, torch.zeros_like(out_weights), out_weights)
-        mult = torch.tensor(self.feature_mult, device=ids.device)
-        if kjt.variable_stride_per_key():
-            bag_mult = torch.repeat_interleave(mult, torch.tensor(kjt.stride_per_key(), device=ids.device))
-        else:
-            bag_mult = torch.repeat_interleave(mult, kjt.stride())
-        return kjt_like(kjt, kjt.keys(), values, lengths * bag_mult.to(lengths.dtype), out_weights, kjt.inverse_indices_or_none())
+        total = int(count.sum())  # the physical KJT's size: one host read on accelerators
+        src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count, output_size=total)
+        # An entry is a value's block row when it is its second, or its first and it reads no pool row.
+        second = (torch.arange(total, device=ids.device) - take(torch.cumsum(count, 0) - count, src)) == 1
+        is_block = second | (take(reads_pool, src) == 0)
+        values = torch.where(is_block, take(block, src), take(rows, src))
+        out_lengths = torch.zeros_like(lengths).index_add_(0, bag, count.to(lengths.dtype))
+        out_weights = take(weights, src) if weights is not None else None
+        return kjt_like(kjt, kjt.keys(), values, out_lengths, out_weights, kjt.inverse_indices_or_none())
 
     def _context(
         self,

@@ -7,7 +7,7 @@ with the hashing trick's row counts at the same CR, reading row ``id mod rows``.
 ``torchrec.fx``), one thread, the same KJTs (Zipf IDs, bags of 1..4), forward only, interleaved
 repetitions; medians.
 
-    python -m examples.benchmarks.serving_latency --out results/serving_latency
+    python -m examples.benchmarks.serving_latency --reps 200 --out results/serving_latency
 """
 
 import argparse
@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(table)
     write_json(args.out + ".json", {"tables": len(TABLES), "dim": 16, "compression_ratio": 100, "hot_ids": hot_ids, "runs": rows})
     with open(args.out + ".md", "w") as f:
-        f.write(f"# Serving latency (one thread)\n\n`python -m examples.benchmarks.serving_latency --out {args.out}`\n\n{table}\n")
+        f.write(f"# Serving latency (one thread)\n\n`python -m examples.benchmarks.serving_latency --reps {args.reps} --out {args.out}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

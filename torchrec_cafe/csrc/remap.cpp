@@ -40,7 +40,7 @@ std::vector<at::Tensor> cafe_remap(
   const Sketch s = with_sketch ? lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset,
                                              table_pool, bucket_seed_offset, pool_seed_offset)
                                : Sketch{};
-  // Output sizes: composed features give every value two entries.
+  // Output sizes: at most two entries per value of a composed feature, one of any other.
   int64_t total = 0, sketched = 0;
   {
     int64_t bag = 0, pos = 0;
@@ -54,14 +54,14 @@ std::vector<at::Tensor> cafe_remap(
     TORCH_CHECK(bag == num_bags && pos == n, "lengths do not match the bags per feature and values");
   }
   at::Tensor out_values = at::empty({total}, at::kLong);
-  at::Tensor out_lengths = at::empty_like(len_t);
+  at::Tensor out_len = at::empty({num_bags}, at::kLong);
   at::Tensor out_weights = weighted_out ? at::empty({total}, at::kFloat) : at::empty({0}, at::kFloat);
   at::Tensor c_ids = at::empty({sketched}, at::kLong), c_tab = at::empty({sketched}, at::kLong);
   at::Tensor c_bag = at::empty({sketched}, at::kLong), c_feat = at::empty({sketched}, at::kLong);
   at::Tensor c_factor = at::empty({sketched}, at::kFloat);
   const int64_t T = std::max<int64_t>(num_sketch_tables, 1);
   std::vector<float> hits(T, 0.0f), seen(T, 0.0f);
-  int64_t* ov = out_values.data_ptr<int64_t>();
+  int64_t *ov = out_values.data_ptr<int64_t>(), *ol = out_len.data_ptr<int64_t>();
   float* ow = weighted_out ? out_weights.data_ptr<float>() : nullptr;
   int64_t *ci = c_ids.data_ptr<int64_t>(), *ct = c_tab.data_ptr<int64_t>(), *cb = c_bag.data_ptr<int64_t>();
   int64_t* cf = c_feat.data_ptr<int64_t>();
@@ -71,7 +71,7 @@ std::vector<at::Tensor> cafe_remap(
   for (int64_t f = 0; f < F; ++f) {
     const bool sk = with_sketch && st[f] >= 0, two = comp[f];
     for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
-      const int64_t L = len[bag];
+      const int64_t L = len[bag], start = o;
       const float inv_len = 1.0f / static_cast<float>(std::max<int64_t>(L, 1));
       for (int64_t e = 0; e < L; ++e, ++j) {
         const int64_t x = ids[j];
@@ -99,29 +99,24 @@ std::vector<at::Tensor> cafe_remap(
           const float base = w ? w[j] : 1.0f;
           wt = maw[f] ? base * inv_len : base;
         }
-        ov[o] = row;
-        if (ow) ow[o] = code == 2 ? 0.0f : wt;
-        ++o;
-        if (two) {
+        if (code != 2) {
+          ov[o] = row;
+          if (ow) ow[o] = wt;
+          ++o;
+        }
+        if (two && code != 1) {
           ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
-          if (ow) ow[o] = code == 1 ? 0.0f : wt;
+          if (ow) ow[o] = wt;
           ++o;
         }
       }
+      ol[bag] = o - start;
     }
   }
-  {
-    // lengths x entries per value, in the input's dtype
-    at::Tensor mult = at::empty({num_bags}, at::kLong);
-    int64_t* m = mult.data_ptr<int64_t>();
-    int64_t b = 0;
-    for (int64_t f = 0; f < F; ++f)
-      for (int64_t i = 0; i < bpf[f]; ++i) m[b++] = comp[f] ? 2 : 1;
-    out_lengths = (len_t * mult.to(len_t.scalar_type()));
-  }
+  const at::Tensor out_lengths = out_len.to(len_t.scalar_type());
   at::Tensor hot_hits = at::empty({T}, at::kFloat);
   for (int64_t t = 0; t < T; ++t) hot_hits.data_ptr<float>()[t] = hits[t] / std::max(seen[t], 1.0f);
-  return {out_values, out_lengths, out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits};
+  return {out_values.narrow(0, 0, o), out_lengths, weighted_out ? out_weights.narrow(0, 0, o) : out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits};
 }
 
 
@@ -152,16 +147,15 @@ std::vector<at::Tensor> cafe_frozen_remap(
       for (int64_t b = 0; b < bpf[f]; ++b, ++bag) total += two[f] ? 2 * len[bag] : len[bag];
     TORCH_CHECK(bag == len_t.numel(), "lengths do not match the bags per feature");
   }
-  at::Tensor out_values = at::empty({total}, at::kLong);
+  // At most ``total`` entries: a hot ID's block row and a blocked ID's pool row are not read.
+  at::Tensor out_values = at::empty({total}, at::kLong), out_len = at::empty({len_t.numel()}, at::kLong);
   at::Tensor out_weights = weighted_out ? at::empty({total}, at::kFloat) : at::empty({0}, at::kFloat);
-  at::Tensor mult = at::empty({len_t.numel()}, at::kLong);
-  int64_t *ov = out_values.data_ptr<int64_t>(), *m = mult.data_ptr<int64_t>();
+  int64_t *ov = out_values.data_ptr<int64_t>(), *ol = out_len.data_ptr<int64_t>();
   float* ow = weighted_out ? out_weights.data_ptr<float>() : nullptr;
   int64_t bag = 0, j = 0, o = 0;
   for (int64_t f = 0; f < F; ++f) {
     for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
-      const int64_t L = len[bag];
-      m[bag] = two[f] ? 2 : 1;
+      const int64_t L = len[bag], start = o;
       for (int64_t e = 0; e < L; ++e, ++j) {
         const int64_t x = ids[j];
         bool hot = false, blocked = false;
@@ -187,21 +181,24 @@ std::vector<at::Tensor> cafe_frozen_remap(
         if (weighted_out) {
           wt = w ? w[j] : 1.0f;
           if (maw[f]) wt = wt / static_cast<float>(std::max<int64_t>(L, 1));
-          if (blocked && !two[f]) wt = 0.0f;
         }
-        ov[o] = row;
-        if (ow) ow[o] = blocked ? 0.0f : wt;
-        ++o;
-        if (two[f]) {
+        if (!blocked) {
+          ov[o] = row;
+          if (ow) ow[o] = wt;
+          ++o;
+        }
+        if (two[f] && !hot) {
           ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
-          if (ow) ow[o] = hot ? 0.0f : wt;
+          if (ow) ow[o] = wt;
           ++o;
         }
       }
+      ol[bag] = o - start;
     }
   }
   TORCH_CHECK(j == n, "lengths do not sum to the number of values");
-  return {out_values, len_t * mult.to(len_t.scalar_type()), out_weights};
+  return {out_values.narrow(0, 0, o), out_len.to(len_t.scalar_type()),
+          weighted_out ? out_weights.narrow(0, 0, o) : out_weights};
 }
 
 TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {

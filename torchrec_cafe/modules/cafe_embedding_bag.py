@@ -658,9 +658,9 @@ def _layouts(
                 t.name, budget.budget_bytes, budget.logical_bytes / budget.budget_bytes, budget.rows,
             )
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
-    if not is_weighted and any(l.needs_weights or l.mean_as_weights for l in layouts):
-        # Sketched and composed tables need weights (a blocked ID's pool entry weighs 0), and a KJT
-        # carries weights for every feature or none: every MEAN table then pools as SUM with weights 1/len.
+    if not is_weighted and any(l.mean_as_weights for l in layouts):
+        # A MEAN table whose bags' entries are not their IDs pools as SUM with weights 1/len, and a
+        # KJT carries weights for every feature or none: every MEAN table then does.
         layouts = [TableLayout(l.config, l.cafe, l.budget, True) for l in layouts]
     return layouts
 

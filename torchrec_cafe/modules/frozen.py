@@ -38,7 +38,8 @@ class CafeInferenceEBC(nn.Module):
     read ``id % N``; compressed ones a pool row (the candidate it owns: ``owned`` with its key in
     ``owner_keys``; else the first candidate whose ``owned`` flag is clear, or the first when all
     are owned) and, composed, block row ``P + (id % N) // block_size`` (a hot ID
-    reads its pool row alone, a blocked one its block row alone).
+    reads its pool row alone, a blocked one its block row alone, or nothing if not composed):
+    the physical KJT holds only the entries read, unweighted for SUM tables of unweighted inputs.
     """
 
     # registered buffers (typed for the type checker; nn.Module's __getattr__ is untyped)
@@ -70,7 +71,7 @@ class CafeInferenceEBC(nn.Module):
         self._input_features = input_features  # the KJT key each reads
         self._is_weighted = is_weighted
         self._weighted_out = weighted_out
-        self._any_composed = bool(constants["composed"].any())
+        self._any_varying = _any_varying(constants)
         # CPU inputs go through the compiled lookup when it is built (the TorchScript form then
         # needs torchrec_cafe's operators loaded, as TorchRec's needs FBGEMM's)
         self._compiled = kernels.AVAILABLE
@@ -89,7 +90,7 @@ class CafeInferenceEBC(nn.Module):
              self._composed, self._mean_as_weights, self.owner_keys, self.owned],
             self._is_weighted,
             self._weighted_out,
-            self._any_composed,
+            self._any_varying,
             self._pool_seed,
             self._compiled,
         )
@@ -122,7 +123,7 @@ def frozen_physical_features(
     state: List[torch.Tensor],
     is_weighted: bool,
     weighted_out: bool,
-    any_composed: bool,
+    any_varying: bool,
     pool_seed: int,
     compiled: bool = False,
 ) -> KeyedJaggedTensor:
@@ -155,19 +156,17 @@ def frozen_physical_features(
         w = features.weights()
     if weighted_out:
         w = torch.where(mean_as_weights.index_select(0, feature), w / lengths.clamp(min=1).index_select(0, bag).to(w.dtype), w)
-        w = torch.where(blocked & ~composed_f.index_select(0, feature), torch.zeros_like(w), w)  # hashed: reads no row
-    if not any_composed:
+    if not any_varying:
         return kjt_like(features, feature_names, rows, lengths, w if weighted_out else None, features.inverse_indices_or_none())
-    # Composed features: each ID becomes (pool row, block row); one entry weighs 0 for a hot
-    # ID (its block row) and a blocked one (its pool row; hashed features: its only entry).
+    # Each ID becomes the entries it reads, in order: its pool row unless blocked, its block row
+    # (composed features) unless hot.
     composed = composed_f.index_select(0, feature)
     block = block_rows(ids, n, pool.index_select(0, feature), block_size.index_select(0, feature))
     values = torch.stack([rows, block], dim=1)
-    zero = torch.zeros_like(w)
-    weights = torch.stack([torch.where(blocked, zero, w), torch.where(hot & composed, zero, w)], dim=1)
-    keep = torch.stack([torch.ones_like(composed), composed], dim=1)
-    out_lengths = torch.zeros_like(lengths).index_add_(0, bag, composed.to(lengths.dtype) + 1)
-    return kjt_like(features, feature_names, values[keep], out_lengths, weights[keep], features.inverse_indices_or_none())
+    keep = torch.stack([~blocked, composed & ~hot], dim=1)
+    out_lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.sum(dim=1).to(lengths.dtype))
+    weights = torch.stack([w, w], dim=1)[keep] if weighted_out else None
+    return kjt_like(features, feature_names, values[keep], out_lengths, weights, features.inverse_indices_or_none())
 
 
 torch.fx.wrap("frozen_physical_features")
@@ -315,6 +314,11 @@ def frozen_state(
     return {k: torch.tensor(v, device=device) for k, v in constants.items()}, owner_keys.to(device), owned.to(device)
 
 
+def _any_varying(constants: Dict[str, torch.Tensor]) -> bool:
+    """Whether some feature's bags read other entries than their IDs (composed or sketched)."""
+    return bool((constants["composed"] | (constants["sketch_table"] >= 0)).any())
+
+
 def traced_physical_features(module: CafeEmbeddingBagCollection, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     """What ``torch.fx`` records for an unsharded module's remap: the frozen lookup as it stands
     (its state becomes constants of the traced graph), as one ``frozen_physical_features`` node."""
@@ -326,7 +330,7 @@ def traced_physical_features(module: CafeEmbeddingBagCollection, features: Keyed
         [constants[name] for name in _CONSTANTS] + [owner_keys, owned],
         module.is_weighted(),
         module._remapper.weighted_out,
-        bool(constants["composed"].any()),
+        _any_varying(constants),
         POOL_SEED_OFFSET,
         kernels.AVAILABLE,
     )
