@@ -134,6 +134,14 @@ class Migration:
     composed: torch.Tensor
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
 
+    def promoted_only(self) -> "Migration":
+        """The promoted pairs alone (a host read of their count: for CPU, where promotions are a
+        few per update and the pairs thousands; accelerators keep the fixed shapes)."""
+        keep = self.mask.nonzero().squeeze(1)
+        return Migration(*(t.index_select(0, keep) for t in (
+            self.tables, self.src, self.dst, self.mask, self.keep_weights, self.block, self.composed, self.reset_state
+        )))  # fmt: skip
+
 
 _NO_SKETCH = HotSketch(1, 1)  # buffers to pass the remap kernel when there is no sketch (never read)
 

@@ -223,6 +223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<int64_t> cand;
   std::vector<float> g(n, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && written[j + kAhead] >= 0) {  // the slots of step 2, long evicted: fetch ahead
+      const int64_t ahead = written[j + kAhead];
+      __builtin_prefetch(s.keys + ahead);
+      __builtin_prefetch(s.state + ahead);
+      __builtin_prefetch(s.scores + ahead);
+    }
     int64_t f = written[j];
     if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
     g[j] = s.guaranteed(f);
@@ -285,10 +291,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t end = s.bucket_offset[t + 1] * s.c;
     for (int64_t lo = s.bucket_offset[t] * s.c; lo < end; lo += 8) {
       const int64_t hi = std::min<int64_t>(lo + 8, end);
-      if (hi - lo == 8) {  // eight states at once: skip them unless one is hot (sign bit clear)
-        uint64_t word;
-        std::memcpy(&word, s.state + lo, 8);
-        if ((~word & 0x8080808080808080ULL) == 0) continue;
+      if (hi - lo == 8) {  // eight slots at once, branch-free: skip them unless one is hot and below the bar
+        int below = 0;
+        for (int k = 0; k < 8; ++k) below |= (s.state[lo + k] >= 0) & (s.scores[lo + k] < bar);
+        if (!below) continue;
       }
       for (int64_t f = lo; f < hi; ++f) {
         if (s.state[f] >= 0 && s.scores[f] < bar) {
