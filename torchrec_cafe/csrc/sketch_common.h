@@ -80,10 +80,24 @@ struct Sketch {
     return bucket_offset[t] + finalise64(z) % buckets[t];
   }
   // The key's choices in a pool of P rows (hot_sketch.py: pool_choices).
+  // (h1 + p * h2) % P for p = 0..3, all non-negative (h has 63 bits): two divisions, then
+  // steps of h2 % P reduced by one subtraction each — 32-bit ones when P fits (the usual case).
   static void choices_in(int64_t key, int64_t P, int64_t seed_offset, int64_t* rows) {
-    int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
-    int64_t h1 = h & 0xFFFFFFFFLL, h2 = (h >> 32) | 1;
-    for (int p = 0; p < kChoices; ++p) rows[p] = (h1 + p * h2) % P;
+    const int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
+    const int64_t h1 = h & 0xFFFFFFFFLL, h2 = (h >> 32) | 1;
+    int64_t r, step;
+    if (P <= 0xFFFFFFFFLL) {
+      const uint32_t p32 = static_cast<uint32_t>(P);
+      r = static_cast<uint32_t>(h1) % p32, step = static_cast<uint32_t>(h2) % p32;
+    } else {
+      r = h1 % P, step = h2 % P;
+    }
+    rows[0] = r;
+    for (int p = 1; p < kChoices; ++p) {
+      r += step;
+      if (r >= P) r -= P;
+      rows[p] = r;
+    }
   }
   // Global pool row of each of the key's choices (pool_choices + the table's pool offset).
   void choices(int64_t key, int64_t t, int64_t* rows) const {
