@@ -168,3 +168,25 @@ def test_frozen_lookup_kernel_equals_the_tensor_lookup(weighted: bool) -> None:
         assert torch.equal(compiled, tensor)
         if not variable_batch:
             assert torch.equal(scripted(features).values(), tensor)
+
+
+def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:
+    """The importance rescaling (per feature: norm * count / sum of the finite norms) of one process
+    through the compiled operator, bit for bit the tensor code's, non-finite norms included."""
+    from torchrec_cafe.modules.cafe_embedding_bag import _normalised_scores
+
+    g = torch.Generator().manual_seed(3)
+    norms = torch.rand(5000, generator=g) * torch.rand(5000, generator=g).pow(8) * 100
+    norms[::97] = float("nan")
+    norms[5::211] = float("inf")
+    norms[7::13] = 0.0
+    feature = torch.randint(0, 7, (5000,), generator=g)
+    feature[feature == 6] = 5  # feature 6 absent: its scale is never used
+    for n in (5000, 0):
+        tensor = _normalised_scores(norms[:n], feature[:n], 7, None, compiled=False)
+        compiled = _normalised_scores(norms[:n], feature[:n], 7, None, compiled=True)
+        assert torch.equal(tensor.isnan(), compiled.isnan())
+        assert torch.equal(torch.nan_to_num(tensor), torch.nan_to_num(compiled))
+        if n:
+            finite = torch.isfinite(norms)
+            assert torch.allclose(tensor[finite & (feature == 0)].mean(), torch.tensor(1.0))

@@ -29,6 +29,7 @@ from torchrec_cafe.rows import (
     storage_key,
     tbe_shards,
 )
+from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences, check_same_on_all_ranks, spans_ranks
 
@@ -36,15 +37,18 @@ logger: logging.Logger = logging.getLogger(__name__)
 
 
 def _normalised_scores(
-    norms: torch.Tensor, feature: torch.Tensor, num_features: int, group: Optional[dist.ProcessGroup]
+    norms: torch.Tensor, feature: torch.Tensor, num_features: int, group: Optional[dist.ProcessGroup], compiled: bool = False
 ) -> torch.Tensor:
     """Official CAFE scaling: per feature, ``norm * n / sum(norm)`` so the mean score is 1.
 
     The sums run over the whole update (all ranks' occurrences when ``group`` spans ranks: one
     all-reduce of [2, F] float64), so every rank rescales as one process fed the global batch
     would. Non-finite norms stay non-finite (the sketch drops them) and do not enter the sums, so
-    one bad gradient cannot poison the other occurrences' scores.
+    one bad gradient cannot poison the other occurrences' scores. ``compiled``: one process's
+    float32 CPU norms take the compiled operator, bit for bit the same.
     """
+    if compiled and kernels.AVAILABLE and norms.device.type == "cpu" and norms.dtype == torch.float32 and not spans_ranks(group):
+        return torch.ops.torchrec_cafe.normalised_scores(norms, feature, num_features)
     finite = torch.isfinite(norms)
     clean = torch.where(finite, norms, torch.zeros_like(norms)).to(torch.float64)
     sums = torch.zeros(2, num_features, dtype=torch.float64, device=norms.device)
@@ -401,7 +405,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if not (pending or distributed):
             return
         with record_function("## cafe: importance ##"):
-            scores = _normalised_scores(norms, feature, self._remapper.num_features, self._group)
+            compiled = self._sketch.kernels_apply()
+            scores = _normalised_scores(norms, feature, self._remapper.num_features, self._group, compiled)
             if self._remapper.frequency_tables:
                 frequency = self._remapper.frequency.index_select(0, tables)
                 scores = torch.where(frequency, torch.ones_like(scores), scores)
