@@ -146,6 +146,14 @@ class Migration:
 _NO_SKETCH = HotSketch(1, 1)  # buffers to pass the remap kernel when there is no sketch (never read)
 
 
+def _with_batch_layout(context: RemapContext, kjt: KeyedJaggedTensor) -> RemapContext:
+    """Adds a variable-batch KJT's inverse indices and bags per feature to ``context``."""
+    if kjt.variable_stride_per_key():
+        context.inverse = reorder_inverse_indices(kjt.inverse_indices_or_none(), kjt.keys())
+        context.bags_per_feature = kjt.stride_per_key()
+    return context
+
+
 def block_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, block_size: torch.Tensor) -> torch.Tensor:
     """Physical block row of each id of a composed table (per-value N, P and block size, [n]
     each): ``P + (id mod N) // block_size``. TorchScript-able. [n] int64"""
@@ -253,7 +261,7 @@ class KJTRemapper(nn.Module):
             code = torch.where(hot & take(self.composed, f), 1, torch.where(blocked, 2, 0))
             alone = torch.zeros_like(ids).index_copy(0, sel, code)
             context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
-        return self._physical(kjt, ids, rows, per_key, bag, feature, alone), context
+        return self._physical(kjt, ids, rows, bag, feature, alone), context
 
     def _kernel_applies(self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]) -> bool:
         w = kjt.weights_or_none()
@@ -281,18 +289,13 @@ class KJTRemapper(nn.Module):
         physical = kjt_like(kjt, kjt.keys(), values, lengths, weights if self.weighted_out else None, kjt.inverse_indices_or_none())
         if not with_sketch:
             return physical, None
-        context = RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hot_hits)
-        if kjt.variable_stride_per_key():
-            context.inverse = reorder_inverse_indices(kjt.inverse_indices_or_none(), kjt.keys())
-            context.bags_per_feature = kjt.stride_per_key()
-        return physical, context
+        return physical, _with_batch_layout(RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hot_hits), kjt)
 
     def _physical(
         self,
         kjt: KeyedJaggedTensor,
         ids: torch.Tensor,
         rows: torch.Tensor,
-        per_key: List[int],
         bag: torch.Tensor,
         feature: torch.Tensor,
         alone: Optional[torch.Tensor],
@@ -344,11 +347,7 @@ class KJTRemapper(nn.Module):
         num_tables = self.frequency.numel()
         hits = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, hot.float())
         seen = torch.zeros(num_tables, device=ids.device).index_add_(0, tables, torch.ones_like(factor))
-        context = RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hits / seen.clamp(min=1))
-        if kjt.variable_stride_per_key():
-            context.inverse = reorder_inverse_indices(kjt.inverse_indices_or_none(), kjt.keys())
-            context.bags_per_feature = kjt.stride_per_key()
-        return context
+        return _with_batch_layout(RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hits / seen.clamp(min=1)), kjt)
 
     def migration(self, update: SketchUpdate) -> Migration:
         """The row copies of a sketch update: pool rows are the first rows of a physical table."""

@@ -176,12 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t j = 0; j < n; ++j) bucket[j] = s.bucket_of(pairs[j].key, pairs[j].table);
   constexpr int64_t kAhead = 16;  // buckets are random: fetch the next ones' lines while probing
   for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) {
-      const int64_t ahead = bucket[j + kAhead] * s.c;
-      __builtin_prefetch(s.keys + ahead);
-      __builtin_prefetch(s.state + ahead);
-      __builtin_prefetch(s.scores + ahead);
-    }
+    if (j + kAhead < n) s.prefetch(bucket[j + kAhead] * s.c);
     const Pair& p = pairs[j];
     accepted_q[p.table] += p.quanta;
     int64_t f = s.probe(p.key, bucket[j]);
@@ -223,12 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<int64_t> cand;
   std::vector<float> g(n, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && written[j + kAhead] >= 0) {  // the slots of step 2, long evicted: fetch ahead
-      const int64_t ahead = written[j + kAhead];
-      __builtin_prefetch(s.keys + ahead);
-      __builtin_prefetch(s.state + ahead);
-      __builtin_prefetch(s.scores + ahead);
-    }
+    if (j + kAhead < n && written[j + kAhead] >= 0) s.prefetch(written[j + kAhead]);  // step 2's slots, long evicted
     int64_t f = written[j];
     if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
     g[j] = s.guaranteed(f);

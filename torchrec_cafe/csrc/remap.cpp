@@ -13,6 +13,25 @@
 
 #include "sketch_common.h"
 
+// Writes the entries one ID reads at output position o, in order — its pool row (``reads_pool``),
+// then its block row P + (id mod N) / block size (``reads_block``), each with weight ``wt`` when
+// the output is weighted — and returns the next position. Shared by the training and serving remaps.
+inline int64_t emit(int64_t* ov, float* ow, int64_t o, int64_t id, float wt, int64_t row, bool reads_pool,
+                    bool reads_block, int64_t pool, int64_t num_rows, int64_t block_size) {
+  if (reads_pool) {
+    ov[o] = row;
+    if (ow) ow[o] = wt;
+    ++o;
+  }
+  if (reads_block) {
+    ov[o] = pool + py_remainder(id, num_rows) / block_size;
+    if (ow) ow[o] = wt;
+    ++o;
+  }
+  return o;
+}
+
+
 
 // Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits).
 // ``weights`` is an empty tensor for an unweighted input; the output weights are empty unless
@@ -100,16 +119,7 @@ std::vector<at::Tensor> cafe_remap(
           const float base = w ? w[j] : 1.0f;
           wt = maw[f] ? base * inv_len : base;
         }
-        if (code != 2) {
-          ov[o] = row;
-          if (ow) ow[o] = wt;
-          ++o;
-        }
-        if (two && code != 1) {
-          ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
-          if (ow) ow[o] = wt;
-          ++o;
-        }
+        o = emit(ov, ow, o, x, wt, row, code != 2, two && code != 1, pl[f], nr[f], bs[f]);
       }
       ol[bag] = o - start;
     }
@@ -183,16 +193,7 @@ std::vector<at::Tensor> cafe_frozen_remap(
           wt = w ? w[j] : 1.0f;
           if (maw[f]) wt = wt / static_cast<float>(std::max<int64_t>(L, 1));
         }
-        if (!blocked) {
-          ov[o] = row;
-          if (ow) ow[o] = wt;
-          ++o;
-        }
-        if (two[f] && !hot) {
-          ov[o] = pl[f] + py_remainder(x, nr[f]) / bs[f];
-          if (ow) ow[o] = wt;
-          ++o;
-        }
+        o = emit(ov, ow, o, x, wt, row, !blocked, two[f] && !hot, pl[f], nr[f], bs[f]);
       }
       ol[bag] = o - start;
     }

@@ -104,6 +104,12 @@ struct Sketch {
     choices_in(key, pool[t], pool_seed_offset, rows);
     for (int p = 0; p < kChoices; ++p) rows[p] += pool_offset[t];
   }
+  // Starts loading the cache lines of a slot (or a bucket's first slot): keys, states, scores.
+  void prefetch(int64_t slot) const {
+    __builtin_prefetch(keys + slot);
+    __builtin_prefetch(state + slot);
+    __builtin_prefetch(scores + slot);
+  }
   // Flat slot holding (t, key), or -1.
   int64_t probe(int64_t key, int64_t bucket) const {
     int32_t k32 = as_int32_bits(key);

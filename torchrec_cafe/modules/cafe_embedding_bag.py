@@ -420,15 +420,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             with record_function("## cafe: sketch update ##"):
                 update = self._sketch.update(ids, scores, tables)
         groups, row_split = self._row_groups()  # also refuses optimizer state it cannot migrate
+        # Free checks on CPU (every rank agrees: replicas are identical): nothing to migrate, or
+        # only the few promoted pairs of thousands.
+        compact = self._sketch.host_reads_are_free()
+        if compact and not bool(update.promoted.any()):
+            return
         with record_function("## cafe: migration ##"):
             migration = self._remapper.migration(update)
-            if self._sketch.host_reads_are_free():
-                # Free checks on CPU (every rank agrees: replicas are identical): nothing to
-                # migrate, or only the few promoted pairs of thousands.
-                if not bool(update.promoted.any()):
-                    return
-                migration = migration.promoted_only()
-            self._migrate(migration, groups, row_split)
+            self._migrate(migration.promoted_only() if compact else migration, groups, row_split)
 
     def _migrate(self, m: Migration, groups: list, row_split: list) -> None:
         """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
