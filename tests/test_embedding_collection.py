@@ -74,7 +74,7 @@ def test_scores_are_per_occurrence_embedding_gradient_norms() -> None:
     out = cafe(kjt)
     upstream = {k: torch.randn_like(jt.values()) for k, jt in out.items()}
     sum((out[k].values() * upstream[k]).sum() for k in out).backward()
-    ids, _, norms, feature = cafe.bags._pending[-1]
+    ids, _, norms, feature = cafe.bags._pending[-1][:4]
     # module features: f1 then f2 (as t1 reads them); each occurrence's gradient is its upstream row
     expected = torch.cat([upstream["f1"].norm(dim=1), upstream["f2@t1"].norm(dim=1)])
     torch.testing.assert_close(norms, expected)

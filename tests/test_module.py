@@ -178,6 +178,29 @@ def test_malformed_kjts_get_clear_errors_before_any_state_changes(values, length
     assert all(torch.equal(v, state()[k]) for k, v in before.items())
 
 
+def test_pipeline_depth_holds_each_steps_scores_back_one_more_update() -> None:
+    """pipeline_depth d: the update at step j applies the scores of steps <= j - 1 - d. With
+    frequency scores (known at the forward), a depth-1 module after step j + 1 holds the sketch a
+    depth-0 module holds after step j: the same updates, each one step later."""
+    modules = {
+        d: CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10, importance="frequency", pipeline_depth=d))
+        for d in (0, 1)
+    }
+    batches = [_kjt(["f0", "f1", "f2"], batch=32, high=400, seed=s) for s in range(8)]
+    states = {}
+    for d, cafe in modules.items():
+        states[d] = []
+        for kjt in batches:
+            cafe(kjt)
+            states[d].append(torch.cat([v.double().flatten() for v in cafe.sketch.state_dict().values()]))
+    assert sum(s["promotions"] for s in modules[0].stats().values()) > 0
+    for j in range(len(batches) - 1):
+        assert torch.equal(states[1][j + 1], states[0][j]), j
+    assert not torch.equal(states[1][-1], states[0][-1])
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        CafeConfig(compression_ratio=10, pipeline_depth=-1)
+
+
 def test_mismatched_configs_get_clear_errors() -> None:
     tables = _tables()
     with pytest.raises(ValueError, match="not in tables"):

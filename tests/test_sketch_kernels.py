@@ -124,7 +124,7 @@ def test_remap_kernel_equals_the_tensor_remap(weighted: bool, variable_batch: bo
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     remapper = module.remapper
     for step in range(30):
-        features = module._prepare(_kjt(step, weighted, variable_batch), True)
+        features = module._prepare(_kjt(step, weighted, variable_batch), True)[0]  # rows: irrelevant here
         monkeypatch.setattr(KJTRemapper, "use_kernels", True)
         assert remapper._kernel_applies(features, module.sketch)
         compiled, compiled_context = remapper(features, module.sketch)

@@ -14,7 +14,9 @@ Invariants:
       corrupted, truncated or mismatched checkpoint is refused and the model is left as it was.
     * ``save`` first applies the scores stashed since the last sketch update (as the next training
       forward would), so resuming continues exactly; with ``update_interval > 1`` this is exact
-      when saving at a multiple of the interval, otherwise the partial interval lands early.
+      when saving at a multiple of the interval, otherwise the partial interval lands early, and
+      with ``pipeline_depth > 0`` the held-back steps' scores land early too (a resumed run then
+      continues as the run that saved, which differs from one that never saved by that timing).
 
 Example::
 

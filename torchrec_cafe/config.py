@@ -70,8 +70,14 @@ class CafeConfig:
         slots_per_bucket: sketch slots per bucket (paper: 4).
         importance: ``"grad_norm"`` (paper: per-occurrence L2 norm of the row gradient, rescaled
             to mean 1 per feature and batch) or ``"frequency"`` (every occurrence scores 1).
-        quarantine: sketch updates a freed pool row waits before a hot ID may claim it again
-            (pipelined training remaps a batch before the previous update lands); at most 127.
+        quarantine: sketch updates a freed pool row waits before a hot ID may claim it again;
+            at most 127. Pipelined training needs none (migrations land in the compute stage).
+        pipeline_depth: training steps a step's scores are held back before they reach the
+            sketch: the update at step j applies the scores of steps <= j - 1 - pipeline_depth.
+            Set it to the train pipeline's depth (1 for TorchRec's ``TrainPipelineSparseDist``,
+            which remaps batch j + 1 before batch j's backward): the pipelined run then equals the
+            unpipelined run of the same config bit for bit. 0 (default): every update applies
+            all scores so far. The same for all tables of a module.
         sync: how ranks keep sketch replicas identical: ``"aggregated"`` all-gathers each rank's
             exact pre-aggregation (fewer bytes, an extra local sort) or ``"occurrences"`` every
             occurrence. Both give bit-identical replicas.
@@ -95,6 +101,7 @@ class CafeConfig:
     slots_per_bucket: int = 4
     importance: str = "grad_norm"
     quarantine: int = 0
+    pipeline_depth: int = 0
     update_interval: int = 1
     optimizer_state: str = "copy"
     sync: str = "aggregated"
@@ -122,6 +129,8 @@ class CafeConfig:
             raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}")
         if not 0 <= self.quarantine <= 127:
             raise ValueError(f"quarantine must be in [0, 127], got {self.quarantine}")
+        if not 0 <= self.pipeline_depth <= 16:
+            raise ValueError(f"pipeline_depth must be in [0, 16], got {self.pipeline_depth}")
         if self.optimizer_state not in ("copy", "reset"):
             raise ValueError(f"optimizer_state must be 'copy' or 'reset', got {self.optimizer_state!r}")
         if self.sync not in ("aggregated", "occurrences"):

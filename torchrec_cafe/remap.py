@@ -112,11 +112,17 @@ class RemapContext:
     # (TorchRec's inverse indices, module feature order) and the bags per feature [F] (host ints).
     inverse: Optional[torch.Tensor] = None
     bags_per_feature: Optional[List[int]] = None
+    # Set by the module: the training step that remapped this batch (its scores' tag), and the
+    # row migration of the sketch update that preceded this remap, when it is to land later (at
+    # the sharded module's compute, after the previous batch's backward).
+    step: int = -1
+    migration: Optional["Migration"] = None
 
     def record_stream(self, stream: torch.Stream) -> None:
         """Marks every tensor as used on ``stream`` (made on the data-dist stream, read on the
-        compute stream by the gradient hook)."""
-        for t in (self.ids, self.tables, self.bag, self.feature, self.factor, self.hot_hits, self.inverse):
+        compute stream by the gradient hook and the migration)."""
+        migration = self.migration.tensors() if self.migration is not None else ()
+        for t in (self.ids, self.tables, self.bag, self.feature, self.factor, self.hot_hits, self.inverse, *migration):
             if t is not None:
                 t.record_stream(stream)
 
@@ -134,13 +140,14 @@ class Migration:
     composed: torch.Tensor
     reset_state: torch.Tensor  # optimizer state of dst zeroed instead of copied from src
 
+    def tensors(self) -> "tuple[torch.Tensor, ...]":
+        return (self.tables, self.src, self.dst, self.mask, self.keep_weights, self.block, self.composed, self.reset_state)
+
     def promoted_only(self) -> "Migration":
         """The promoted pairs alone (a host read of their count: for CPU, where promotions are a
         few per update and the pairs thousands; accelerators keep the fixed shapes)."""
         keep = self.mask.nonzero().squeeze(1)
-        return Migration(*(t.index_select(0, keep) for t in (
-            self.tables, self.src, self.dst, self.mask, self.keep_weights, self.block, self.composed, self.reset_state
-        )))  # fmt: skip
+        return Migration(*(t.index_select(0, keep) for t in self.tensors()))
 
 
 _NO_SKETCH = HotSketch(1, 1)  # buffers to pass the remap kernel when there is no sketch (never read)

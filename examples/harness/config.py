@@ -99,9 +99,9 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         slots_per_bucket=cfg.cafe_slots_per_bucket,
         optimizer_state=cfg.cafe_optimizer_state,
         sync=cfg.cafe_sync,
-        # TrainPipelineSparseDist remaps batch k before batch k-1's update lands: a freed pool row
-        # waits one update before a hot ID may claim it
-        quarantine=1 if cfg.pipeline else 0,
+        # TrainPipelineSparseDist remaps batch k + 1 before batch k's backward: holding each
+        # step's scores back one more step makes the pipelined run equal the plain loop's
+        pipeline_depth=1 if cfg.pipeline else 0,
     )
     if cfg.method == "cafe_paper":
         paper = CafeConfig.paper(cfg.compression_ratio)

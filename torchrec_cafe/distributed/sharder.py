@@ -7,9 +7,11 @@ each rank's local batch *before* the input all-to-all, so every placement TorchR
 physical tables works, row-wise and data-parallel included.
 
 ``ShardedCafeEmbeddingBagCollection`` implements ``input_dist`` / ``compute_and_output_dist`` by
-delegation, so ``TrainPipelineSparseDist`` pipelines it: ``input_dist`` (remap with the sketch as
-of the last update) runs one step ahead of the previous batch's backward, hence
-``CafeConfig.quarantine`` must be >= the pipeline depth (1 for ``TrainPipelineSparseDist``).
+delegation, so ``TrainPipelineSparseDist`` pipelines it. ``input_dist`` applies the due sketch
+update and remaps (on the pipeline's data-dist stream, one step ahead of the previous batch's
+backward); the update's row migration lands in ``compute``, on the compute stream after that
+backward, so no row is copied before its last gradient. With ``CafeConfig.pipeline_depth`` = the
+pipeline's depth (1 for ``TrainPipelineSparseDist``) the pipelined run equals the unpipelined one.
 """
 
 from dataclasses import dataclass
@@ -128,6 +130,7 @@ class ShardedCafeEmbeddingBagCollection(
         return self._embedding_bag_collection.input_dist(ctx, physical)
 
     def compute(self, ctx: CafeEmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        self._land_migration(ctx)
         return self._embedding_bag_collection.compute(ctx, dist_input)
 
     def output_dist(
@@ -138,7 +141,13 @@ class ShardedCafeEmbeddingBagCollection(
     def compute_and_output_dist(
         self, ctx: CafeEmbeddingBagCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
+        self._land_migration(ctx)
         return self._with_importance(ctx, self._embedding_bag_collection.compute_and_output_dist(ctx, input))
+
+    def _land_migration(self, ctx: CafeEmbeddingBagCollectionContext) -> None:
+        """The row copies of the update that preceded this batch's remap, before its lookup."""
+        if ctx.cafe_context is not None:
+            self.cafe.land_migration(ctx.cafe_context)
 
     def _with_importance(
         self, ctx: CafeEmbeddingBagCollectionContext, awaitable: LazyAwaitable[KeyedTensor]

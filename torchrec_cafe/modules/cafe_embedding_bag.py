@@ -2,7 +2,7 @@
 
 import dataclasses
 import logging
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -132,15 +132,19 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._sketch = _group_sketch(self._sketched, state_device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]  # embedding names
         self._input_features = [f for t in tables for f in t.feature_names]  # the KJT key each reads
-        # Per training step: (raw ids, sketch table, importance norm, feature) per compressed
-        # occurrence, [n_c] each.
-        self._pending: List["tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]"] = []
+        # Per training step: its compressed occurrences' scores, waiting for a sketch update.
+        self._pending: List[PendingScores] = []
+        # Row migrations of updates already applied to the sketch whose rows have not been copied
+        # yet (sharded: they land at the compute of the batch remapped after that update), in order.
+        self._deferred: List[Migration] = []
         self._last_context: Optional[RemapContext] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._column_features: Dict["tuple[str, ...]", "tuple[int, torch.Tensor]"] = {}
         self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._sketched[0].settings.update_interval if self._sketched else 1
         self._steps_since_update = 0
+        self._step = 0  # training steps remapped so far: tags each step's scores
+        self._pipeline_depth = self._sketched[0].settings.pipeline_depth if self._sketched else 0
         self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
         self._group: Optional[dist.ProcessGroup] = None  # replicas: see replicate_across
         self.register_state_dict_pre_hook(_apply_pending_before_save)
@@ -223,10 +227,12 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             from torchrec_cafe.modules.frozen import traced_physical_features  # imports this module
 
             return self._embedding_bag_collection(traced_physical_features(self, features))
-        features = self._prepare(features, self.training)
+        features, step, migration = self._prepare(features, self.training)
+        if migration is not None:
+            self._migrate(migration)
         if features.stride() == 0:
             return self._empty_output(features.values().device)
-        physical, context = self._remap(features)
+        physical, context = self._remap(features, step)
         kt = self._embedding_bag_collection(physical)
         if self.training and context is not None:
             self._track_importance(kt, context)
@@ -237,8 +243,32 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         dist: validates and orders ``features``, applies the due sketch update when ``training``
         (a collective over ``replicate_across``'s group) and maps raw IDs to physical rows.
         Returns the physical KJT (the physical tables' features) and the context
-        ``track_importance`` needs (None without sketched tables)."""
-        return self._remap(self._prepare(features, training))
+        ``track_importance`` and ``land_migration`` need (None without sketched tables).
+
+        The update's row migration does not run here: it is ``context.migration``, which
+        ``land_migration(context)`` copies before the batch's lookup. A pipeline remaps batch j + 1
+        before batch j's backward, which writes the rows a migration copies; landing it at batch
+        j + 1's compute copies them after that backward, as an unpipelined step does."""
+        features, step, migration = self._prepare(features, training)
+        physical, context = self._remap(features, step)
+        if migration is not None:
+            assert context is not None  # an update implies sketched tables, hence a context
+            self._deferred.append(migration)
+            context.migration = migration
+        return physical, context
+
+    @torch.no_grad()
+    def land_migration(self, context: RemapContext) -> None:
+        """Copies the rows of ``context.migration`` (and of any earlier migration still deferred),
+        unless they have landed already (``apply_pending_updates`` lands every deferred one).
+        Collective over ``replicate_across``'s group when a table is row-split."""
+        if context.migration is None or not any(m is context.migration for m in self._deferred):
+            return
+        while self._deferred:
+            migration = self._deferred.pop(0)
+            self._migrate(migration)
+            if migration is context.migration:
+                return
 
     def track_importance(self, output: KeyedTensor, context: RemapContext) -> None:
         """The part after the lookup, when training: ``output`` (the physical tables' pooled
@@ -246,22 +276,30 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         occurrences for the next sketch update."""
         self._track_importance(output, context)
 
-    def _prepare(self, features: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
+    def _prepare(
+        self, features: KeyedJaggedTensor, training: bool
+    ) -> "tuple[KeyedJaggedTensor, int, Optional[Migration]]":
         """Validates and orders ``features``, follows their device and, when training, applies the
-        sketch update that is due."""
+        sketch update that is due (the scores of steps before ``step - pipeline_depth``). Returns
+        the features, this training step's index (-1 in eval) and the update's row migration
+        (None: no update, or nothing promoted), which the caller lands before the lookup."""
         features = self._check_and_order(features)
         if self._remapper.sketch_table.device != features.values().device:
             self.follow(features.values().device)
+        step, migration = -1, None
         if training and self._sketch is not None:
+            step, self._step = self._step, self._step + 1
             if self._steps_since_update >= self._update_interval:
-                self.apply_pending_updates()
+                migration = self._update(step - self._pipeline_depth)
             self._steps_since_update += 1
-        return features
+        return features, step, migration
 
-    def _remap(self, features: KeyedJaggedTensor) -> "tuple[KeyedJaggedTensor, Optional[RemapContext]]":
+    def _remap(self, features: KeyedJaggedTensor, step: int) -> "tuple[KeyedJaggedTensor, Optional[RemapContext]]":
         """Ordered raw KJT -> (physical KJT, hook context); keeps the context for ``stats()``."""
         with record_function("## cafe: remap ##"):
             physical, context = self._remapper(features, self._sketch)
+        if context is not None:
+            context.step = step
         self._last_context = context
         return physical, context
 
@@ -312,8 +350,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _track_importance(self, kt: KeyedTensor, context: RemapContext) -> None:
         remapper = self._remapper
         if len(remapper.frequency_tables) == len(self._sketched):
-            ones = torch.ones_like(context.factor)
-            self._pending.append((context.ids, context.tables, ones, context.feature))
+            self._pending.append(PendingScores(context.ids, context.tables, torch.ones_like(context.factor), context.feature, context.step))
             return
         values = kt.values()
         if values.requires_grad:
@@ -377,33 +414,44 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _stash(self, bag_norms: torch.Tensor, context: RemapContext) -> None:
         """Per-bag gradient norms [bags, key-major] -> per-occurrence scores, kept for the update."""
         norms = bag_norms.index_select(0, context.bag) * context.factor
-        self._pending.append((context.ids, context.tables, norms, context.feature))
+        ready = None
+        if norms.is_cuda:  # the update may run on another stream (a pipeline's data-dist stream)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._pending.append(PendingScores(context.ids, context.tables, norms, context.feature, context.step, ready))
 
     # ------------------------------------------------------------------ updates and migration
 
     @torch.no_grad()
     def apply_pending_updates(self) -> None:
-        """Feeds the stashed scores to the sketch and migrates promoted IDs' rows (one update).
+        """Lands every deferred row migration, then feeds all stashed scores (``pipeline_depth``
+        holds none back here) to the sketch and migrates the promoted IDs' rows.
 
         Local unless ``replicate_across`` named a group of several ranks; then it is a collective
         over that group: every rank applies the all-gathered, exactly pre-aggregated occurrences of
-        all ranks, so the replicated sketches stay bit-identical. Training ``forward`` calls it on
-        every rank at the same steps.
+        all ranks, so the replicated sketches stay bit-identical. Training ``forward`` runs the
+        due updates itself, on every rank at the same steps.
         """
+        while self._deferred:
+            self._migrate(self._deferred.pop(0))
+        migration = self._update(None)
+        if migration is not None:
+            self._migrate(migration)
+
+    def _update(self, before: Optional[int]) -> Optional[Migration]:
+        """One sketch update from the stashed scores of the steps before ``before`` (None: all).
+        Returns its row migration (None when nothing was promoted, known for free on CPU)."""
         if self._sketch is None or self._steps_since_update == 0:
             # No training step since the last update: nothing to apply. The counter is host state
             # that every rank advances alike, so all ranks skip the collective together.
-            return
-        pending, self._pending, self._steps_since_update = self._pending, [], 0
-        if pending:
-            ids, tables, norms, feature = (torch.cat(parts) for parts in zip(*pending))
-        else:
-            ids = tables = feature = torch.zeros(0, dtype=torch.int64, device=self._sketch.step.device)
-            norms = torch.zeros(0, device=ids.device)
+            return None
+        due = [p for p in self._pending if before is None or p.step < before]
+        self._pending, self._steps_since_update = [p for p in self._pending if not (before is None or p.step < before)], 0
+        ids, tables, norms, feature = _concat_scores(due, self._sketch.step.device)
         self._refuse_unreplicated_shards()
         distributed = spans_ranks(self._group)
-        if not (pending or distributed):
-            return
+        if not (due or distributed):
+            return None
         with record_function("## cafe: importance ##"):
             compiled = self._sketch.kernels_apply()
             scores = _normalised_scores(norms, feature, self._remapper.num_features, self._group, compiled)
@@ -419,30 +467,31 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         else:
             with record_function("## cafe: sketch update ##"):
                 update = self._sketch.update(ids, scores, tables)
-        groups, row_split = self._row_groups()  # also refuses optimizer state it cannot migrate
+        self._row_groups()  # refuses optimizer state it cannot migrate
         # Free checks on CPU (every rank agrees: replicas are identical): nothing to migrate, or
         # only the few promoted pairs of thousands.
         compact = self._sketch.host_reads_are_free()
         if compact and not bool(update.promoted.any()):
-            return
-        with record_function("## cafe: migration ##"):
-            migration = self._remapper.migration(update)
-            self._migrate(migration.promoted_only() if compact else migration, groups, row_split)
+            return None
+        migration = self._remapper.migration(update)
+        return migration.promoted_only() if compact else migration
 
-    def _migrate(self, m: Migration, groups: list, row_split: list) -> None:
+    def _migrate(self, m: Migration) -> None:
         """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
-        for group, bases, member in groups:
-            mask = m.mask & member.index_select(0, m.tables)
-            bases = [b.index_select(0, m.tables) for b in bases]
-            migrate_group(group, bases, m.src, m.dst, mask, m.keep_weights, m.block, m.composed, m.reset_state)
-        if row_split:
-            exchange_rows(
-                [
-                    RowExchange(shards, m.src, m.dst, m.mask & (m.tables == t), m.keep_weights, m.block, m.composed, m.reset_state)
-                    for t, shards in row_split
-                ],
-                self._group,
-            )
+        groups, row_split = self._row_groups()
+        with record_function("## cafe: migration ##"):
+            for group, bases, member in groups:
+                mask = m.mask & member.index_select(0, m.tables)
+                bases = [b.index_select(0, m.tables) for b in bases]
+                migrate_group(group, bases, m.src, m.dst, mask, m.keep_weights, m.block, m.composed, m.reset_state)
+            if row_split:
+                exchange_rows(
+                    [
+                        RowExchange(shards, m.src, m.dst, m.mask & (m.tables == t), m.keep_weights, m.block, m.composed, m.reset_state)
+                        for t, shards in row_split
+                    ],
+                    self._group,
+                )
 
     def describe(self) -> List[Dict[str, object]]:
         """JSON-able description of every logical table and its physical form (sizes, CAFE
@@ -468,7 +517,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def discard_pending(self) -> None:
         """Drops the scores stashed since the last update (after loading a checkpoint they belong
         to the run that was replaced) and restarts the update interval."""
-        self._pending, self._steps_since_update, self._last_context = [], 0, None
+        self._pending, self._deferred, self._steps_since_update, self._last_context = [], [], 0, None
 
     def _refuse_unreplicated_shards(self) -> None:
         """Tables sharded over several ranks by TorchRec's own EBC sharder (not CAFE's) under a
@@ -607,6 +656,36 @@ def _row_split_tables(
     return out
 
 
+class PendingScores(NamedTuple):
+    """One training step's compressed occurrences, [n_c] each: raw id, sketch table, importance
+    norm, feature; the step that remapped them; on CUDA, an event recorded after the norms."""
+
+    ids: torch.Tensor
+    tables: torch.Tensor
+    norms: torch.Tensor
+    feature: torch.Tensor
+    step: int
+    ready: Optional[torch.cuda.Event] = None
+
+
+def _concat_scores(
+    due: List[PendingScores], device: torch.device
+) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]":
+    """(ids, tables, norms, feature) of ``due``, concatenated in order, on the current stream
+    (which waits for the norms' stream on CUDA); empty tensors on ``device`` when there are none."""
+    if not due:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty, torch.zeros(0, device=device), empty
+    for p in due:
+        if p.ready is not None:
+            stream = torch.cuda.current_stream(p.norms.device)
+            stream.wait_event(p.ready)
+            for t in p[:4]:
+                t.record_stream(stream)
+    ids, tables, norms, feature = (torch.cat(parts) for parts in zip(*(p[:4] for p in due)))
+    return ids, tables, norms, feature
+
+
 def _is_meta(device: Optional[torch.device]) -> bool:
     return device is not None and torch.device(device).type == "meta"
 
@@ -615,7 +694,7 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
     """One HotSketch for all sketched tables: one batch of ops per step whatever their count."""
     if not sketched:
         return None
-    for field in ("slots_per_bucket", "quarantine", "update_interval", "sync", "displace_ratio"):
+    for field in ("slots_per_bucket", "quarantine", "pipeline_depth", "update_interval", "sync", "displace_ratio"):
         values = {getattr(l.settings, field) for l in sketched}
         if len(values) > 1:
             raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
