@@ -409,6 +409,12 @@ def test_a_table_too_small_for_a_sketch_serves_ids_from_cold_rows_and_says_so(ca
     weight = cafe._embedding_bag_collection.embedding_bags["small"].weight
     torch.testing.assert_close(out["s"][0], embeddings(cafe, "small", weight, ids).sum(0))
     assert all(len(r) == 2 for r in rows_read(cafe, "small", ids))  # pool row + block row
+    # A budget of 0 B (3 rows x 64 B at CR 1000, as Criteo's smallest features): one row, no error.
+    speck = [EmbeddingBagConfig(name="speck", embedding_dim=16, num_embeddings=3, feature_names=["p"])]
+    cafe = CafeEmbeddingBagCollection(speck, cafe=CafeConfig(compression_ratio=1000))
+    assert cafe.memory_report()["speck"]["budget_bytes"] == 0 and cafe.memory_report()["speck"]["total_bytes"] == 64
+    out = cafe(KeyedJaggedTensor(keys=["p"], values=torch.tensor([0, 1, 2]), lengths=torch.tensor([3])))
+    assert out["p"].shape == (1, 16)
 
 
 

@@ -738,12 +738,14 @@ def _layouts(
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
         dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
-        budget = table_budget(t, c, dtype_bytes) if c is not None else table_budget(t, _PLAIN, dtype_bytes)
+        settings = c if c is not None else _PLAIN
+        budget = table_budget(t, settings, dtype_bytes)
         if budget.compressed and not budget.sketched:
+            # The budget may be 0 B (a 3-row table at CR 1000): the table still gets one row.
             logger.info(
                 "table %r: its budget of %d B (compression ratio %g) holds %d rows, too few for a "
                 "sketch: they serve every ID as cold rows",
-                t.name, budget.budget_bytes, budget.logical_bytes / budget.budget_bytes, budget.rows,
+                t.name, budget.budget_bytes, settings.compression_ratio, budget.rows,
             )
         layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
     if not is_weighted and any(l.mean_as_weights for l in layouts):
