@@ -37,12 +37,14 @@ class RefSketch:
         promote_load: float = 1.0,
         demote_load: float = 0.5,
         displace_ratio: float = 0.0,
+        max_promotions: int = 0,
         bucket_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         self.K, self.P, self.c = num_buckets, pool_rows, slots_per_bucket
         self.threshold, self.decay, self.quarantine = threshold, float(decay), quarantine
         self.promote_load, self.demote_load = float(promote_load), float(demote_load)
         self.displace_ratio = float(displace_ratio)
+        self.max_promotions = max_promotions
         default_mass = 10.0 * num_buckets * (max(threshold, 1.0) if threshold is not None else slots_per_bucket)
         self.decay_mass = float(decay_mass if decay_mass is not None else default_mass)
         self.bucket_of = bucket_of
@@ -159,6 +161,8 @@ class RefSketch:
         promote_bar, demote_bar = self.bars()
         cands = [x for x in agg if x in self.where and self.slot(x)[2] == COLD and self.guaranteed(x) >= promote_bar]
         cands.sort(key=lambda x: (-self.guaranteed(x), x))
+        if self.max_promotions:  # the rest wait for a later update (and do not displace)
+            cands = cands[: self.max_promotions]
         src = {x: self.reads(x) for x in cands}
         placed: Dict[int, int] = {}
         for p in range(POOL_CHOICES):

@@ -211,6 +211,30 @@ def test_displacement_matches_reference_and_hands_the_pool_to_the_new_head(thres
     assert len(head & set(ref.hot_keys())) > len(head & set(still.hot_keys()))
 
 
+@pytest.mark.parametrize("threshold, ratio", [(None, 0.0), (None, 2.0), (2.0, 0.0)], ids=["adaptive", "displace", "fixed"])
+def test_max_promotions_matches_reference_and_bounds_every_update(threshold, ratio):
+    """With max_promotions m, an update promotes at most m keys, the strongest m candidates claim
+    rows first, the rest wait (and do not displace): state equal to the reference after every update."""
+    cap = 3
+    cfg = dict(num_buckets=32, pool_rows=64, threshold=threshold, slots_per_bucket=4, decay=0.5, decay_mass=800.0,
+               quarantine=1, promote_load=0.2, demote_load=0.1, displace_ratio=ratio, max_promotions=cap)
+    assert HotSketch(**cfg).promotion_capacity == cap and HotSketch(**{**cfg, "max_promotions": 0}).promotion_capacity is None
+    rng = np.random.default_rng(11)
+    old, new = universe(rng, 2000), universe(rng, 2000)
+    sk, ref = make_pair(**cfg)
+    free = HotSketch(**{**cfg, "max_promotions": 0})
+    per_update, uncapped = [], []
+    for step in range(120):
+        ids = draw_ids(rng, old if step < 60 else new, 256, "zipf")
+        scores = draw_scores(rng, 256, "freq")
+        out = feed(sk, ref, ids, scores)
+        assert_same(sk, ref, exact=False, out=out, probe=ids[:64])  # decayed scores: float rounding
+        per_update.append(int(out.promoted.sum()))
+        uncapped.append(int(free.update(torch.from_numpy(ids), torch.from_numpy(scores)).promoted.sum()))
+    assert max(per_update) == cap and max(uncapped) > cap  # the cap bound some updates
+    assert ref.promotions > 2 * cap and ref.demotions > 0
+
+
 # ----------------------------------------------------------------------------- invariants
 
 
@@ -635,12 +659,17 @@ def test_memory_is_exact_and_lean():
 # ----------------------------------------------------------------------------- grouped tables
 
 
-def test_grouped_tables_equal_independent_sketches():
+@pytest.mark.parametrize("caps", [[0, 0, 0], [2, 0, 3]], ids=["uncapped", "max-promotions"])
+def test_grouped_tables_equal_independent_sketches(caps):
     Ks, Ps, c = [16, 32, 8], [40, 64, 24], 4
     thresholds, decays, masses = [None, 8.0, None], [0.5, 0.7, 0.6], [300.0, 600.0, 150.0]
     T = len(Ks)
-    g = HotSketch(Ks, Ps, thresholds, slots_per_bucket=c, decay=decays, decay_mass=masses, quarantine=1)
-    singles = [HotSketch(Ks[t], Ps[t], thresholds[t], slots_per_bucket=c, decay=decays[t], decay_mass=masses[t], quarantine=1) for t in range(T)]
+    g = HotSketch(Ks, Ps, thresholds, slots_per_bucket=c, decay=decays, decay_mass=masses, quarantine=1, max_promotions=caps)
+    singles = [
+        HotSketch(Ks[t], Ps[t], thresholds[t], slots_per_bucket=c, decay=decays[t], decay_mass=masses[t], quarantine=1, max_promotions=caps[t])
+        for t in range(T)
+    ]
+    bound = [False] * T  # whether a capped table's cap limited some update
     b0, p0 = np.r_[0, np.cumsum(Ks)], np.r_[0, np.cumsum(Ps)]
     rng = np.random.default_rng(7)
     pool = universe(rng, 3000)  # shared by the tables: ids occur in several of them
@@ -680,12 +709,15 @@ def test_grouped_tables_equal_independent_sketches():
             p = out.promoted & (out.tables == t)
             for name in ("ids", "src", "src_blocked", "dst"):
                 assert torch.equal(getattr(out, name)[p], getattr(o, name)[o.promoted]), name
+            assert caps[t] == 0 or int(p.sum()) <= caps[t]
+            bound[t] |= caps[t] > 0 and int(p.sum()) == caps[t]
             assert torch.equal(out.demoted[p0[t] : p0[t] + Ps[t]], o.demoted)
         if step % 4 == 3:
             check_same(torch.cat([ids[:64], torch.from_numpy(universe(rng, 16))]))  # seen and unseen ids
     # The stream exercised promotions, decays, demotions, rejections.
     assert (g.promotions > 0).all() and (g.demotions > 0).all() and (g.rejected > 0).all()
     assert (g.scale > 1).all()
+    assert all(b or cap == 0 for b, cap in zip(bound, caps))
 
 
 @pytest.mark.parametrize("descending", [False, True])

@@ -201,6 +201,57 @@ def test_pipeline_depth_holds_each_steps_scores_back_one_more_update() -> None:
         CafeConfig(compression_ratio=10, pipeline_depth=-1)
 
 
+@pytest.mark.parametrize("cold_rows", ["composed", "hashed"])
+def test_fixed_shape_path_migrates_through_buffers_of_max_promotions(cold_rows: str) -> None:
+    """The accelerator path forced on CPU (fixed shapes, no host reads): with ``max_promotions`` on
+    every table, each update's migration is [sum max_promotions] entries whatever the batch, the
+    cap bounds each update's promotions, and training equals the CPU path (outputs, rows, Adagrad
+    state, sketch) bit for bit, through the step API a sharded module uses."""
+    cap, keys = 4, ["f0", "f1", "f2"]
+    cfg = CafeConfig(compression_ratio=10, promote_load=0.05, demote_load=0.02, max_promotions=cap, cold_rows=cold_rows)
+    modules = []
+    for fixed_shapes in (True, False):
+        torch.manual_seed(0)
+        cafe = CafeEmbeddingBagCollection(_tables(), cafe=cfg)
+        cafe.sketch.fixed_shapes = fixed_shapes
+        opt = torch.optim.Adagrad(cafe.parameters(), lr=0.1)
+        cafe.attach_optimizer(opt)
+        modules.append((cafe, opt))
+    (fixed, _), (cpu, _) = modules
+    assert fixed.sketch.promotion_capacity == 2 * cap and not fixed.sketch.host_reads_are_free()
+    sizes, deltas = set(), []
+    for step in range(16):
+        kjt = _kjt(keys, batch=64, high=3000, seed=step)
+        outputs = []
+        for cafe, opt in modules:
+            before = cafe.sketch.promotions.clone()
+            physical, context = cafe.remap(kjt, True)
+            assert context is not None
+            if cafe is fixed and context.migration is not None:
+                sizes |= {t.numel() for t in context.migration.tensors()}
+            cafe.land_migration(context)
+            kt = cafe.physical_tables()(physical)
+            cafe.track_importance(kt, context)
+            opt.zero_grad()
+            kt.values().pow(2).sum().backward()
+            opt.step()
+            outputs.append(kt.values().detach())
+            if cafe is fixed:
+                deltas.append(cafe.sketch.promotions - before)
+        assert torch.equal(outputs[0], outputs[1]), step
+    assert sizes == {2 * cap}
+    assert max(int(d.max()) for d in deltas) == cap and sum(int(d.sum()) for d in deltas) > 4 * cap
+    for name, value in fixed.sketch.state_dict().items():
+        assert torch.equal(value, cpu.sketch.state_dict()[name]), name
+    for (name, value), other in zip(fixed.state_dict().items(), cpu.state_dict().values()):
+        assert torch.equal(value, other), name
+    (_, fixed_opt), (_, cpu_opt) = modules
+    for a, b in zip(fixed_opt.state.values(), cpu_opt.state.values()):
+        assert torch.equal(a["sum"], b["sum"])
+    with pytest.raises(ValueError, match="max_promotions"):
+        CafeConfig(compression_ratio=10, max_promotions=-1)
+
+
 def test_mismatched_configs_get_clear_errors() -> None:
     tables = _tables()
     with pytest.raises(ValueError, match="not in tables"):
@@ -243,6 +294,19 @@ def test_paper_schedule_defaults() -> None:
     paper = CafeConfig.paper(100)
     assert (paper.threshold, paper.cold_rows) == (100.0, "hashed")
     assert (paper_threshold(2), paper_threshold(10), paper_threshold(150), paper_threshold(10**6)) == (10.0, 20.0, 100.0, 500.0)
+
+
+def test_promotions_per_update_default_to_a_64th_of_the_pool_and_bound_the_migration() -> None:
+    """By default an update promotes at most max(32, ceil(P / 64)) IDs of a table of P pool rows,
+    so every table is capped and the accelerator path's migration has a fixed capacity; the paper's
+    settings have no cap."""
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=2))
+    pools = [cafe._layout(t).budget.pool_rows for t in ("t0", "t1")]
+    assert pools[0] > 64 * 32  # one table past the minimum
+    assert cafe.sketch.promotion_capacity == sum(max(32, math.ceil(p / 64)) for p in pools)
+    paper = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig.paper(2))
+    assert paper.sketch.promotion_capacity is None
+    assert CafeConfig(compression_ratio=4, max_promotions=7).promotions_per_update(10**6) == 7
 
 
 @pytest.mark.parametrize("cr", [2, 10, 100, 1000, 10_000])

@@ -149,6 +149,20 @@ class Migration:
         keep = self.mask.nonzero().squeeze(1)
         return Migration(*(t.index_select(0, keep) for t in self.tensors()))
 
+    def within(self, capacity: int) -> "Migration":
+        """The promoted pairs, in order, packed into ``capacity`` entries (``mask`` False after
+        them): fixed shapes, no host read. For accelerators when the sketch caps its promotions
+        (``HotSketch.promotion_capacity``), so the copies stage [capacity] rows instead of one per
+        distinct pair of the update. Needs at most ``capacity`` promoted pairs (what the cap
+        guarantees); pairs past it would not be copied."""
+        rank = torch.cumsum(self.mask, 0) - 1
+        slot = torch.where(self.mask & (rank < capacity), rank, capacity)  # the rest: one trash entry
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            return t.new_zeros(capacity + 1).index_copy_(0, slot, t)[:capacity]
+
+        return Migration(*(pack(t) for t in self.tensors()))
+
 
 _NO_SKETCH = HotSketch(1, 1)  # buffers to pass the remap kernel when there is no sketch (never read)
 

@@ -64,6 +64,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--cafe-promote-load", type=float, help="adaptive promotion bar, x the average pool-row load (default 0.1)")
     p.add_argument("--cafe-demote-load", type=float, help="adaptive demotion bar, x the average pool-row load (default 0.05)")
     p.add_argument("--cafe-displace-ratio", type=float, help="a blocked candidate demotes an owner it beats by this factor (0: never)")
+    p.add_argument("--cafe-max-promotions", type=int, help="IDs one sketch update may promote per table (default: max(32, pool rows / 64); 0: no cap)")
     p.add_argument("--cafe-cold-rows", choices=["composed", "hashed"], help="cold IDs: pool + block row (default) or one hashed row (paper)")
     p.add_argument("--cafe-block-fraction", type=float, help="share of the rows that are block rows (default 0.5)")
     p.add_argument("--cafe-sketch-slots-per-row", type=float, help="sketch slots per physical row (default 1)")

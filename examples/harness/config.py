@@ -50,6 +50,7 @@ class TrainConfig:
     cafe_promote_load: float = _CAFE.promote_load
     cafe_demote_load: float = _CAFE.demote_load
     cafe_displace_ratio: float = _CAFE.displace_ratio
+    cafe_max_promotions: Optional[int] = _CAFE.max_promotions
     cafe_cold_rows: str = _CAFE.cold_rows
     cafe_block_fraction: float = _CAFE.block_fraction
     cafe_sketch_slots_per_row: float = _CAFE.sketch_slots_per_row
@@ -90,6 +91,7 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         promote_load=cfg.cafe_promote_load,
         demote_load=cfg.cafe_demote_load,
         displace_ratio=cfg.cafe_displace_ratio,
+        max_promotions=cfg.cafe_max_promotions,
         cold_rows=cfg.cafe_cold_rows,
         block_fraction=cfg.cafe_block_fraction,
         sketch_slots_per_row=cfg.cafe_sketch_slots_per_row,
@@ -107,5 +109,6 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         paper = CafeConfig.paper(cfg.compression_ratio)
         settings["cold_rows"] = paper.cold_rows
         settings["displace_ratio"] = paper.displace_ratio
+        settings["max_promotions"] = paper.max_promotions if cfg.cafe_max_promotions is None else cfg.cafe_max_promotions
         settings["threshold"] = paper.threshold if cfg.cafe_threshold is None else cfg.cafe_threshold
     return CafeConfig(compression_ratio=cfg.compression_ratio, **settings)

@@ -26,7 +26,7 @@ Sketch make_sketch(
     at::Tensor& demotions, at::Tensor& dropped_mass, const at::Tensor& bucket_offset, const at::Tensor& buckets,
     const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold, const at::Tensor& decay,
     const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
-    const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
+    const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
     double min_load, double displace_ratio) {
   for (const at::Tensor* t : {&slot_keys, &slot_scores, &slot_state, &pool_state, &scale, &mass, &mass_since_decay,
                               &promotions, &demotions, &dropped_mass}) {
@@ -53,6 +53,7 @@ Sketch make_sketch(
   s.promote_load = promote_load.data_ptr<double>();
   s.demote_load = demote_load.data_ptr<double>();
   s.fixed = fixed.data_ptr<bool>();
+  s.max_promotions = max_promotions.data_ptr<int64_t>();
   s.num_tables = scale.numel();
   s.c = slot_keys.size(1);
   s.num_buckets = slot_keys.size(0) - 1;  // the last bucket is the sentinel
@@ -158,11 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor demotions, at::Tensor dropped_mass, const at::Tensor& bucket_offset, const at::Tensor& buckets,
     const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold, const at::Tensor& decay,
     const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
-    const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
+    const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
     double min_load, double displace_ratio) {
   Sketch s = make_sketch(slot_keys, slot_scores, slot_state, pool_state, scale, mass, mass_since_decay, promotions,
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
-                         decay_mass, promote_load, demote_load, fixed, quarantine, bucket_seed_offset,
+                         decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                          pool_seed_offset, min_load, displace_ratio);
   const int64_t T = s.num_tables;
   std::vector<Pair> pairs = aggregate(keys.contiguous(), ids.contiguous(), quanta.contiguous(), ok.contiguous(),
@@ -229,6 +230,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (g[a] != g[b]) return g[a] > g[b];
     return pairs[a].key < pairs[b].key;
   });
+  {  // max_promotions: a table's candidates past its cap wait for a later update
+    std::vector<int64_t> taken(T, 0);
+    size_t kept = 0;
+    for (const int64_t j : cand) {
+      const int64_t t = pairs[j].table, cap = s.max_promotions[t];
+      if (cap == 0 || taken[t]++ < cap) cand[kept++] = j;
+    }
+    cand.resize(kept);
+  }
   const int64_t m = static_cast<int64_t>(cand.size());
   auto out_tab = at::empty({m}, at::kLong), out_id = at::empty({m}, at::kLong), out_src = at::empty({m}, at::kLong),
        out_blocked = at::empty({m}, at::kBool), out_dst = at::empty({m}, at::kLong),
@@ -336,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor mass_since_decay, at::Tensor promotions, at::Tensor demotions, at::Tensor dropped_mass,
     const at::Tensor& bucket_offset, const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool,
     const at::Tensor& threshold, const at::Tensor& decay, const at::Tensor& decay_mass, const at::Tensor& promote_load,
-    const at::Tensor& demote_load, const at::Tensor& fixed, int64_t quarantine, int64_t bucket_seed_offset,
+    const at::Tensor& demote_load, const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset,
     int64_t pool_seed_offset, double min_load, double displace_ratio) {
   const at::Tensor id_t = ids.contiguous(), score_t = scores.to(at::kDouble).contiguous(), tab_t = tables.contiguous();
   const int64_t n = id_t.numel();
@@ -355,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   return sketch_update(keys, id_t, quanta, ok, tab_t, slot_keys, slot_scores, slot_state, pool_state, scale, mass,
                        mass_since_decay, promotions, demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool,
-                       threshold, decay, decay_mass, promote_load, demote_load, fixed, quarantine, bucket_seed_offset,
+                       threshold, decay, decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                        pool_seed_offset, min_load, displace_ratio);
 }
 
@@ -387,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
   "Tensor(e!) scale, Tensor(f!) mass, Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, " \
   "Tensor(j!) dropped_mass, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, "              \
   "Tensor threshold, Tensor decay, Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, "    \
-  "int quarantine, int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "          \
+  "Tensor max_promotions, int quarantine, int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "          \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 TORCH_LIBRARY(torchrec_cafe, m) {

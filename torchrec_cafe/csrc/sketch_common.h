@@ -71,6 +71,7 @@ struct Sketch {
   const double* promote_load;
   const double* demote_load;
   const bool* fixed;
+  const int64_t* max_promotions;  // per table, 0: no cap
   int64_t num_tables, num_buckets, c, pool_rows;
   int64_t quarantine, bucket_seed_offset, pool_seed_offset;
   double min_load, displace_ratio;

@@ -474,7 +474,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if compact and not bool(update.promoted.any()):
             return None
         migration = self._remapper.migration(update)
-        return migration.promoted_only() if compact else migration
+        if compact:
+            return migration.promoted_only()
+        capacity = self._sketch.promotion_capacity  # a bound on the promotions: fixed [capacity] buffers
+        return migration if capacity is None else migration.within(capacity)
 
     def _migrate(self, m: Migration) -> None:
         """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
@@ -708,6 +711,7 @@ def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -
         promote_load=[l.settings.promote_load for l in sketched],
         demote_load=[l.settings.demote_load for l in sketched],
         displace_ratio=sketched[0].settings.displace_ratio,
+        max_promotions=[l.settings.promotions_per_update(l.budget.pool_rows) for l in sketched],
         device=device,
     )
 

@@ -44,7 +44,10 @@ as integers, so aggregation is exact and associative. Per update and table:
    takeovers can have inherited) reaches the promotion bar, ordered by (table, guaranteed score
    desc, key asc), claim a pool row in ``POOL_CHOICES`` rounds: in round p each
    unplaced candidate asks for its p-th choice if that row is free (state 0), and of several asking
-   for one row the first in that order gets it. Candidates left unplaced wait for a later update;
+   for one row the first in that order gets it. Candidates left unplaced wait for a later update.
+   With ``max_promotions`` m > 0 only a table's first m candidates are this update's candidates
+   (the rest wait, and do not displace in step 8): an update then promotes at most m keys per
+   table, so its row migration fits a fixed buffer of ``sum m`` pairs (``promotion_capacity``);
 6. quarantine: freed rows count down one update;
 7. demotion: hot keys whose score is below the demotion bar free their row (state ``-quarantine``,
    so it can be claimed again from update t + quarantine + 1 on);
@@ -195,6 +198,8 @@ class HotSketch(nn.Module):
         displace_ratio: how many times a waiting candidate's guaranteed score must exceed the
             weakest owner of its choices to demote it (step 8), shared by all tables; 0 disables
             displacement.
+        max_promotions: promotion candidates per table and update (step 5), per table; 0 (default)
+            for no cap. Caps on every table bound an update's migration (``promotion_capacity``).
         device: where the buffers live; all work happens there.
     """
 
@@ -221,6 +226,7 @@ class HotSketch(nn.Module):
     _promote_load: torch.Tensor
     _demote_load: torch.Tensor
     _fixed: torch.Tensor
+    _max_promotions: torch.Tensor
 
     # True forces the accelerator code path (fixed shapes, no host reads) on CPU too; tests run
     # both paths. See host_reads_are_free.
@@ -241,6 +247,7 @@ class HotSketch(nn.Module):
         promote_load: PerTable = 1.0,
         demote_load: PerTable = 0.5,
         displace_ratio: float = 0.0,
+        max_promotions: PerTable = 0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
@@ -255,6 +262,10 @@ class HotSketch(nn.Module):
         if not (displace_ratio == 0 or (displace_ratio >= 1 and math.isfinite(displace_ratio))):
             raise ValueError(f"displace_ratio must be 0 (off) or a finite number >= 1, got {displace_ratio}")
         self.displace_ratio = float(displace_ratio)
+        caps = [int(m) for m in _per_table(max_promotions, t, "max_promotions")]
+        if min(caps) < 0:
+            raise ValueError(f"max_promotions must be >= 0 (0: no cap), got {caps}")
+        self.promotion_capacity: Optional[int] = sum(caps) if min(caps) > 0 else None
         fixed = [th is not None for th in thresholds]
         thresholds = [float(th) if th is not None else 0.0 for th in thresholds]
         if decay_mass is None:
@@ -293,6 +304,7 @@ class HotSketch(nn.Module):
             ("_promote_load", [0.0 if f else x for x, f in zip(promote, fixed)], torch.float64),
             ("_demote_load", [0.0 if f else x for x, f in zip(demote, fixed)], torch.float64),
             ("_fixed", fixed, torch.bool),
+            ("_max_promotions", caps, torch.int64),
         ):
             self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
         # A decay event happens at most once per update, so scale grows at most 1/decay per update.
@@ -332,8 +344,8 @@ class HotSketch(nn.Module):
     @staticmethod
     def table_state_bytes(num_buckets: int, pool_rows: int, slots_per_bucket: int = 4) -> int:
         """Bytes one table owns: its slots (key 4 + score 4 + state 1), one state byte per pool row,
-        seven 8-byte counters and its constants (nine 8-byte values and a flag)."""
-        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 9 * 8 + 1
+        seven 8-byte counters and its constants (ten 8-byte values and a flag)."""
+        return num_buckets * slots_per_bucket * 9 + pool_rows + 7 * 8 + 10 * 8 + 1
 
     @staticmethod
     def shared_state_bytes(slots_per_bucket: int = 4) -> int:
@@ -635,6 +647,8 @@ class HotSketch(nn.Module):
         group = torch.where(cand, tab, torch.full_like(tab, self.num_tables))
         order = take(order, torch.sort(take(group, order), stable=True).indices)
         cand, slot, tab, key, uid, stored = (take(x, order) for x in (cand, slot, tab, key, uid, stored))
+        cap = take(self._max_promotions, tab)
+        cand = cand & ((cap == 0) | (rank_in_segment(torch.where(cand, tab, self.num_tables)) < cap))
         rows = self._choices(key, tab)
         src_choice, src_blocked = self._first_unowned(rows)
         chosen = self._claim_rows(cand, rows)

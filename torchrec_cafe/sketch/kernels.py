@@ -40,7 +40,7 @@ def _update_state(sketch: "HotSketch", bucket_seed_offset: int, pool_seed_offset
         s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
         s.promotions, s.demotions, s.dropped_mass,
         s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
-        s._promote_load, s._demote_load, s._fixed,
+        s._promote_load, s._demote_load, s._fixed, s._max_promotions,
         s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
     ]  # fmt: skip
 
