@@ -173,7 +173,7 @@ def test_frozen_lookup_kernel_equals_the_tensor_lookup(weighted: bool) -> None:
 def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:
     """The importance rescaling (per feature: norm * count / sum of the finite norms) of one process
     through the compiled operator, bit for bit the tensor code's, non-finite norms included."""
-    from torchrec_cafe.modules.cafe_embedding_bag import _normalised_scores
+    from torchrec_cafe.modules.scores import normalised_scores
 
     g = torch.Generator().manual_seed(3)
     norms = torch.rand(5000, generator=g) * torch.rand(5000, generator=g).pow(8) * 100
@@ -183,8 +183,8 @@ def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:
     feature = torch.randint(0, 7, (5000,), generator=g)
     feature[feature == 6] = 5  # feature 6 absent: its scale is never used
     for n in (5000, 0):
-        tensor = _normalised_scores(norms[:n], feature[:n], 7, None, compiled=False)
-        compiled = _normalised_scores(norms[:n], feature[:n], 7, None, compiled=True)
+        tensor = normalised_scores(norms[:n], feature[:n], 7, None, compiled=False)
+        compiled = normalised_scores(norms[:n], feature[:n], 7, None, compiled=True)
         assert torch.equal(tensor.isnan(), compiled.isnan())
         assert torch.equal(torch.nan_to_num(tensor), torch.nan_to_num(compiled))
         if n:

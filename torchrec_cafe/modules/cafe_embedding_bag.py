@@ -1,21 +1,22 @@
 """CafeEmbeddingBagCollection: a drop-in EmbeddingBagCollection under a per-table memory budget."""
 
 import dataclasses
-import logging
-from typing import Dict, List, Mapping, NamedTuple, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 from torch.profiler import record_function
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig, table_budget
+from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
+from torchrec_cafe.modules.layouts import group_sketch, is_meta, table_layouts
+from torchrec_cafe.modules.scores import PendingScores, concat_scores, normalised_scores
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.rows import (
     RowExchange,
@@ -29,36 +30,8 @@ from torchrec_cafe.rows import (
     storage_key,
     tbe_shards,
 )
-from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences, check_same_on_all_ranks, spans_ranks
-
-logger: logging.Logger = logging.getLogger(__name__)
-
-
-def _normalised_scores(
-    norms: torch.Tensor, feature: torch.Tensor, num_features: int, group: Optional[dist.ProcessGroup], compiled: bool = False
-) -> torch.Tensor:
-    """Official CAFE scaling: per feature, ``norm * n / sum(norm)`` so the mean score is 1.
-
-    The sums run over the whole update (all ranks' occurrences when ``group`` spans ranks: one
-    all-reduce of [2, F] float64), so every rank rescales as one process fed the global batch
-    would. Non-finite norms stay non-finite (the sketch drops them) and do not enter the sums, so
-    one bad gradient cannot poison the other occurrences' scores. ``compiled``: one process's
-    float32 CPU norms take the compiled operator, bit for bit the same.
-    """
-    if compiled and kernels.AVAILABLE and norms.device.type == "cpu" and norms.dtype == torch.float32 and not spans_ranks(group):
-        return torch.ops.torchrec_cafe.normalised_scores(norms, feature, num_features)
-    finite = torch.isfinite(norms)
-    clean = torch.where(finite, norms, torch.zeros_like(norms)).to(torch.float64)
-    sums = torch.zeros(2, num_features, dtype=torch.float64, device=norms.device)
-    sums[0].index_add_(0, feature, clean)
-    sums[1].index_add_(0, feature, finite.to(torch.float64))
-    if spans_ranks(group):
-        dist.all_reduce(sums, group=group)
-    total, count = sums[0], sums[1]
-    scale = torch.where(total > 0, count / total, torch.zeros_like(total)).to(norms.dtype)
-    return torch.where(finite, norms * scale.index_select(0, feature), norms)
 
 
 class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -115,11 +88,11 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         # Physical tables read features under TorchRec's embedding names (``f@table`` for a feature
         # shared by tables): every name is then one table's feature, and the output keys are EBC's.
-        self._layouts = _layouts(with_embedding_names(tables), cafe, is_weighted)
+        self._layouts = table_layouts(with_embedding_names(tables), cafe, is_weighted)
         # Tables may start on the meta device (DMP materialises them); the sketch and the remap
         # constants must not (DMP would fill them with zeros), so they start on CPU and follow
         # the inputs' device at the first forward.
-        state_device = torch.device("cpu") if _is_meta(device) else device
+        state_device = torch.device("cpu") if is_meta(device) else device
         self._remapper = KJTRemapper(self._layouts, state_device)
         # A plain EBC, replaced by TorchRec's sharded one when the sharder shards this module.
         self._embedding_bag_collection: nn.Module = EmbeddingBagCollection(
@@ -129,7 +102,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._device = self._embedding_bag_collection.device
         self._sketched = [l for l in self._layouts if l.sketched]
-        self._sketch = _group_sketch(self._sketched, state_device)
+        self._sketch = group_sketch(self._sketched, state_device)
         self._feature_names = [f for l in self._layouts for f in l.config.feature_names]  # embedding names
         self._input_features = [f for t in tables for f in t.feature_names]  # the KJT key each reads
         # Per training step: its compressed occurrences' scores, waiting for a sketch update.
@@ -447,14 +420,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return None
         due = [p for p in self._pending if before is None or p.step < before]
         self._pending, self._steps_since_update = [p for p in self._pending if not (before is None or p.step < before)], 0
-        ids, tables, norms, feature = _concat_scores(due, self._sketch.step.device)
+        ids, tables, norms, feature = concat_scores(due, self._sketch.step.device)
         self._refuse_unreplicated_shards()
         distributed = spans_ranks(self._group)
         if not (due or distributed):
             return None
         with record_function("## cafe: importance ##"):
             compiled = self._sketch.kernels_apply()
-            scores = _normalised_scores(norms, feature, self._remapper.num_features, self._group, compiled)
+            scores = normalised_scores(norms, feature, self._remapper.num_features, self._group, compiled)
             if self._remapper.frequency_tables:
                 frequency = self._remapper.frequency.index_select(0, tables)
                 scores = torch.where(frequency, torch.ones_like(scores), scores)
@@ -657,106 +630,3 @@ def _row_split_tables(
         if most:
             out.append((t, local[t]))
     return out
-
-
-class PendingScores(NamedTuple):
-    """One training step's compressed occurrences, [n_c] each: raw id, sketch table, importance
-    norm, feature; the step that remapped them; on CUDA, an event recorded after the norms."""
-
-    ids: torch.Tensor
-    tables: torch.Tensor
-    norms: torch.Tensor
-    feature: torch.Tensor
-    step: int
-    ready: Optional[torch.cuda.Event] = None
-
-
-def _concat_scores(
-    due: List[PendingScores], device: torch.device
-) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]":
-    """(ids, tables, norms, feature) of ``due``, concatenated in order, on the current stream
-    (which waits for the norms' stream on CUDA); empty tensors on ``device`` when there are none."""
-    if not due:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return empty, empty, torch.zeros(0, device=device), empty
-    for p in due:
-        if p.ready is not None:
-            stream = torch.cuda.current_stream(p.norms.device)
-            stream.wait_event(p.ready)
-            for t in p[:4]:
-                t.record_stream(stream)
-    ids, tables, norms, feature = (torch.cat(parts) for parts in zip(*(p[:4] for p in due)))
-    return ids, tables, norms, feature
-
-
-def _is_meta(device: Optional[torch.device]) -> bool:
-    return device is not None and torch.device(device).type == "meta"
-
-
-def _group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:
-    """One HotSketch for all sketched tables: one batch of ops per step whatever their count."""
-    if not sketched:
-        return None
-    for field in ("slots_per_bucket", "quarantine", "pipeline_depth", "update_interval", "sync", "displace_ratio"):
-        values = {getattr(l.settings, field) for l in sketched}
-        if len(values) > 1:
-            raise ValueError(f"CafeConfig.{field} must be the same for all tables of a module, got {sorted(values)}")
-    return HotSketch(
-        num_buckets=[l.budget.num_buckets for l in sketched],
-        pool_rows=[l.budget.pool_rows for l in sketched],
-        threshold=[l.settings.threshold for l in sketched],
-        slots_per_bucket=sketched[0].settings.slots_per_bucket,
-        decay=[l.settings.decay for l in sketched],
-        quarantine=sketched[0].settings.quarantine,
-        promote_load=[l.settings.promote_load for l in sketched],
-        demote_load=[l.settings.demote_load for l in sketched],
-        displace_ratio=sketched[0].settings.displace_ratio,
-        max_promotions=[l.settings.promotions_per_update(l.budget.pool_rows) for l in sketched],
-        device=device,
-    )
-
-
-def _layouts(
-    tables: List[EmbeddingBagConfig],
-    cafe: Union[CafeConfig, Mapping[str, CafeConfig]],
-    is_weighted: bool,
-) -> List[TableLayout]:
-    names = [t.name for t in tables]
-    if len(set(names)) != len(names):
-        raise ValueError(f"table names must be unique, got {names}")
-    if isinstance(cafe, CafeConfig):
-        per_table = {n: cafe for n in names}
-    elif isinstance(cafe, Mapping):
-        unknown = sorted(set(cafe) - set(names))
-        if unknown:
-            raise ValueError(f"cafe names tables {unknown} that are not in tables {names}")
-        bad = [n for n, c in cafe.items() if not isinstance(c, CafeConfig)]
-        if bad:
-            raise ValueError(f"cafe[{bad[0]!r}] must be a CafeConfig, got {type(cafe[bad[0]]).__name__}")
-        per_table = dict(cafe)
-    else:
-        raise ValueError(f"cafe must be a CafeConfig or a dict of them, got {type(cafe).__name__}")
-    layouts = []
-    for t in tables:
-        c = per_table.get(t.name)
-        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-            raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
-        dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
-        settings = c if c is not None else _PLAIN
-        budget = table_budget(t, settings, dtype_bytes)
-        if budget.compressed and not budget.sketched:
-            # The budget may be 0 B (a 3-row table at CR 1000): the table still gets one row.
-            logger.info(
-                "table %r: its budget of %d B (compression ratio %g) holds %d rows, too few for a "
-                "sketch: they serve every ID as cold rows",
-                t.name, budget.budget_bytes, settings.compression_ratio, budget.rows,
-            )
-        layouts.append(TableLayout(t, c if budget.compressed else None, budget, is_weighted))
-    if not is_weighted and any(l.mean_as_weights for l in layouts):
-        # A MEAN table whose bags' entries are not their IDs pools as SUM with weights 1/len, and a
-        # KJT carries weights for every feature or none: every MEAN table then does.
-        layouts = [TableLayout(l.config, l.cafe, l.budget, True) for l in layouts]
-    return layouts
-
-
-_PLAIN = CafeConfig(compression_ratio=1.0)
