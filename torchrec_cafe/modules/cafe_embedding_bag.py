@@ -418,8 +418,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             # No training step since the last update: nothing to apply. The counter is host state
             # that every rank advances alike, so all ranks skip the collective together.
             return None
-        due = [p for p in self._pending if before is None or p.step < before]
-        self._pending, self._steps_since_update = [p for p in self._pending if not (before is None or p.step < before)], 0
+        is_due = [before is None or p.step < before for p in self._pending]
+        due = [p for p, d in zip(self._pending, is_due) if d]
+        self._pending, self._steps_since_update = [p for p, d in zip(self._pending, is_due) if not d], 0
         ids, tables, norms, feature = concat_scores(due, self._sketch.step.device)
         self._refuse_unreplicated_shards()
         distributed = spans_ranks(self._group)

@@ -646,9 +646,9 @@ class HotSketch(nn.Module):
         order = torch.sort(torch.where(cand, stored, torch.full_like(stored, -1.0)), descending=True, stable=True).indices
         group = torch.where(cand, tab, torch.full_like(tab, self.num_tables))
         order = take(order, torch.sort(take(group, order), stable=True).indices)
-        cand, slot, tab, key, uid, stored = (take(x, order) for x in (cand, slot, tab, key, uid, stored))
+        cand, slot, tab, key, uid, stored, group = (take(x, order) for x in (cand, slot, tab, key, uid, stored, group))
         cap = take(self._max_promotions, tab)
-        cand = cand & ((cap == 0) | (rank_in_segment(torch.where(cand, tab, self.num_tables)) < cap))
+        cand = cand & ((cap == 0) | (rank_in_segment(group) < cap))
         rows = self._choices(key, tab)
         src_choice, src_blocked = self._first_unowned(rows)
         chosen = self._claim_rows(cand, rows)
