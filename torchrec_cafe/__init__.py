@@ -17,6 +17,7 @@ _EXPORTS = {
     "CafeConfig": "torchrec_cafe.config",
     "CafeEmbeddingBagCollection": "torchrec_cafe.modules.cafe_embedding_bag",
     "CafeEmbeddingBagCollectionSharder": "torchrec_cafe.distributed.sharder",
+    "CafeEmbeddingBagPartitions": "torchrec_cafe.modules.partition",
     "CafeEmbeddingCollection": "torchrec_cafe.modules.cafe_embedding",
     "CafeStorageReservation": "torchrec_cafe.distributed.sharder",
     "HotSketch": "torchrec_cafe.sketch.hot_sketch",
@@ -30,6 +31,7 @@ __all__ = [
     "CafeConfig",
     "CafeEmbeddingBagCollection",
     "CafeEmbeddingBagCollectionSharder",
+    "CafeEmbeddingBagPartitions",
     "CafeEmbeddingCollection",
     "CafeStorageReservation",
     "HotSketch",
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from torchrec_cafe.distributed.sharder import CafeEmbeddingBagCollectionSharder, CafeStorageReservation
     from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection
     from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+    from torchrec_cafe.modules.partition import CafeEmbeddingBagPartitions
     from torchrec_cafe.sketch.hot_sketch import HotSketch, SketchUpdate
 
 

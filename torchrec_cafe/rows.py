@@ -271,9 +271,10 @@ def _is_dense(tbe: Optional[nn.Module]) -> bool:
     return isinstance(tbe, DenseTableBatchedEmbeddingBagsCodegen)
 
 
-def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
+def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str], whole: bool = False) -> List[RowShard]:
     """Local shards of ``tables`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels
-    (dense-kernel tables are ``dense_shards``')."""
+    (dense-kernel tables are ``dense_shards``'). ``whole``: each local shard is addressed as a
+    table of its own (row 0 = its first row), as the partitioned form's rank-local tables are."""
     wanted = set(tables)
     shards: List[RowShard] = []
     for emb, tbe in _kernels(sharded_ebc):
@@ -289,9 +290,9 @@ def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str]) -> List[RowShard]:
                     f"(or data_parallel with ['dense'])"
                 )
             states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
-            row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
+            row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata and not whole else 0
             weight = tbe.split_embedding_weights()[k]
-            split = cfg.local_rows != cfg.num_embeddings
+            split = cfg.local_rows != cfg.num_embeddings and not whole
             shards.append(RowShard(cfg.name, weight, list(states), row_offset, split))
     return shards
 

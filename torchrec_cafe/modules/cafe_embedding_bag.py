@@ -120,6 +120,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._pipeline_depth = self._sketched[0].settings.pipeline_depth if self._sketched else 0
         self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
         self._group: Optional[dist.ProcessGroup] = None  # replicas: see replicate_across
+        self._local_rows = False  # see install_sharded_tables
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
@@ -161,10 +162,28 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError("the physical tables are sharded: the unsharded EmbeddingBagCollection is gone")
         return inner
 
-    def install_sharded_tables(self, sharded: nn.Module) -> None:
+    def install_sharded_tables(self, sharded: nn.Module, local_rows: bool = False) -> None:
         """The sharder's call: the sharded form of ``physical_tables()`` replaces it (the state-dict
-        names stay ``_embedding_bag_collection.*``)."""
+        names stay ``_embedding_bag_collection.*``). ``local_rows``: this module's rows are this
+        rank's row block of ``sharded``'s tables, row r of a table being row r of the block (the
+        partitioned form: a rank's own tables, migrated locally, no replica group)."""
         self._embedding_bag_collection = sharded
+        self._local_rows = local_rows
+
+    @property
+    def is_partition(self) -> bool:
+        """Whether this is one rank's partition of a partitioned sharded module (its sketch is its
+        own, not a replica)."""
+        return self._local_rows
+
+    def embedding_features(self) -> List["tuple[str, int]"]:
+        """(embedding name, its logical table's ``num_embeddings``) per feature, in module order:
+        the keys ``order_features`` returns."""
+        return [(f, l.config.num_embeddings) for l in self._layouts for f in l.config.feature_names]
+
+    def cafe_settings(self) -> Dict[str, CafeConfig]:
+        """The CafeConfig of every compressed logical table, by table name."""
+        return {l.config.name: l.cafe for l in self._layouts if l.cafe is not None}
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` of an eval-mode module scripts its frozen lookup as it stands
@@ -256,7 +275,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         sketch update that is due (the scores of steps before ``step - pipeline_depth``). Returns
         the features, this training step's index (-1 in eval) and the update's row migration
         (None: no update, or nothing promoted), which the caller lands before the lookup."""
-        features = self._check_and_order(features)
+        features = self.order_features(features)
         if self._remapper.sketch_table.device != features.values().device:
             self.follow(features.values().device)
         step, migration = -1, None
@@ -297,7 +316,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ------------------------------------------------------------------ validation
 
-    def _check_and_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def order_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Validates a raw-ID KJT (``ValueError`` naming the problem) and returns it keyed by the
+        module's embedding names (``embedding_features()``) in the module's order."""
         check_kjt(features)
         keys = features.keys()
         if keys != self._feature_names:
@@ -500,7 +521,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Tables sharded over several ranks by TorchRec's own EBC sharder (not CAFE's) under a
         local sketch: every rank would remap with its own, diverging sketch."""
         sharded = not isinstance(self._embedding_bag_collection, EmbeddingBagCollection)
-        if sharded and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        if sharded and not self._local_rows and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError(
                 "CafeEmbeddingBagCollection's tables are sharded over several ranks but its sketch is "
                 "local: shard the module itself with CafeEmbeddingBagCollectionSharder (not only its "
@@ -543,7 +564,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ]
             return indexed_groups(shards, names, device), _row_split_tables(names, shards, device, self._group)
         if self._cached_groups is None or self._cached_groups[0] is not inner:
-            shards = tbe_shards(inner, names)
+            shards = tbe_shards(inner, names, whole=self._local_rows)
             fused = indexed_groups([s for s in shards if not s.row_split], names, device)
             # [fused groups, row-split tables, data-parallel storage key, data-parallel groups]
             self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device, self._group), None, []])
