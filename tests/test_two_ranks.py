@@ -156,6 +156,12 @@ def _mismatched_worker(rank: int, port: int, out: str) -> None:
         with pytest.raises(ValueError, match="differ between the ranks") as sharded:
             DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
         messages.append(str(sharded.value))
+        partitioned = [CafeEmbeddingBagCollectionSharder(form="partitioned")]
+        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+        plan = EmbeddingShardingPlanner(topology=topology).plan(module, partitioned)
+        with pytest.raises(ValueError, match="differ between the ranks") as parts:
+            DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=partitioned)
+        messages.append(str(parts.value))
         # TorchRec's EBC sharder alone shards the inner tables and leaves the sketch local: refused.
         module = CafeEmbeddingBagCollection(TABLES, cafe=config)
         sharders = [RowWiseEverywhereEBCSharder()]
@@ -171,9 +177,9 @@ def _mismatched_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_with_different_configs_are_refused_and_unsharded_modules_stay_local(tmp_path) -> None:
-    """Different CAFE settings: ``replicate_across`` and sharding under DMP raise the same error on
-    every rank (the configs are compared before any other collective); an unsharded module never
+    """Different CAFE settings: ``replicate_across`` and sharding under DMP (either form) raise the
+    same error on every rank (the configs are compared before any other collective); an unsharded module never
     communicates; tables sharded by TorchRec's EBC sharder alone under a local sketch are refused."""
     mp.start_processes(_mismatched_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
-    assert first == second and len(first) == 3
+    assert first == second and len(first) == 4

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 from torchrec.optim.keyed import KeyedOptimizer
 
-from torchrec_cafe.distributed.sharder import ShardedCafeEmbeddingBagCollection
+from torchrec_cafe.distributed.base import ShardedCafeBase
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 
 MANIFEST = "cafe_manifest.json"
@@ -55,7 +55,7 @@ def cafe_modules(model: nn.Module) -> List[CafeEmbeddingBagCollection]:
     """The CAFE modules of ``model`` (for sharded ones, their CAFE logic), each once, in module order."""
     found: Dict[int, CafeEmbeddingBagCollection] = {}
     for m in model.modules():
-        cafe = m.cafe if isinstance(m, ShardedCafeEmbeddingBagCollection) else m
+        cafe = m.cafe if isinstance(m, ShardedCafeBase) else m
         if isinstance(cafe, CafeEmbeddingBagCollection):
             found.setdefault(id(cafe), cafe)
     return list(found.values())
@@ -273,12 +273,13 @@ def _barrier(process_group: Optional[dist.ProcessGroup]) -> None:
 
 @torch.no_grad()
 def _check_replicas(cafes: List[CafeEmbeddingBagCollection], process_group: Optional[dist.ProcessGroup]) -> None:
-    """DCP saves one rank's copy of replicated tensors: refuse to save diverged sketches."""
+    """DCP saves one rank's copy of replicated tensors: refuse to save diverged sketches (a
+    partitioned module's sketches are each rank's own)."""
     if not _distributed(process_group) or not cafes:
         return
     sums = []
     for cafe in cafes:
-        if cafe._sketch is None:
+        if cafe._sketch is None or cafe.is_partition:
             continue
         for _, buf in sorted(cafe._sketch.state_dict().items()):
             raw = buf.detach().reshape(-1).contiguous().view(torch.uint8).to(torch.int64)  # the bytes, any dtype

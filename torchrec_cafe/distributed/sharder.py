@@ -14,8 +14,7 @@ backward, so no row is copied before its last gradient. With ``CafeConfig.pipeli
 pipeline's depth (1 for ``TrainPipelineSparseDist``) the pipelined run equals the unpipelined one.
 """
 
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch
 from torch import nn
@@ -23,9 +22,8 @@ from torchrec.distributed.embedding_types import (
     BaseEmbeddingSharder,
     EmbeddingComputeKernel,
     KJTList,
-    ShardedEmbeddingModule,
 )
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, EmbeddingBagCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import ParameterConstraints, Topology
 from torchrec.distributed.types import (
@@ -40,23 +38,9 @@ from torchrec.distributed.types import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_cafe.distributed.base import CafeEmbeddingBagCollectionContext, ShardedCafeBase
+from torchrec_cafe.distributed.partitioned import PartitionedCafeEmbeddingBagCollection
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
-from torchrec_cafe.remap import RemapContext
-
-
-@dataclass
-class CafeEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
-    """TorchRec's EBC context plus what the remap of this batch saw (read when the output
-    awaitable resolves, to hook the importance scores); ``record_stream`` covers both, since the
-    pipeline remaps on its data-dist stream and the scores are taken on the compute stream."""
-
-    cafe_context: Optional[RemapContext] = None
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        super().record_stream(stream)
-        if self.cafe_context is not None:
-            self.cafe_context.record_stream(stream)
-
 
 _MODEL_PARALLEL_TYPES = [
     ShardingType.TABLE_WISE,
@@ -66,11 +50,10 @@ _MODEL_PARALLEL_TYPES = [
     ShardingType.TABLE_ROW_WISE,
 ]
 _SHARDING_TYPES = _MODEL_PARALLEL_TYPES + [ShardingType.DATA_PARALLEL]
+FORMS = ("replicated", "partitioned")
 
 
-class ShardedCafeEmbeddingBagCollection(
-    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeEmbeddingBagCollectionContext]
-):
+class ShardedCafeEmbeddingBagCollection(ShardedCafeBase):
     """Sharded form of ``CafeEmbeddingBagCollection``: same ``KeyedTensor`` output, same state-dict
     names (``_embedding_bag_collection.*`` as ShardedTensors, ``_sketch.*`` replicated)."""
 
@@ -93,32 +76,8 @@ class ShardedCafeEmbeddingBagCollection(
         module.install_sharded_tables(sharded)
         if device is not None:
             module.follow(device)
-        self.__dict__["_cafe"] = module
         self._embedding_bag_collection = sharded
-        self._sketch = module.sketch
-        self._remapper = module.remapper
-        # As the unsharded module: snapshots include the pending step (a collective: every rank
-        # calls state_dict, as DCP's save does), loads drop this module's own pending scores.
-        self.register_state_dict_pre_hook(_apply_pending_before_save)
-        self.register_load_state_dict_post_hook(_discard_pending_after_load)
-
-    @property
-    def cafe(self) -> CafeEmbeddingBagCollection:
-        """The CAFE logic (``memory_report()``, ``stats()``, ``apply_pending_updates()``)."""
-        return self.__dict__["_cafe"]
-
-    def apply_pending_updates(self) -> None:
-        """Collective: sketch update and migrations of the scores stashed so far."""
-        self.cafe.apply_pending_updates()
-
-    def memory_report(self) -> Dict[str, Dict[str, float]]:
-        return self.cafe.memory_report()
-
-    def stats(self) -> Dict[str, Dict[str, float]]:
-        return self.cafe.stats()
-
-    def create_context(self) -> CafeEmbeddingBagCollectionContext:
-        return CafeEmbeddingBagCollectionContext()
+        self._own(module)
 
     def input_dist(
         self, ctx: CafeEmbeddingBagCollectionContext, features: KeyedJaggedTensor
@@ -162,29 +121,6 @@ class ShardedCafeEmbeddingBagCollection(
             awaitable.callbacks.append(hook)
         return awaitable
 
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        # Keeps DDP off the tables and the replicated sketch alike (the sketch is synchronised
-        # by the update's own collectives).
-        for name, _ in self.named_parameters(prefix=prefix):
-            yield name
-        for name, _ in self.named_buffers(prefix=prefix):
-            yield name
-
-    @property
-    def fused_optimizer(self) -> Any:
-        return self._embedding_bag_collection.fused_optimizer
-
-    @property
-    def unsharded_module_type(self) -> Type[CafeEmbeddingBagCollection]:
-        return CafeEmbeddingBagCollection
-
-def _apply_pending_before_save(sharded: ShardedCafeEmbeddingBagCollection, _prefix: str, _keep_vars: bool) -> None:
-    sharded.cafe.apply_pending_updates()
-
-
-def _discard_pending_after_load(sharded: ShardedCafeEmbeddingBagCollection, _incompatible: object) -> None:
-    sharded.cafe.discard_pending()  # a named function: modules with hooks must stay picklable
-
 
 class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCollection]):
     """Shards ``CafeEmbeddingBagCollection``'s physical tables with TorchRec's EBC sharder.
@@ -195,6 +131,11 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
     stepped by the dense optimizer, not by ``apply_optimizer_in_backward`` (TorchRec drops that on
     dense kernels): hand that optimizer to ``cafe.attach_optimizer`` so that promotions copy its
     per-row state, identically on every rank.
+
+    ``form``: ``"replicated"`` (default): every rank holds the whole sketch and remaps its own batch
+    before TorchRec's input dist (every placement above); ``"partitioned"``: row-wise plans only,
+    rank r owns partition r of every table (sketch and rows, ``1 / W`` of the budget) and remaps
+    the IDs sent to it (``PartitionedCafeEmbeddingBagCollection``).
 
     Example::
 
@@ -209,8 +150,12 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         self,
         fused_params: Optional[Dict[str, Any]] = None,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        form: str = "replicated",
     ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         super().__init__(fused_params, qcomm_codecs_registry)
+        self._form = form
         self._ebc_sharder = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
 
     def shard(  # type: ignore[override]  # TorchRec declares ModuleSharder.shard an abstractclassmethod
@@ -220,7 +165,7 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> ShardedCafeEmbeddingBagCollection:
+    ) -> ShardedCafeBase:
         tables = set(self.shardable_parameters(module))
         unknown = sorted(set(params) - tables)
         if unknown:
@@ -228,7 +173,10 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         device_type = device.type if device else "cpu"
         for name, sharding in params.items():
             if sharding.sharding_type not in self.sharding_types(device_type):
-                raise ValueError(f"table {name!r}: sharding type {sharding.sharding_type!r} is not supported by CAFE")
+                raise ValueError(
+                    f"table {name!r}: sharding type {sharding.sharding_type!r} is not supported by CAFE's {self._form} "
+                    f"form (it offers {self.sharding_types(device_type)})"
+                )
             # Migrations find rows by kernel: fused tables in their TBE, dense ones as full replicas.
             dense = sharding.compute_kernel == EmbeddingComputeKernel.DENSE.value
             if dense != (sharding.sharding_type == ShardingType.DATA_PARALLEL.value):
@@ -236,7 +184,8 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
                     f"table {name!r}: compute kernel {sharding.compute_kernel!r} with sharding type "
                     f"{sharding.sharding_type!r} is not supported by CAFE (dense goes with data_parallel only)"
                 )
-        return ShardedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn)
+        form = PartitionedCafeEmbeddingBagCollection if self._form == "partitioned" else ShardedCafeEmbeddingBagCollection
+        return form(module, params, env, self._ebc_sharder, device, module_fqn)
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return self._ebc_sharder.shardable_parameters(module.physical_tables())
@@ -246,6 +195,8 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         return CafeEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
+        if self._form == "partitioned":
+            return [ShardingType.ROW_WISE.value]
         return [t.value for t in _SHARDING_TYPES]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
