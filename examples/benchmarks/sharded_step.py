@@ -39,7 +39,7 @@ def _timed_sync(stats: Dict[str, float]) -> None:
     """Counts the bytes each rank ships for a CAFE update and the time of its collectives
     (the gather forms time the whole call minus the sketch update itself)."""
     occurrences, aggregated = cafe_module.all_gather_occurrences, cafe_module.all_gather_aggregated
-    rescale, update_quanta = cafe_module._normalised_scores, HotSketch.update_quanta
+    rescale, update_quanta = cafe_module.normalised_scores, HotSketch.update_quanta
 
     def timed(fn, sent):  # noqa: ANN001, ANN202
         def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -61,7 +61,7 @@ def _timed_sync(stats: Dict[str, float]) -> None:
     cafe_module.all_gather_aggregated = timed(
         aggregated, lambda sketch, ids, scores, tables: _pairs(sketch, ids, tables) * 24 + 8 + 8 * sketch.num_tables
     )
-    cafe_module._normalised_scores = timed(rescale, lambda norms, feature, num_features, distributed: 16 * num_features)
+    cafe_module.normalised_scores = timed(rescale, lambda norms, feature, num_features, *_: 16 * num_features)
     HotSketch.update_quanta = untimed_update
 
 
