@@ -1,12 +1,14 @@
 """The partitioned sharded form (CafeEmbeddingBagCollectionSharder(form="partitioned"), row-wise):
-1, 2 and 4 gloo ranks against CafeEmbeddingBagPartitions, the same W partitions on one process fed
-the global batches. DLRM, 12 steps, fused row-wise Adagrad against torch's. Each rank's sketch must
-equal its partition's bit for bit (frequency importance), its row block the partition's rows and
-the losses the emulation's within float tolerance; a rank holds 1/W of the module's bytes."""
+1, 2 and 4 gloo ranks holding P = W partitions, and ranks holding several partitions each, against
+CafeEmbeddingBagPartitions, the same P partitions on one process fed the global batches. DLRM, 12
+steps, fused row-wise Adagrad against torch's. Each partition's sketch must equal the emulation's
+bit for bit (frequency importance), its row block the partition's rows and the losses the
+emulation's within float tolerance; a rank of W holds 1/W of the module's bytes. DCP checkpoints
+reshard between runs of different W over the same partitions and continue exactly."""
 
 import dataclasses
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -53,21 +55,23 @@ def _dlrm(ebc: torch.nn.Module) -> DLRM:
     return DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8, 8], over_arch_layer_sizes=[8, 1])
 
 
-def _emulation(world: int) -> "tuple[DLRM, CafeEmbeddingBagPartitions]":
+def _emulation(partitions: int) -> "tuple[DLRM, CafeEmbeddingBagPartitions]":
     torch.manual_seed(0)
-    partitions = CafeEmbeddingBagPartitions(TABLES, world, cafe=CONFIG)
-    return _dlrm(partitions), partitions
+    emulation = CafeEmbeddingBagPartitions(TABLES, partitions, cafe=CONFIG)
+    return _dlrm(emulation), emulation
 
 
-def _initial_state(world: int) -> Dict[str, torch.Tensor]:
-    """The emulation's initial state under the sharded model's names (row blocks concatenated)."""
-    model, partitions = _emulation(world)
+def _initial_state(partitions: int) -> Dict[str, torch.Tensor]:
+    """The emulation's initial state under the sharded model's names (row blocks concatenated,
+    sketches stacked)."""
+    model, emulation = _emulation(partitions)
     state = {k: v for k, v in model.state_dict().items() if ".partitions." not in k}
     for t in TABLES:
-        blocks = [p.embedding_bags[t.name].weight.detach() for p in partitions.partitions]
+        blocks = [p.embedding_bags[t.name].weight.detach() for p in emulation.partitions]
         state[PHYSICAL.format(t.name)] = torch.cat(blocks)
-    for k, v in partitions.partitions[0].sketch.state_dict().items():
-        state[f"sparse_arch.embedding_bag_collection._sketch.{k}"] = v
+    for k in emulation.partition(0).sketch.state_dict():
+        stacked = torch.stack([p.sketch.state_dict()[k] for p in emulation.partitions])
+        state[f"sparse_arch.embedding_bag_collection._sketch.{k}"] = stacked
     return state
 
 
@@ -92,7 +96,7 @@ def _dense_optimizer(dmp: DistributedModelParallel) -> torch.optim.Optimizer:
 
 
 def _final(dmp: DistributedModelParallel) -> Dict[str, object]:
-    """This rank's sketch and row blocks, pending scores applied."""
+    """This rank's partitions' sketches (by partition index) and row blocks, pending scores applied."""
     sharded = dmp.module.sparse_arch.embedding_bag_collection
     sharded.apply_pending_updates()
     rows = {}
@@ -100,12 +104,14 @@ def _final(dmp: DistributedModelParallel) -> Dict[str, object]:
         tensor = dmp.state_dict()[PHYSICAL.format(t.name)]
         assert isinstance(tensor, ShardedTensor)
         rows[t.name] = tensor.local_shards()[0].tensor.clone()
-    return {"sketch": sharded.cafe.sketch.state_dict(), "rows": rows, "bytes": _rank_bytes(sharded)}
+    first = dist.get_rank() * len(sharded.partitions)
+    sketches = {first + j: p.sketch.state_dict() for j, p in enumerate(sharded.partitions)}
+    return {"sketches": sketches, "rows": rows, "bytes": _rank_bytes(sharded)}
 
 
-def _run(rank: int, world: int) -> Dict[str, object]:
-    dmp = _model(world)
-    dmp.load_state_dict(_initial_state(world))
+def _run(rank: int, world: int, partitions: int) -> Dict[str, object]:
+    dmp = _model(world, partitions=partitions)
+    dmp.load_state_dict(_initial_state(partitions))
     losses = _train(dmp, _dense_optimizer(dmp), range(STEPS), rank, world)
     return {"losses": losses, **_final(dmp)}
 
@@ -122,11 +128,11 @@ def _rank_bytes(sharded: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _reference(world: int) -> Dict[str, object]:
-    model, partitions = _emulation(world)
+def _reference(partitions: int) -> Dict[str, object]:
+    model, emulation = _emulation(partitions)
     opt = torch.optim.SGD([p for n, p in model.named_parameters() if ".partitions." not in n], lr=LR)
     tables = RowWiseAdagrad([p for n, p in model.named_parameters() if ".partitions." in n], lr=LR, eps=1e-8)
-    for p in partitions.partitions:
+    for p in emulation.partitions:
         p.attach_optimizer(tables)
     losses = []
     for step in range(STEPS):
@@ -137,50 +143,62 @@ def _reference(world: int) -> Dict[str, object]:
             o.step()
             o.zero_grad()
         losses.append(float(loss))
-    for p in partitions.partitions:
+    for p in emulation.partitions:
         p.apply_pending_updates()
-    return {"losses": losses, "partitions": partitions}
+    return {"losses": losses, "emulation": emulation}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, partitions: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_run(rank, world), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(_run(rank, world, partitions), os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _ranks(world: int, out: str) -> List[Dict[str, object]]:
-    mp.start_processes(_worker, args=(world, free_port(), out), nprocs=world, start_method="spawn")
+def _ranks(world: int, out: str, partitions: int) -> List[Dict[str, object]]:
+    mp.start_processes(_worker, args=(world, free_port(), out, partitions), nprocs=world, start_method="spawn")
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_partitioned_run_equals_its_emulation(tmp_path, single_rank_pg: None, world: int) -> None:
-    ranks = _ranks(world, str(tmp_path))
-    reference = _reference(world)
+def _whole_rows(ranks: List[Dict[str, object]]) -> Dict[str, torch.Tensor]:
+    """Every table's rows, the ranks' blocks in rank order (partition p's rows are block p)."""
+    return {t.name: torch.cat([r["rows"][t.name] for r in ranks]) for t in TABLES}
+
+
+def _sketches(ranks: List[Dict[str, object]]) -> Dict[int, Dict[str, torch.Tensor]]:
+    return {p: s for r in ranks for p, s in r["sketches"].items()}
+
+
+@pytest.mark.parametrize("world,partitions", [(1, 1), (2, 2), (4, 4), (1, 2), (2, 4)])
+def test_partitioned_run_equals_its_emulation(tmp_path, single_rank_pg: None, world: int, partitions: int) -> None:
+    ranks = _ranks(world, str(tmp_path), partitions)
+    reference = _reference(partitions)
     torch.testing.assert_close(ranks[0]["losses"], reference["losses"], rtol=1e-5, atol=1e-6)
+    sketches, rows = _sketches(ranks), _whole_rows(ranks)
+    assert sorted(sketches) == list(range(partitions))
     promoted = 0
-    for rank, part in zip(ranks, reference["partitions"].partitions):
+    for p, part in enumerate(reference["emulation"].partitions):
         promoted += int(part.sketch.state_dict()["promotions"].sum())
         for key, value in part.sketch.state_dict().items():
-            assert torch.equal(rank["sketch"][key], value), key
-        for t in TABLES:
-            torch.testing.assert_close(rank["rows"][t.name], part.embedding_bags[t.name].weight.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(sketches[p][key], value), (p, key)
+    for t in TABLES:
+        expected = torch.cat([part.embedding_bags[t.name].weight.detach() for part in reference["emulation"].partitions])
+        torch.testing.assert_close(rows[t.name], expected, rtol=1e-5, atol=1e-6)
     assert promoted > 0  # the runs migrated rows
-    if world > 1:  # a rank holds its share of the bytes the module takes on one rank, plus 5%
-        whole = _run(0, 1)["bytes"]
+    if world == partitions > 1:  # a rank holds its share of the bytes the module takes on one rank, plus 5%
+        whole = _run(0, 1, 1)["bytes"]
         print(world, whole, [r["bytes"] for r in ranks])
         assert max(r["bytes"] for r in ranks) <= (1 / world + 0.05) * whole
 
 
-def _model(world: int, wrap: Callable[[DLRM], torch.nn.Module] = lambda m: m) -> DistributedModelParallel:
+def _model(world: int, wrap: Callable[[DLRM], torch.nn.Module] = lambda m: m, partitions: Optional[int] = None) -> DistributedModelParallel:
     torch.manual_seed(0)
     cafe = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
     model = wrap(_dlrm(cafe))
     apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": LR})
-    sharders = [CafeEmbeddingBagCollectionSharder(form="partitioned")]
+    sharders = [CafeEmbeddingBagCollectionSharder(form="partitioned", partitions=partitions)]
     constraints = {t.name: ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"]) for t in TABLES}
     topology = Topology(world_size=world, compute_device="cpu", local_world_size=world)
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(model, sharders)
@@ -217,14 +235,54 @@ def test_partitioned_checkpoint_resumes_exactly(tmp_path, single_rank_pg: None) 
         out = torch.load(tmp_path / f"rank{r}.pt")
         run, resumed = out["run"], out["resumed"]
         torch.testing.assert_close(out["losses"][1], out["losses"][0], rtol=1e-5, atol=1e-6)
-        for key, value in run["sketch"].items():
-            assert torch.equal(resumed["sketch"][key], value), key
+        for key, value in run["sketches"][r].items():
+            assert torch.equal(resumed["sketches"][r][key], value), key
         for t in TABLES:
             torch.testing.assert_close(resumed["rows"][t.name], run["rows"][t.name], rtol=1e-5, atol=1e-6)
-        sketches.append(run["sketch"]["slot_keys"])
+        sketches.append(run["sketches"][r]["slot_keys"])
     assert not torch.equal(sketches[0], sketches[1])  # the ranks' sketches are their own
-    with pytest.raises(ValueError, match="num_embeddings=10000, the model has 20000"):  # partitions of W = 2
+    with pytest.raises(ValueError, match="num_embeddings=10000, the model has 20000"):  # 2 partitions, not 1
         load(checkpoint_path(str(tmp_path), SAVE_AT), _model(1))
+
+
+def _reshard_worker(rank: int, world: int, port: int, root: str, partitions: int, phase: str) -> None:
+    """``save``: trains STEPS steps, saving at SAVE_AT; ``load``: a fresh model (any W) loads that
+    checkpoint and trains the rest. Both record the losses after SAVE_AT and the final state."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dmp = _model(world, partitions=partitions)
+        opt = _dense_optimizer(dmp)
+        optimizers = {"sparse": dmp.fused_optimizer, "dense": opt}
+        if phase == "save":
+            _train(dmp, opt, range(SAVE_AT), rank, world)
+            save(checkpoint_path(root, SAVE_AT), dmp, optimizers)
+        else:
+            load(checkpoint_path(root, SAVE_AT), dmp, optimizers)
+        losses = _train(dmp, opt, range(SAVE_AT, STEPS), rank, world)
+        torch.save({"losses": losses, **_final(dmp)}, os.path.join(root, f"{phase}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("before,after,partitions", [(2, 1, 2), (1, 2, 2), (2, 4, 4)])
+def test_partitioned_checkpoint_reshards_between_world_sizes(tmp_path, single_rank_pg: None, before: int, after: int, partitions: int) -> None:
+    """A checkpoint of P partitions saved on ``before`` ranks, loaded on ``after`` ranks (DCP
+    moves each partition's rows, optimizer state and sketch to its new owner), continues exactly as
+    the run that saved it: the same losses, sketches bit for bit, the same rows."""
+    for world, phase in ((before, "save"), (after, "load")):
+        mp.start_processes(_reshard_worker, args=(world, free_port(), str(tmp_path), partitions, phase), nprocs=world, start_method="spawn")
+    saved = [torch.load(tmp_path / f"save-rank{r}.pt") for r in range(before)]
+    loaded = [torch.load(tmp_path / f"load-rank{r}.pt") for r in range(after)]
+    torch.testing.assert_close(loaded[0]["losses"], saved[0]["losses"], rtol=1e-5, atol=1e-6)
+    want, got = _sketches(saved), _sketches(loaded)
+    assert sorted(got) == sorted(want) == list(range(partitions))
+    for p in want:
+        for key, value in want[p].items():
+            assert torch.equal(got[p][key], value), (p, key)
+    rows = _whole_rows(saved)
+    for name, value in _whole_rows(loaded).items():
+        torch.testing.assert_close(value, rows[name], rtol=1e-5, atol=1e-6)
 
 
 @dataclasses.dataclass

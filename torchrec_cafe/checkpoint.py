@@ -52,10 +52,11 @@ T = TypeVar("T")
 
 
 def cafe_modules(model: nn.Module) -> List[CafeEmbeddingBagCollection]:
-    """The CAFE modules of ``model`` (for sharded ones, their CAFE logic), each once, in module order."""
+    """The CAFE modules of ``model`` (for sharded ones, their CAFE logic: of a partitioned one, its
+    first partition on this rank, alike on every rank), each once, in module order."""
     found: Dict[int, CafeEmbeddingBagCollection] = {}
     for m in model.modules():
-        cafe = m.cafe if isinstance(m, ShardedCafeBase) else m
+        cafe = m.partitions[0] if isinstance(m, ShardedCafeBase) else m
         if isinstance(cafe, CafeEmbeddingBagCollection):
             found.setdefault(id(cafe), cafe)
     return list(found.values())

@@ -271,10 +271,11 @@ def _is_dense(tbe: Optional[nn.Module]) -> bool:
     return isinstance(tbe, DenseTableBatchedEmbeddingBagsCodegen)
 
 
-def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str], whole: bool = False) -> List[RowShard]:
+def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str], block: Optional[Tuple[int, int]] = None) -> List[RowShard]:
     """Local shards of ``tables`` in a ``ShardedEmbeddingBagCollection`` with fused (TBE) kernels
-    (dense-kernel tables are ``dense_shards``'). ``whole``: each local shard is addressed as a
-    table of its own (row 0 = its first row), as the partitioned form's rank-local tables are."""
+    (dense-kernel tables are ``dense_shards``'). ``block`` = (j, k): each local shard is cut into k
+    equal row blocks and block j is addressed as a table of its own (row 0 = its first row), as the
+    partitioned form's partitions are."""
     wanted = set(tables)
     shards: List[RowShard] = []
     for emb, tbe in _kernels(sharded_ebc):
@@ -289,11 +290,15 @@ def tbe_shards(sharded_ebc: nn.Module, tables: Sequence[str], whole: bool = Fals
                     f"{type(emb).__name__}; constrain the table to compute_kernels=['fused'] "
                     f"(or data_parallel with ['dense'])"
                 )
-            states = tbe.split_optimizer_states()[k] if _has_state(tbe) else []
-            row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata and not whole else 0
+            states = list(tbe.split_optimizer_states()[k]) if _has_state(tbe) else []
             weight = tbe.split_embedding_weights()[k]
-            split = cfg.local_rows != cfg.num_embeddings and not whole
-            shards.append(RowShard(cfg.name, weight, list(states), row_offset, split))
+            if block is not None:
+                rows = weight.shape[0] // block[1]
+                start, end = block[0] * rows, (block[0] + 1) * rows
+                shards.append(RowShard(cfg.name, weight[start:end], [s[start:end] for s in states], 0, False))
+                continue
+            row_offset = cfg.local_metadata.shard_offsets[0] if cfg.local_metadata else 0
+            shards.append(RowShard(cfg.name, weight, states, row_offset, cfg.local_rows != cfg.num_embeddings))
     return shards
 
 

@@ -4,7 +4,7 @@ the replicated form (``sharder.py``) before TorchRec's input dist, the partition
 (``partitioned.py``) on the rank that owns them, after it."""
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Type
 
 import torch
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
@@ -32,16 +32,15 @@ class CafeEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 class ShardedCafeBase(
     ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, CafeEmbeddingBagCollectionContext]
 ):
-    """A sharded CAFE module: ``cafe`` is the CAFE logic on this rank (not a child: its tables
-    are the sharded ones, its sketch and remap constants are children of the sharded module).
-    Subclasses set ``cafe`` with ``_own(cafe)`` and ``_embedding_bag_collection``."""
+    """A sharded CAFE module: ``partitions`` is the CAFE logic on this rank (one module in the
+    replicated form; the rank's partitions in the partitioned form). They are not children: their
+    tables are the sharded ones, and their sketches and remap constants are registered by the
+    subclass. Subclasses call ``_own(partitions)`` and set ``_embedding_bag_collection``."""
 
     _embedding_bag_collection: ShardedEmbeddingBagCollection
 
-    def _own(self, cafe: CafeEmbeddingBagCollection) -> None:
-        self.__dict__["_cafe"] = cafe
-        self._sketch = cafe.sketch
-        self._remapper = cafe.remapper
+    def _own(self, partitions: List[CafeEmbeddingBagCollection]) -> None:
+        self.__dict__["_partitions"] = list(partitions)
         # As the unsharded module: snapshots include the pending step (a collective in the
         # replicated form: every rank calls state_dict, as DCP's save does), loads drop this
         # module's own pending scores.
@@ -49,20 +48,36 @@ class ShardedCafeBase(
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
     @property
+    def partitions(self) -> List[CafeEmbeddingBagCollection]:
+        """The CAFE logic on this rank, one module per partition it owns (one when replicated)."""
+        return self.__dict__["_partitions"]
+
+    @property
     def cafe(self) -> CafeEmbeddingBagCollection:
-        """The CAFE logic (``memory_report()``, ``stats()``, ``apply_pending_updates()``)."""
-        return self.__dict__["_cafe"]
+        """The CAFE logic (``memory_report()``, ``stats()``, ``apply_pending_updates()``) of a rank
+        that holds one module; ``ValueError`` when it holds several partitions (see ``partitions``)."""
+        if len(self.partitions) != 1:
+            raise ValueError(f"this rank holds {len(self.partitions)} CAFE partitions: use .partitions")
+        return self.partitions[0]
 
     def apply_pending_updates(self) -> None:
         """Sketch update and migrations of the scores stashed so far (a collective in the
         replicated form)."""
-        self.cafe.apply_pending_updates()
+        for cafe in self.partitions:
+            cafe.apply_pending_updates()
 
     def memory_report(self) -> Dict[str, Dict[str, float]]:
-        return self.cafe.memory_report()
+        """Per logical table, this rank's bytes and rows (its partitions' together)."""
+        return _combine([p.memory_report() for p in self.partitions], _REPORT_CONSTANTS)
 
     def stats(self) -> Dict[str, Dict[str, float]]:
-        return self.cafe.stats()
+        """Per sketched table, this rank's counters (its partitions' together; the hot-hit rate
+        their mean)."""
+        out = _combine([p.stats() for p in self.partitions], ("updates",))
+        for row in out.values():
+            if "hot_hit_rate" in row:
+                row["hot_hit_rate"] /= len(self.partitions)
+        return out
 
     def create_context(self) -> CafeEmbeddingBagCollectionContext:
         return CafeEmbeddingBagCollectionContext()
@@ -84,9 +99,28 @@ class ShardedCafeBase(
         return CafeEmbeddingBagCollection
 
 
+# Per-table entries of a memory report that are the same in every partition (not summed).
+_REPORT_CONSTANTS = ("compressed", "sketched", "row_bytes")
+
+
+def _combine(reports: List[Dict[str, Dict[str, Any]]], constants: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per table, the sum over ``reports`` of each entry but ``constants`` (taken from the first);
+    a ``compression_ratio`` entry is recomputed from the summed bytes."""
+    if len(reports) == 1:
+        return reports[0]
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, first in reports[0].items():
+        row = {k: v if k in constants else sum(r[name][k] for r in reports) for k, v in first.items()}
+        if "compression_ratio" in row:
+            row["compression_ratio"] = row["logical_bytes"] / row["total_bytes"]
+        out[name] = row
+    return out
+
+
 def _apply_pending_before_save(sharded: ShardedCafeBase, _prefix: str, _keep_vars: bool) -> None:
-    sharded.cafe.apply_pending_updates()
+    sharded.apply_pending_updates()
 
 
 def _discard_pending_after_load(sharded: ShardedCafeBase, _incompatible: object) -> None:
-    sharded.cafe.discard_pending()  # a named function: modules with hooks must stay picklable
+    for cafe in sharded.partitions:  # a named function: modules with hooks must stay picklable
+        cafe.discard_pending()

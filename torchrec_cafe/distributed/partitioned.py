@@ -1,17 +1,21 @@
 """The partitioned form of a sharded ``CafeEmbeddingBagCollection``, for row-wise plans.
 
-Rank r of W owns partition r of every table (``modules/partition.py``: the IDs ``id mod W == r``,
-as local IDs ``< ceil(N / W)``): its own sketch, pool and block rows, within ``1 / W`` of the
-table's budget. As TorchRec's managed-collision modules shard (``mc_embedding_modules.py``), raw
-IDs travel to their owner through a ``RwSparseFeaturesDist`` with ``keep_original_indices``; the
-owner applies its due sketch update, lands the row migration and remaps, all in ``compute`` (on
-the default stream, after the previous batch's backward), then looks up in its row block of the
-physical tables, which TorchRec's EBC sharder shards row-wise (W blocks of one partition's rows
-each); TorchRec's row-wise output dist sums the partitions' pooled outputs. Importance comes from
-the gradient of the owner's pooled output. Nothing is replicated and nothing crosses ranks but
-the IDs and the pooled rows: a rank's work and bytes follow its share of the IDs, not W.
+The model has P partitions (``modules/partition.py``: partition p owns the IDs ``id mod P == p``
+of every table, as local IDs ``< ceil(N / P)``), each with its own sketch, pool and block rows
+within ``1 / P`` of the table's budget; rank r of W (W dividing P; P = W by default) owns
+partitions ``r * P / W`` to ``(r + 1) * P / W - 1``. As TorchRec's managed-collision modules
+shard (``mc_embedding_modules.py``), raw IDs travel to their owner through a
+``RwSparseFeaturesDist`` with ``keep_original_indices``; the owner applies each partition's due
+sketch update, lands its row migration and remaps, all in ``compute`` (on the default stream,
+after the previous batch's backward), then looks up in its row block of the physical tables,
+which TorchRec's EBC sharder shards row-wise (P blocks of one partition's rows, P / W per rank);
+TorchRec's row-wise output dist sums the ranks' pooled outputs. Importance comes from the
+gradient of the owner's pooled output. Nothing is replicated and nothing crosses ranks but the IDs
+and the pooled rows: a rank's work and bytes follow its share of the IDs, not W. Since the state
+is laid out by partition (rows: P blocks; sketches: a ShardedTensor [P, ...]), DCP reshards a
+checkpoint between any W dividing P.
 
-The run equals ``CafeEmbeddingBagPartitions`` (the W partitions on one process) fed the global
+The run equals ``CafeEmbeddingBagPartitions`` (the P partitions on one process) fed the global
 batches. Needs SUM pooling and fixed-batch KJTs.
 """
 
@@ -32,17 +36,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_cafe.distributed.base import CafeEmbeddingBagCollectionContext, ShardedCafeBase
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
-from torchrec_cafe.modules.partition import owner_and_local, partition_cafe, partition_tables, value_blocks
+from torchrec_cafe.modules.partition import (
+    merge_bags,
+    owner_and_local,
+    partition_cafe,
+    partition_tables,
+    select_partition,
+    value_blocks,
+)
 from torchrec_cafe.sketch.replicas import check_same_on_all_ranks
 
 
 def partition_plan(
-    plan: Dict[str, ParameterSharding], rows: Dict[str, int], dims: Dict[str, int], world_size: int
+    plan: Dict[str, ParameterSharding], rows: Dict[str, int], dims: Dict[str, int], world_size: int, partitions: int
 ) -> Dict[str, ParameterSharding]:
-    """The row-wise plan of the physical tables resized to W blocks of one partition's ``rows``
-    each, rank r holding block r. ``ValueError`` unless every table is row-wise over all W ranks
-    in rank order."""
-    out = {}
+    """The row-wise plan of the physical tables resized to P blocks of one partition's ``rows``
+    each, rank r holding blocks ``r * P / W`` to ``(r + 1) * P / W - 1``. ``ValueError`` unless
+    every table is row-wise over all W ranks in rank order."""
+    out, per_rank = {}, partitions // world_size
     for name, ps in plan.items():
         shards = ps.sharding_spec.shards if isinstance(ps.sharding_spec, EnumerableShardingSpec) else []
         ranks = [s.placement.rank() for s in shards if s.placement is not None]
@@ -51,8 +62,9 @@ def partition_plan(
                 f"table {name!r}: the partitioned form needs a row-wise placement over all {world_size} ranks in "
                 f"rank order, got {ps.sharding_type!r} on ranks {ranks}; use form='replicated' for other placements"
             )
+        size = per_rank * rows[name]
         blocks = [
-            ShardMetadata(shard_offsets=[r * rows[name], 0], shard_sizes=[rows[name], dims[name]], placement=s.placement)
+            ShardMetadata(shard_offsets=[r * size, 0], shard_sizes=[size, dims[name]], placement=s.placement)
             for r, s in enumerate(shards)
         ]
         out[name] = dataclasses.replace(ps, sharding_spec=EnumerableShardingSpec(blocks))
@@ -60,15 +72,20 @@ def partition_plan(
 
 
 class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
-    """Sharded ``CafeEmbeddingBagCollection`` whose rank r owns partition r of every table.
+    """Sharded ``CafeEmbeddingBagCollection`` whose rank r owns P / W of its P partitions.
 
-    Same ``KeyedTensor`` output as the other forms; ``cafe`` is this rank's partition (a
-    ``CafeEmbeddingBagCollection`` of ``partition_tables(tables, W)``: its ``memory_report()`` is
-    this rank's share). State dict: ``_embedding_bag_collection.*`` row-wise ShardedTensors of W
-    blocks, ``_sketch.*`` this rank's sketch.
+    Same ``KeyedTensor`` output as the other forms; ``partitions`` are this rank's (each a
+    ``CafeEmbeddingBagCollection`` of ``partition_tables(tables, P)``; ``memory_report()`` is this
+    rank's share). State dict: ``_embedding_bag_collection.*`` row-wise ShardedTensors of P
+    partition blocks, ``_sketch.*`` ShardedTensors [P, ...] of one sketch per partition: the same
+    global state for every W, so DCP reshards it.
+
+    ``partitions``: P, a multiple of W (default W). With P / W > 1 partitions per rank, splitting
+    a rank's IDs between its partitions reads their counts on the host once per step.
     """
 
-    _blocks: torch.Tensor  # per module feature, its partition's local IDs ceil(N / W)
+    _blocks: torch.Tensor  # per module feature, one partition's local IDs ceil(N / P)
+    _physical_rows: torch.Tensor  # per module feature, one partition's physical rows of its table
 
     def __init__(
         self,
@@ -78,28 +95,34 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         ebc_sharder: EmbeddingBagCollectionSharder,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
+        partitions: Optional[int] = None,
     ) -> None:
         super().__init__()
         world, self._rank = env.world_size, env.rank
+        total = world if partitions is None else partitions
         if env.process_group is None:
             raise ValueError("the partitioned form sends IDs to their owners: it needs a ShardingEnv with a process group")
+        if total < 1 or total % world:
+            raise ValueError(f"partitions={total} must be a positive multiple of the world size {world}")
         state_device = device if device is not None else torch.device("cpu")
         # First, before any collective: every rank must partition the same tables alike.
         if world > 1:
-            check_same_on_all_ranks(module.describe(), env.process_group, "CafeEmbeddingBagCollection tables or CafeConfig", state_device)
+            description = {"module": module.describe(), "partitions": total}
+            check_same_on_all_ranks(description, env.process_group, "CafeEmbeddingBagCollection tables, CafeConfig or partitions", state_device)
+        self._world, self._total, self._per_rank, self._pg = world, total, total // world, env.process_group
         tables = module.embedding_bag_configs()
-        cafe = CafeEmbeddingBagCollection(
-            partition_tables(tables, world),
-            module.is_weighted(),
-            torch.device("meta"),  # its tables are replaced by the sharded ones below
-            cafe=partition_cafe(tables, module.cafe_settings(), world),
-        )
-        local = cafe.physical_tables()
+        local_tables, settings = partition_tables(tables, total), partition_cafe(tables, module.cafe_settings(), total)
+        # Built on meta: their tables are replaced by the sharded ones below.
+        mine = [
+            CafeEmbeddingBagCollection(local_tables, module.is_weighted(), torch.device("meta"), cafe=settings)
+            for _ in range(self._per_rank)
+        ]
+        local = mine[0].physical_tables()
         rows = {c.name: c.num_embeddings for c in local.embedding_bag_configs()}
         dims = {c.name: c.embedding_dim for c in local.embedding_bag_configs()}
-        plan = partition_plan(table_name_to_parameter_sharding, rows, dims, world)
+        plan = partition_plan(table_name_to_parameter_sharding, rows, dims, world, total)
         physical = EmbeddingBagCollection(
-            [dataclasses.replace(c, num_embeddings=world * c.num_embeddings) for c in local.embedding_bag_configs()],
+            [dataclasses.replace(c, num_embeddings=total * c.num_embeddings) for c in local.embedding_bag_configs()],
             is_weighted=local.is_weighted(),
             device=torch.device("meta"),
         )
@@ -109,25 +132,31 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         # This module dists the raw IDs itself and feeds the sharded tables' compute, as TorchRec's
         # MC-EBC does with its inner EBC (same flag, same reason).
         sharded._has_uninitialized_input_dist = False
-        cafe.install_sharded_tables(sharded, local_rows=True)
-        cafe.follow(state_device)
+        for j, cafe in enumerate(mine):
+            cafe.install_sharded_tables(sharded, local_block=(j, self._per_rank))
+            cafe.follow(state_device)
         self._embedding_bag_collection = sharded
-        self._own(cafe)
+        self._own(mine)
+        self._sketches = torch.nn.ModuleList([c.sketch for c in mine if c.sketch is not None])
+        self._remappers = torch.nn.ModuleList([c.remapper for c in mine])
         (sharding,) = sharded._embedding_shardings  # one row-wise sharding (as MC-EBC reads it)
-        names = [f for f, _ in cafe.embedding_features()]
+        features = mine[0].embedding_features()
+        names = [f for f, _ in features]
         self._lookup_order = [names.index(f) for f in sharding.feature_names()]
         self._output_names, self._output_dims = sharding.embedding_names(), sharding.embedding_dims()
-        blocks = torch.tensor([n for _, n in cafe.embedding_features()], dtype=torch.int64, device=state_device)
-        self.register_buffer("_blocks", blocks, persistent=False)
-        self._world, self._pg = world, env.process_group
-        # Each rank's sketch is its own: in state dicts a ShardedTensor [W, *shape] of one slice
-        # per rank (a plain tensor would be taken for a replica, and DCP keeps one copy of those).
+        table_of = {f: c.name for c in local.embedding_bag_configs() for f in c.feature_names}
+        self.register_buffer("_blocks", torch.tensor([n for _, n in features], device=state_device), persistent=False)
+        self.register_buffer(
+            "_physical_rows", torch.tensor([rows[table_of[f]] for f in names], device=state_device), persistent=False
+        )
+        # Each partition's sketch is its own: in state dicts a ShardedTensor [P, *shape] of one
+        # slice per partition (a plain tensor would be taken for a replica, and DCP keeps one copy).
         self._register_state_dict_hook(_sketch_as_sharded)
         self._register_load_state_dict_pre_hook(_sketch_from_sharded, with_module=True)
         self._dist = RwSparseFeaturesDist(
             pg=env.process_group,
             num_features=len(names),
-            feature_hash_sizes=[world * n for _, n in cafe.embedding_features()],
+            feature_hash_sizes=[total * n for _, n in features],
             device=state_device,
             keep_original_indices=True,
         )
@@ -135,12 +164,12 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
     def input_dist(
         self, ctx: CafeEmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Validates, then sends every raw ID to its owner (routed as ``owner * blocks + local``)."""
-        features = self.cafe.order_features(features)
+        """Validates, then sends every raw ID to its owner (routed as ``partition * blocks + local``)."""
+        features = self.partitions[0].order_features(features)
         if features.variable_stride_per_key():
             raise ValueError("the partitioned form takes fixed-batch KJTs (variable-batch KJTs: use form='replicated')")
         blocks = value_blocks(features, self._blocks)
-        owner, local = owner_and_local(features.values(), blocks, self._world)
+        owner, local = owner_and_local(features.values(), blocks, self._total)
         routed = kjt_like(features, features.keys(), owner * blocks + local, features.lengths(), features.weights_or_none())
         ctx.variable_batch_per_feature, ctx.inverse_indices = False, None
         ctx.sharding_contexts.append(
@@ -149,20 +178,34 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         return KJTListSplitsAwaitable([self._dist(routed)], ctx)
 
     def compute(self, ctx: CafeEmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
-        """The owner's step: due sketch update and migration, remap, lookup in its row block."""
+        """Each partition's step (due sketch update and migration, remap), then one lookup in
+        this rank's row blocks. The remap contexts stay local: nothing here crosses streams."""
         received = dist_input[0]
-        local = received.values() - self._rank * value_blocks(received, self._blocks)
-        cafe = self.cafe
-        physical, context = cafe.remap(kjt_like(received, received.keys(), local, received.lengths(), received.weights_or_none()), self.training)
-        if context is not None:
-            cafe.land_migration(context)
-            ctx.cafe_context = context
+        blocks = value_blocks(received, self._blocks)
+        first = self._rank * self._per_rank
+        owner, local = received.values().div(blocks, rounding_mode="floor") - first, received.values().remainder(blocks)
+        physical, contexts = [], []
+        for j, cafe in enumerate(self.partitions):
+            if self._per_rank == 1:
+                mine = kjt_like(received, received.keys(), local, received.lengths(), received.weights_or_none())
+            else:
+                mine = select_partition(received, owner, local, j)
+            rows, context = cafe.remap(mine, self.training)
+            if context is not None:
+                cafe.land_migration(context)
+            contexts.append(context)
+            # Partition j's rows are block j of this rank's shard.
+            shifted = rows.values() + j * value_blocks(rows, self._physical_rows)
+            physical.append(kjt_like(rows, rows.keys(), shifted, rows.lengths(), rows.weights_or_none()))
+        merged = physical[0] if len(physical) == 1 else merge_bags(physical)
         if self._lookup_order != list(range(len(self._lookup_order))):
-            physical = physical.permute(self._lookup_order)
-        output = self._embedding_bag_collection.compute(ctx, KJTList([physical]))
-        if self.training and context is not None:
+            merged = merged.permute(self._lookup_order)
+        output = self._embedding_bag_collection.compute(ctx, KJTList([merged]))
+        if self.training:
             pooled = KeyedTensor(keys=self._output_names, length_per_key=self._output_dims, values=output[0])
-            cafe.track_importance(pooled, context)
+            for cafe, context in zip(self.partitions, contexts):
+                if context is not None:  # each partition's bags are the merged bags: same gradient
+                    cafe.track_importance(pooled, context)
         return output
 
     def output_dist(self, ctx: CafeEmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
@@ -172,26 +215,37 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         return self.output_dist(ctx, self.compute(ctx, input))
 
 
-def _sketch_keys(module: PartitionedCafeEmbeddingBagCollection, prefix: str) -> List[str]:
-    sketch = module.cafe.sketch
-    return [] if sketch is None else [f"{prefix}_sketch.{name}" for name in sketch.state_dict()]
+def _sketch_keys(module: PartitionedCafeEmbeddingBagCollection) -> List[str]:
+    """Names of one partition's sketch state (none without sketched tables)."""
+    return list(module._sketches[0].state_dict()) if len(module._sketches) else []
 
 
 def _sketch_as_sharded(
     module: PartitionedCafeEmbeddingBagCollection, state: Dict[str, Any], prefix: str, _meta: Any
 ) -> None:
-    for key in _sketch_keys(module, prefix):
-        local = state[key].unsqueeze(0)
-        shard = Shard.from_tensor_and_offsets(local, [module._rank] + [0] * (local.dim() - 1), module._rank)
-        state[key] = init_from_local_shards([shard], [module._world, *local.shape[1:]], process_group=module._pg)
+    """``_sketches.{j}.{name}`` -> ``_sketch.{name}``: a ShardedTensor [P, *shape] of which this
+    rank holds rows ``first .. first + P / W``."""
+    first = module._rank * module._per_rank
+    for name in _sketch_keys(module):
+        local = torch.stack([state.pop(f"{prefix}_sketches.{j}.{name}") for j in range(module._per_rank)])
+        shard = Shard.from_tensor_and_offsets(local, [first] + [0] * (local.dim() - 1), module._rank)
+        state[f"{prefix}_sketch.{name}"] = init_from_local_shards([shard], [module._total, *local.shape[1:]], process_group=module._pg)
 
 
 def _sketch_from_sharded(module: PartitionedCafeEmbeddingBagCollection, state: Dict[str, Any], prefix: str, *_: Any) -> None:
-    for key in _sketch_keys(module, prefix):
-        value = state.get(key)
+    """The inverse of ``_sketch_as_sharded``: from a ShardedTensor with this rank's rows (as DCP
+    loads it) or a whole [P, *shape] tensor."""
+    first = module._rank * module._per_rank
+    for name in _sketch_keys(module):
+        value = state.pop(f"{prefix}_sketch.{name}", None)
         if isinstance(value, ShardedTensor):
             (shard,) = value.local_shards()
-            state[key] = shard.tensor.squeeze(0)
+            value = shard.tensor
+        elif value is not None:
+            value = value[first : first + module._per_rank]
+        if value is not None:
+            for j in range(module._per_rank):
+                state[f"{prefix}_sketches.{j}.{name}"] = value[j]
 
 
 # What ``apply_optimizer_in_backward`` marks a parameter with: TorchRec's sharder fuses it into the TBE.

@@ -77,7 +77,8 @@ class ShardedCafeEmbeddingBagCollection(ShardedCafeBase):
         if device is not None:
             module.follow(device)
         self._embedding_bag_collection = sharded
-        self._own(module)
+        self._own([module])
+        self._sketch, self._remapper = module.sketch, module.remapper
 
     def input_dist(
         self, ctx: CafeEmbeddingBagCollectionContext, features: KeyedJaggedTensor
@@ -134,8 +135,10 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
 
     ``form``: ``"replicated"`` (default): every rank holds the whole sketch and remaps its own batch
     before TorchRec's input dist (every placement above); ``"partitioned"``: row-wise plans only,
-    rank r owns partition r of every table (sketch and rows, ``1 / W`` of the budget) and remaps
-    the IDs sent to it (``PartitionedCafeEmbeddingBagCollection``).
+    the tables are cut into ``partitions`` hash partitions (default: the world size W; a multiple
+    of W), each with its own sketch and rows within ``1 / P`` of the budget; rank r owns P / W of
+    them and remaps the IDs sent to it (``PartitionedCafeEmbeddingBagCollection``). Checkpoints of
+    a partitioned model load into any W dividing P: pick P for the largest W it will run on.
 
     Example::
 
@@ -151,11 +154,14 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
         fused_params: Optional[Dict[str, Any]] = None,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
         form: str = "replicated",
+        partitions: Optional[int] = None,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if partitions is not None and (form != "partitioned" or partitions < 1):
+            raise ValueError(f"partitions={partitions} needs form='partitioned' and must be >= 1")
         super().__init__(fused_params, qcomm_codecs_registry)
-        self._form = form
+        self._form, self._partitions = form, partitions
         self._ebc_sharder = EmbeddingBagCollectionSharder(fused_params, qcomm_codecs_registry)
 
     def shard(  # type: ignore[override]  # TorchRec declares ModuleSharder.shard an abstractclassmethod
@@ -184,8 +190,9 @@ class CafeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CafeEmbeddingBagCol
                     f"table {name!r}: compute kernel {sharding.compute_kernel!r} with sharding type "
                     f"{sharding.sharding_type!r} is not supported by CAFE (dense goes with data_parallel only)"
                 )
-        form = PartitionedCafeEmbeddingBagCollection if self._form == "partitioned" else ShardedCafeEmbeddingBagCollection
-        return form(module, params, env, self._ebc_sharder, device, module_fqn)
+        if self._form == "partitioned":
+            return PartitionedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn, self._partitions)
+        return ShardedCafeEmbeddingBagCollection(module, params, env, self._ebc_sharder, device, module_fqn)
 
     def shardable_parameters(self, module: CafeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return self._ebc_sharder.shardable_parameters(module.physical_tables())

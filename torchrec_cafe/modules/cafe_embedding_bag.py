@@ -120,7 +120,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._pipeline_depth = self._sketched[0].settings.pipeline_depth if self._sketched else 0
         self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
         self._group: Optional[dist.ProcessGroup] = None  # replicas: see replicate_across
-        self._local_rows = False  # see install_sharded_tables
+        self._local_block: Optional["tuple[int, int]"] = None  # see install_sharded_tables
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
@@ -162,19 +162,20 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError("the physical tables are sharded: the unsharded EmbeddingBagCollection is gone")
         return inner
 
-    def install_sharded_tables(self, sharded: nn.Module, local_rows: bool = False) -> None:
+    def install_sharded_tables(self, sharded: nn.Module, local_block: Optional["tuple[int, int]"] = None) -> None:
         """The sharder's call: the sharded form of ``physical_tables()`` replaces it (the state-dict
-        names stay ``_embedding_bag_collection.*``). ``local_rows``: this module's rows are this
-        rank's row block of ``sharded``'s tables, row r of a table being row r of the block (the
-        partitioned form: a rank's own tables, migrated locally, no replica group)."""
+        names stay ``_embedding_bag_collection.*``). ``local_block`` = (j, k): this module's rows
+        are block j of k equal row blocks of this rank's shard of ``sharded``'s tables, row r of a
+        table being row r of the block (the partitioned form: a partition's own tables, migrated
+        locally, no replica group)."""
         self._embedding_bag_collection = sharded
-        self._local_rows = local_rows
+        self._local_block = local_block
 
     @property
     def is_partition(self) -> bool:
         """Whether this is one rank's partition of a partitioned sharded module (its sketch is its
         own, not a replica)."""
-        return self._local_rows
+        return self._local_block is not None
 
     def embedding_features(self) -> List["tuple[str, int]"]:
         """(embedding name, its logical table's ``num_embeddings``) per feature, in module order:
@@ -521,7 +522,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Tables sharded over several ranks by TorchRec's own EBC sharder (not CAFE's) under a
         local sketch: every rank would remap with its own, diverging sketch."""
         sharded = not isinstance(self._embedding_bag_collection, EmbeddingBagCollection)
-        if sharded and not self._local_rows and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        if sharded and self._local_block is None and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError(
                 "CafeEmbeddingBagCollection's tables are sharded over several ranks but its sketch is "
                 "local: shard the module itself with CafeEmbeddingBagCollectionSharder (not only its "
@@ -564,7 +565,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ]
             return indexed_groups(shards, names, device), _row_split_tables(names, shards, device, self._group)
         if self._cached_groups is None or self._cached_groups[0] is not inner:
-            shards = tbe_shards(inner, names, whole=self._local_rows)
+            shards = tbe_shards(inner, names, block=self._local_block)
             fused = indexed_groups([s for s in shards if not s.row_split], names, device)
             # [fused groups, row-split tables, data-parallel storage key, data-parallel groups]
             self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device, self._group), None, []])
