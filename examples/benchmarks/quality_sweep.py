@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, replace
 from typing import Dict, List, Optional, Sequence
 
+import torch.distributed as dist
+
 from examples.benchmarks.report import group, markdown_table, mean_std, plot, write_json
 from examples.harness.cli import parse_args
 from examples.harness.config import METHODS
@@ -49,6 +51,10 @@ SUITES: Dict[str, Dict[str, object]] = {
                        "--test", os.path.join(CIAO_DIR, "ciao.test.libfm.gz"), "--epochs", "2"],
     },
 }
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], train_args: List[str], out: str, resume: bool,
@@ -83,8 +89,9 @@ def sweep(methods: Sequence[str], crs: Sequence[float], seeds: Sequence[int], tr
                 r["method"] = name
                 runs.append(r)
                 status = r.get("error") or f"auc {r['auc']:.4f} logloss {r['logloss']:.4f} bytes {r['bytes']:,}"
-                print(f"seed {seed} {name:<9} CR {cr:>7g}: {status} ({r['wall_s']:.0f} s)", flush=True)
-                write_json(path, {"train_args": train_args, "runs": runs})
+                if rank0():
+                    print(f"seed {seed} {name:<9} CR {cr:>7g}: {status} ({r['wall_s']:.0f} s)", flush=True)
+                    write_json(path, {"train_args": train_args, "runs": runs})
     return runs
 
 
@@ -156,6 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_args = [a for a in args.train_args if a != "--"] or list(suite["train_args"])
     out = args.out or f"results/quality_{args.suite}"
     runs = sweep(args.methods, crs, args.seeds, train_args, out, args.resume, args.label)
+    if not rank0():  # under torchrun every rank trains; rank 0 reports
+        return
     text = tables(runs, crs)
     text += f"\nCommand: python -m examples.benchmarks.quality_sweep {' '.join(argv if argv is not None else sys.argv[1:])}\n"
     print(text)

@@ -9,6 +9,7 @@ import torch
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_cafe import CafeConfig
+from torchrec_cafe.distributed.sharder import FORMS
 
 METHODS = ("full", "hash", "qr", "mch_lfu", "mch_dlfu", "cafe", "cafe_paper", "cafe_freq")
 _CAFE = CafeConfig(compression_ratio=1.0)  # the defaults of the cafe_* knobs
@@ -59,6 +60,7 @@ class TrainConfig:
     cafe_slots_per_bucket: int = _CAFE.slots_per_bucket
     cafe_optimizer_state: str = _CAFE.optimizer_state
     cafe_sync: str = _CAFE.sync
+    cafe_form: str = "replicated"  # how DMP shards CAFE (CafeEmbeddingBagCollectionSharder(form=...))
     mch_eviction_interval: int = 1
     progress: bool = False
     checkpoint_dir: Optional[str] = None  # resume from its latest checkpoint; save every checkpoint_every steps
@@ -75,6 +77,8 @@ class TrainConfig:
         for name in ("embedding_dim", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cafe_form not in FORMS:
+            raise ValueError(f"cafe_form must be one of {FORMS}, got {self.cafe_form!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
@@ -101,9 +105,10 @@ def cafe_config(cfg: TrainConfig) -> CafeConfig:
         slots_per_bucket=cfg.cafe_slots_per_bucket,
         optimizer_state=cfg.cafe_optimizer_state,
         sync=cfg.cafe_sync,
-        # TrainPipelineSparseDist remaps batch k + 1 before batch k's backward: holding each
-        # step's scores back one more step makes the pipelined run equal the plain loop's
-        pipeline_depth=1 if cfg.pipeline else 0,
+        # TrainPipelineSparseDist remaps batch k + 1 before batch k's backward in the replicated
+        # form: holding each step's scores back one more step makes the pipelined run equal the
+        # plain loop's (the partitioned form updates in compute, after that backward)
+        pipeline_depth=1 if cfg.pipeline and cfg.cafe_form == "replicated" else 0,
     )
     if cfg.method == "cafe_paper":
         paper = CafeConfig.paper(cfg.compression_ratio)

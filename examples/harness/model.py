@@ -100,15 +100,16 @@ def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: i
         )
     )
     apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], ebc.parameters(), {"lr": cfg.embedding_lr})
-    plan, sharders = shard_plan(model, device)
+    plan, sharders = shard_plan(model, device, cfg.cafe_form)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     return dmp, DENSE_OPTIMIZERS[cfg.dense_optimizer](dense.values(), lr=cfg.dense_lr), nbytes
 
 
-def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, List[ModuleSharder[nn.Module]]]":
-    """Fused kernels for every physical table: table-wise, except MCH tables, row-wise (the only
-    placement TorchRec's managed collisions support).
+def shard_plan(model: nn.Module, device: torch.device, cafe_form: str = "replicated") -> "tuple[ShardingPlan, List[ModuleSharder[nn.Module]]]":
+    """Fused kernels for every physical table: table-wise, except MCH tables and CAFE tables in
+    the partitioned ``cafe_form``, row-wise (the only placement TorchRec's managed collisions and
+    CAFE's partitioned form support).
 
     Left alone, the planner makes small tables data-parallel with the dense kernel, which TorchRec
     steps with the dense optimizer instead of the fused one (CAFE would then need it attached) and
@@ -121,10 +122,13 @@ def shard_plan(model: nn.Module, device: torch.device) -> "tuple[ShardingPlan, L
         if isinstance(m, ManagedCollisionEmbeddingBagCollection):
             for c in m._embedding_module.embedding_bag_configs():
                 constraints[c.name] = ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
+        elif isinstance(m, CafeEmbeddingBagCollection) and cafe_form == "partitioned":
+            for c in m.physical_tables().embedding_bag_configs():
+                constraints[c.name] = ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
         elif isinstance(m, EmbeddingBagCollection):
             for c in m.embedding_bag_configs():
                 constraints.setdefault(c.name, ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]))
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, storage_reservation=CafeStorageReservation(percentage=0.15))
-    sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(), mch_sharder(), RowWiseEverywhereEBCSharder()]
+    sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(form=cafe_form), mch_sharder(), RowWiseEverywhereEBCSharder()]
     return planner.plan(model, sharders), sharders
