@@ -153,6 +153,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fit(points: List["tuple[float, float]"]) -> "tuple[float, float]":
+    """Least-squares (intercept, slope) of y against x."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
 def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -> Dict[str, Dict[int, Dict[str, float]]]:
     """Per form and W: modelled per-rank CPU ms, sketch entries, bytes received and state bytes.
 
@@ -161,9 +169,12 @@ def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -
     rows of promoted IDs (bounded by the promotion cap: taken as measured at the largest W); it
     holds rows / W plus the whole sketch. Partitioned: a rank applies the occurrences it owns (its
     share of the global batch: constant at a fixed per-rank batch, IDs spread evenly by ``id mod
-    W``) and CAFE sends nothing; it holds (rows + sketch) / W. CPU ms: the measured cost per entry
-    (median over the measured W; replicated at W >= 2, where it includes aggregation and the
-    collectives' CPU) times the modelled entries. Rows and sketch bytes from the memory report."""
+    W``) and CAFE sends nothing, but it sees every bag of the global batch (W x batch x features,
+    mostly empty at large W: row-wise sharding's own lookup has that shape too); it holds (rows +
+    sketch) / W. CPU ms, replicated: the measured cost per entry (median over W >= 2, where it
+    includes aggregation and the collectives' CPU) times the modelled entries; partitioned: a
+    least-squares fit of the measured ms against W (entries constant, bags growing with W). Rows
+    and sketch bytes from the memory report."""
     report = CafeEmbeddingBagCollection(TABLES, device=torch.device("meta"), cafe=CONFIG).memory_report().values()
     rows = sum((r["pool_rows"] + r["block_rows"]) * r["row_bytes"] for r in report)
     sketch = sum(r["sketch_bytes"] for r in report)
@@ -172,10 +183,8 @@ def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -
     gathered = statistics.median(r["all_gather_bytes_sent"] for r in multi.values())
     reduced = multi[max(multi)]["all_reduce_bytes"]
     owned = statistics.fmean(r["sketch_entries"] for r in measured["partitioned"].values())
-    cost = {
-        "replicated": statistics.median(r["cafe_cpu_ms"] / r["sketch_entries"] for r in multi.values()),
-        "partitioned": statistics.median(r["cafe_cpu_ms"] / r["sketch_entries"] for r in measured["partitioned"].values()),
-    }
+    per_pair = statistics.median(r["cafe_cpu_ms"] / r["sketch_entries"] for r in multi.values())
+    fixed, per_rank = _fit([(float(w), r["cafe_cpu_ms"]) for w, r in measured["partitioned"].items()])
     out: Dict[str, Dict[int, Dict[str, float]]] = {f: {} for f in FORMS}
     for w in worlds:
         entries = {"replicated": w * pairs, "partitioned": owned}
@@ -184,7 +193,7 @@ def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -
         for f in FORMS:
             out[f][w] = {
                 "sketch_entries": entries[f],
-                "cafe_cpu_ms": cost[f] * entries[f],
+                "cafe_cpu_ms": per_pair * entries[f] if f == "replicated" else fixed + per_rank * w,
                 "cafe_bytes_received": received[f],
                 "state_bytes": state[f],
             }
@@ -198,7 +207,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="results/scaling.json")
+    parser.add_argument("--model-only", action="store_true", help="recompute the model from the measurements in --out")
     args = parser.parse_args()
+    if args.model_only:
+        with open(args.out) as f:
+            saved = json.load(f)
+        measured = {f: {int(w): r for w, r in saved["measured"][f].items()} for f in FORMS}
+        args.batch = saved["batch_per_rank"]
+        _report(measured, args)
+        return
     tmp = args.out + ".ranks"
     os.makedirs(tmp, exist_ok=True)
     measured: Dict[str, Dict[int, Dict[str, float]]] = {f: {} for f in FORMS}
@@ -211,7 +228,12 @@ def main() -> None:
                     ranks.append(json.load(f))
             measured[form][world] = {k: statistics.fmean(x[k] for x in ranks) for k in ranks[0]}
             print(form, world, {k: round(v, 2) for k, v in measured[form][world].items()}, flush=True)
-    modelled = model(measured, [1, 8, 64, 1024])
+    _report(measured, args)
+
+
+def _report(measured: Dict[str, Dict[int, Dict[str, float]]], args: argparse.Namespace) -> None:
+    """Prints the measured and modelled tables; writes the JSON."""
+    modelled = model(measured, [8, 64, 1024])
     print("\n| form | W | CAFE CPU ms/step/rank | sketch entries/rank | CAFE bytes sent/rank | received/rank | state bytes/rank | step wall ms |")
     print("|---|---|---|---|---|---|---|---|")
     for form in FORMS:

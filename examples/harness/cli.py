@@ -73,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> "tuple[argparse.Namespac
     p.add_argument("--cafe-optimizer-state", choices=["copy", "reset"], help="a promoted ID's optimizer state: copied from the row it read (default) or reset")
     p.add_argument("--cafe-form", choices=["replicated", "partitioned"],
                    help="how DMP shards CAFE: replicated sketch (table-wise tables, default) or partitioned (row-wise: each rank owns a hash partition)")
+    p.add_argument("--cafe-partitions", type=int, help="partitioned form: hash partitions P, a multiple of the ranks (default: the ranks)")
     p.add_argument("--mch-eviction-interval", type=int)
     p.add_argument("--train-batches", type=int, help="synthetic: batches per epoch (default 400)")
     p.add_argument("--eval-batches", type=int, help="synthetic: test batches (default 40)")

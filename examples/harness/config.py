@@ -61,6 +61,7 @@ class TrainConfig:
     cafe_optimizer_state: str = _CAFE.optimizer_state
     cafe_sync: str = _CAFE.sync
     cafe_form: str = "replicated"  # how DMP shards CAFE (CafeEmbeddingBagCollectionSharder(form=...))
+    cafe_partitions: Optional[int] = None  # partitioned form: hash partitions (default: the world size)
     mch_eviction_interval: int = 1
     progress: bool = False
     checkpoint_dir: Optional[str] = None  # resume from its latest checkpoint; save every checkpoint_every steps

@@ -3,7 +3,7 @@
 import logging
 import os
 import warnings
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,13 +100,15 @@ def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: i
         )
     )
     apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], ebc.parameters(), {"lr": cfg.embedding_lr})
-    plan, sharders = shard_plan(model, device, cfg.cafe_form)
+    plan, sharders = shard_plan(model, device, cfg.cafe_form, cfg.cafe_partitions)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     return dmp, DENSE_OPTIMIZERS[cfg.dense_optimizer](dense.values(), lr=cfg.dense_lr), nbytes
 
 
-def shard_plan(model: nn.Module, device: torch.device, cafe_form: str = "replicated") -> "tuple[ShardingPlan, List[ModuleSharder[nn.Module]]]":
+def shard_plan(
+    model: nn.Module, device: torch.device, cafe_form: str = "replicated", cafe_partitions: Optional[int] = None
+) -> "tuple[ShardingPlan, List[ModuleSharder[nn.Module]]]":
     """Fused kernels for every physical table: table-wise, except MCH tables and CAFE tables in
     the partitioned ``cafe_form``, row-wise (the only placement TorchRec's managed collisions and
     CAFE's partitioned form support).
@@ -130,5 +132,5 @@ def shard_plan(model: nn.Module, device: torch.device, cafe_form: str = "replica
                 constraints.setdefault(c.name, ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]))
     topology = Topology(world_size=world, compute_device=device.type, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, storage_reservation=CafeStorageReservation(percentage=0.15))
-    sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(form=cafe_form), mch_sharder(), RowWiseEverywhereEBCSharder()]
+    sharders: List[ModuleSharder[nn.Module]] = [CafeEmbeddingBagCollectionSharder(form=cafe_form, partitions=cafe_partitions), mch_sharder(), RowWiseEverywhereEBCSharder()]
     return planner.plan(model, sharders), sharders
