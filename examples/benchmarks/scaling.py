@@ -128,6 +128,26 @@ def _run(rank: int, world: int, form: str, batch: int, steps: int, warmup: int) 
     return out
 
 
+def bag_cost(batch: int, steps: int = 30, spreads: "tuple[int, ...]" = (1, 64)) -> float:
+    """CPU ms per bag of ``cafe.remap`` on one process: the same IDs in ``batch`` bags per feature
+    and in 64x as many (63 of 64 empty, as an owner receives a global batch from many ranks)."""
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
+    medians = []
+    for spread in spreads:
+        times = []
+        for step in range(steps):
+            kjt = _batch(step, 0, batch)
+            lengths = torch.zeros(kjt.lengths().numel() * spread, dtype=kjt.lengths().dtype)
+            lengths[::spread] = kjt.lengths()
+            spread_kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=lengths)
+            start = time.thread_time()
+            cafe.remap(spread_kjt, True)
+            times.append(1e3 * (time.thread_time() - start))
+        medians.append(statistics.median(times[5:]))
+    bags = [len(TABLES) * batch * s for s in spreads]
+    return (medians[-1] - medians[0]) / (bags[-1] - bags[0])
+
+
 def _state_bytes(sharded: torch.nn.Module) -> int:
     """This rank's bytes of the module: row blocks, sketch, remap constants, other buffers."""
     tensors = {t.data_ptr(): t for t in list(sharded.parameters()) + list(sharded.buffers())}
@@ -153,15 +173,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fit(points: List["tuple[float, float]"]) -> "tuple[float, float]":
-    """Least-squares (intercept, slope) of y against x."""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
-
-
-def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -> Dict[str, Dict[int, Dict[str, float]]]:
+def model(
+    measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int], per_bag: float, batch: int
+) -> Dict[str, Dict[int, Dict[str, float]]]:
     """Per form and W: modelled per-rank CPU ms, sketch entries, bytes received and state bytes.
 
     Replicated: a rank applies every rank's aggregated pairs (W x its own, measured at W >= 2) and
@@ -172,19 +186,20 @@ def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -
     W``) and CAFE sends nothing, but it sees every bag of the global batch (W x batch x features,
     mostly empty at large W: row-wise sharding's own lookup has that shape too); it holds (rows +
     sketch) / W. CPU ms, replicated: the measured cost per entry (median over W >= 2, where it
-    includes aggregation and the collectives' CPU) times the modelled entries; partitioned: a
-    least-squares fit of the measured ms against W (entries constant, bags growing with W). Rows
-    and sketch bytes from the memory report."""
+    includes aggregation and the collectives' CPU) times the modelled entries; partitioned: the
+    measured W = 1 ms plus ``per_bag`` (``bag_cost``, measured on one process) times the bags
+    added by W. Rows and sketch bytes from the memory report."""
     report = CafeEmbeddingBagCollection(TABLES, device=torch.device("meta"), cafe=CONFIG).memory_report().values()
     rows = sum((r["pool_rows"] + r["block_rows"]) * r["row_bytes"] for r in report)
     sketch = sum(r["sketch_bytes"] for r in report)
     multi = {w: r for w, r in measured["replicated"].items() if w > 1}
+    bags = len(TABLES) * batch
     pairs = statistics.median(r["sketch_entries"] / w for w, r in multi.items())
     gathered = statistics.median(r["all_gather_bytes_sent"] for r in multi.values())
     reduced = multi[max(multi)]["all_reduce_bytes"]
     owned = statistics.fmean(r["sketch_entries"] for r in measured["partitioned"].values())
     per_pair = statistics.median(r["cafe_cpu_ms"] / r["sketch_entries"] for r in multi.values())
-    fixed, per_rank = _fit([(float(w), r["cafe_cpu_ms"]) for w, r in measured["partitioned"].items()])
+    alone = measured["partitioned"][1]["cafe_cpu_ms"]
     out: Dict[str, Dict[int, Dict[str, float]]] = {f: {} for f in FORMS}
     for w in worlds:
         entries = {"replicated": w * pairs, "partitioned": owned}
@@ -193,7 +208,7 @@ def model(measured: Dict[str, Dict[int, Dict[str, float]]], worlds: List[int]) -
         for f in FORMS:
             out[f][w] = {
                 "sketch_entries": entries[f],
-                "cafe_cpu_ms": per_pair * entries[f] if f == "replicated" else fixed + per_rank * w,
+                "cafe_cpu_ms": per_pair * entries[f] if f == "replicated" else alone + per_bag * bags * (w - 1),
                 "cafe_bytes_received": received[f],
                 "state_bytes": state[f],
             }
@@ -214,7 +229,7 @@ def main() -> None:
             saved = json.load(f)
         measured = {f: {int(w): r for w, r in saved["measured"][f].items()} for f in FORMS}
         args.batch = saved["batch_per_rank"]
-        _report(measured, args)
+        _report(measured, saved["per_bag_ms"], args)
         return
     tmp = args.out + ".ranks"
     os.makedirs(tmp, exist_ok=True)
@@ -228,12 +243,14 @@ def main() -> None:
                     ranks.append(json.load(f))
             measured[form][world] = {k: statistics.fmean(x[k] for x in ranks) for k in ranks[0]}
             print(form, world, {k: round(v, 2) for k, v in measured[form][world].items()}, flush=True)
-    _report(measured, args)
+    torch.set_num_threads(1)
+    _report(measured, bag_cost(args.batch), args)
 
 
-def _report(measured: Dict[str, Dict[int, Dict[str, float]]], args: argparse.Namespace) -> None:
+def _report(measured: Dict[str, Dict[int, Dict[str, float]]], per_bag: float, args: argparse.Namespace) -> None:
     """Prints the measured and modelled tables; writes the JSON."""
-    modelled = model(measured, [8, 64, 1024])
+    modelled = model(measured, [2, 4, 8, 64, 1024], per_bag, args.batch)
+    print(f"\nremap CPU per 1k bags (one process): {1e3 * per_bag:.4f} ms")
     print("\n| form | W | CAFE CPU ms/step/rank | sketch entries/rank | CAFE bytes sent/rank | received/rank | state bytes/rank | step wall ms |")
     print("|---|---|---|---|---|---|---|---|")
     for form in FORMS:
@@ -246,7 +263,7 @@ def _report(measured: Dict[str, Dict[int, Dict[str, float]]], args: argparse.Nam
         for w, r in modelled[form].items():
             print(f"| {form} | {w} | {r['cafe_cpu_ms']:.1f} | {r['sketch_entries']:.0f} | {r['cafe_bytes_received']:.0f} | {r['state_bytes']:.0f} |")
     with open(args.out, "w") as f:
-        json.dump({"batch_per_rank": args.batch, "tables": len(TABLES), "measured": measured, "model": modelled}, f, indent=2)
+        json.dump({"batch_per_rank": args.batch, "tables": len(TABLES), "per_bag_ms": per_bag, "measured": measured, "model": modelled}, f, indent=2)
 
 
 if __name__ == "__main__":
