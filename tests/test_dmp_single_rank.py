@@ -207,22 +207,29 @@ def test_promotion_copies_data_parallel_rows_and_state(
 
 
 def test_data_parallel_refuses_unreachable_optimizer_state(single_rank_pg: None) -> None:
-    """No attached optimizer, or one whose state is not per row: refused, never skipped."""
+    """No attached optimizer, or one whose state is not per row: refused, never skipped, before
+    the update changes anything (the sketch is untouched and the scores wait for a retry)."""
     tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=50_000, feature_names=["a"])]
     cafe = CafeEmbeddingBagCollection(tables, cafe=CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency"))
     dmp = _data_parallel_dmp(cafe)
     module = dmp.module
     kjt = KeyedJaggedTensor(keys=["a"], values=torch.tensor([42, 42, 9]), lengths=torch.tensor([2, 1]))
     dmp(kjt).values().sum().backward()
+    before = {k: v.clone() for k, v in module.cafe.sketch.state_dict().items()}
     with pytest.raises(ValueError, match="'t' is data-parallel.*attach_optimizer"):
         module.apply_pending_updates()
+    assert all(torch.equal(module.cafe.sketch.state_dict()[k], v) for k, v in before.items())
     (weight,) = [p for n, p in dmp.named_parameters() if n.endswith("embedding_bags.t.weight")]
     opt = torch.optim.Adafactor([weight], lr=0.01)  # factored second moment: a [1, dim] column state
     module.cafe.attach_optimizer(opt)
-    dmp(kjt).values().sum().backward()
-    opt.step()
+    opt.step()  # its state, from the first step's gradient
     with pytest.raises(NotImplementedError, match="Adafactor keeps state 'col_var'"):
         module.apply_pending_updates()
+    assert all(torch.equal(module.cafe.sketch.state_dict()[k], v) for k, v in before.items())
+    module.cafe.attach_optimizer(torch.optim.SGD([weight], lr=0.01))  # stateless: nothing to refuse
+    dmp(kjt).values().sum().backward()  # the forward applies the first step's kept scores (42: 2)
+    module.apply_pending_updates()  # and this the second's (42: 4 >= threshold 3)
+    assert hot_row(module.cafe, "t", 42) >= 0
 
 
 def test_fused_and_data_parallel_tables_in_one_module_both_migrate(single_rank_pg: None) -> None:

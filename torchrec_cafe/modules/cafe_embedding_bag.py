@@ -440,11 +440,13 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             # No training step since the last update: nothing to apply. The counter is host state
             # that every rank advances alike, so all ranks skip the collective together.
             return None
+        # Refusals before any state changes: a refused update keeps its scores, sketch and rows.
+        self._refuse_unreplicated_shards()
+        self._row_groups()  # refuses optimizer state it cannot migrate
         is_due = [before is None or p.step < before for p in self._pending]
         due = [p for p, d in zip(self._pending, is_due) if d]
         self._pending, self._steps_since_update = [p for p, d in zip(self._pending, is_due) if not d], 0
         ids, tables, norms, feature = concat_scores(due, self._sketch.step.device)
-        self._refuse_unreplicated_shards()
         distributed = spans_ranks(self._group)
         if not (due or distributed):
             return None
@@ -463,7 +465,6 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         else:
             with record_function("## cafe: sketch update ##"):
                 update = self._sketch.update(ids, scores, tables)
-        self._row_groups()  # refuses optimizer state it cannot migrate
         # Free checks on CPU (every rank agrees: replicas are identical): nothing to migrate, or
         # only the few promoted pairs of thousands.
         compact = self._sketch.host_reads_are_free()
