@@ -6,6 +6,7 @@ Spawns ``--world`` processes (gloo on CPU, nccl on CUDA), builds the synthetic-d
 table placed ``--sharding`` with fused row-wise Adagrad, and times interleaved rounds of steps.
 
     python -m examples.benchmarks.sharded_step --out results/sharded_step.json
+    python -m examples.benchmarks.sharded_step --sharding row_wise --form partitioned --out results/sharded_step_row_wise_partitioned.json
 """
 
 import argparse
@@ -92,7 +93,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, 16],
                          over_arch_layer_sizes=[64, 32, 1], dense_device=device)
             apply_optimizer_in_backward(RowWiseAdagrad, ebc._embedding_bag_collection.parameters(), {"lr": 0.05})
-            sharders = [CafeEmbeddingBagCollectionSharder(), RowWiseEverywhereEBCSharder()]
+            sharders = [CafeEmbeddingBagCollectionSharder(form=args.form), RowWiseEverywhereEBCSharder()]
             names = [c.name for c in ebc._embedding_bag_collection.embedding_bag_configs()]
             constraints = {t: ParameterConstraints(sharding_types=[args.sharding], compute_kernels=["fused"]) for t in names}
             topology = Topology(world_size=args.world, compute_device=device.type, local_world_size=args.world)
@@ -139,7 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--sharding", default=ShardingType.TABLE_WISE.value)
-    p.add_argument("--sync", choices=["aggregated", "occurrences"], default="aggregated")
+    p.add_argument("--sync", choices=["aggregated", "occurrences"], default="aggregated", help="replicated form's sketch sync")
+    p.add_argument("--form", choices=["replicated", "partitioned"], default="replicated", help="CAFE's sharded form (partitioned: row_wise only)")
     p.add_argument("--compression-ratio", type=float, default=100.0)
     p.add_argument("--batch-size", type=int, default=512, help="per rank")
     p.add_argument("--warmup", type=int, default=20)
@@ -162,6 +164,7 @@ def main() -> None:
         "world": args.world,
         "sharding": args.sharding,
         "sync": args.sync,
+        "form": args.form,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "batch_per_rank": args.batch_size,
         "step_ms": step,
@@ -170,9 +173,9 @@ def main() -> None:
         "sync_bytes_per_step_per_rank": ranks[0]["sync_bytes_per_step"],
         "ranks": ranks,
     }
-    print("| world | sharding | sync | hash step ms | CAFE step ms | ratio | sketch sync ms/step | sync bytes/step/rank |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.world} | {args.sharding} | {args.sync} | {step['hash']:.2f} | {step['cafe']:.2f} | {summary['ratio_cafe_vs_hash']:.2f} | "
+    print("| world | sharding | form | sync | hash step ms | CAFE step ms | ratio | sketch sync ms/step | sync bytes/step/rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.world} | {args.sharding} | {args.form} | {args.sync} | {step['hash']:.2f} | {step['cafe']:.2f} | {summary['ratio_cafe_vs_hash']:.2f} | "
           f"{summary['sync_ms_per_step']:.2f} | {summary['sync_bytes_per_step_per_rank']:,.0f} |")
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
