@@ -34,6 +34,7 @@ from examples.harness.data import embedding_tables, synthetic
 from examples.harness.model import build_ebc, quiet_logs
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
 from torchrec_cafe.sketch import HotSketch
+from torchrec_cafe.sketch.replicas import spans_ranks
 
 
 def _timed_sync(stats: Dict[str, float]) -> None:
@@ -60,9 +61,11 @@ def _timed_sync(stats: Dict[str, float]) -> None:
 
     cafe_module.all_gather_occurrences = timed(occurrences, lambda ids, *_: ids.numel() * 20 + 8)
     cafe_module.all_gather_aggregated = timed(
-        aggregated, lambda sketch, ids, scores, tables: _pairs(sketch, ids, tables) * 24 + 8 + 8 * sketch.num_tables
+        aggregated, lambda sketch, ids, scores, tables, *_: _pairs(sketch, ids, tables) * 24 + 8 + 8 * sketch.num_tables
     )
-    cafe_module.normalised_scores = timed(rescale, lambda norms, feature, num_features, *_: 16 * num_features)
+    cafe_module.normalised_scores = timed(
+        rescale, lambda norms, feature, num_features, group, *_: 16 * num_features if spans_ranks(group) else 0
+    )
     HotSketch.update_quanta = untimed_update
 
 
