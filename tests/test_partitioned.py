@@ -37,6 +37,8 @@ STEPS, BATCH, LR, SAVE_AT = 12, 16, 0.1, 6
 TABLES = [
     EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=20_000, feature_names=["a", "b"]),
     EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=8_001, feature_names=["c"]),
+    # Its budget holds one row: its IDs all go to partition 0 (the others' row of it stays unused).
+    EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=6, feature_names=["d"]),
 ]
 CONFIG = CafeConfig(compression_ratio=20, threshold=3.0, importance="frequency")
 PHYSICAL = "sparse_arch.embedding_bag_collection._embedding_bag_collection.embedding_bags.{}.weight"
@@ -44,10 +46,10 @@ PHYSICAL = "sparse_arch.embedding_bag_collection._embedding_bag_collection.embed
 
 def _batch(step: int) -> "tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]":
     g = torch.Generator().manual_seed(step)
-    lengths = torch.randint(1, 4, (3 * BATCH,), generator=g)
+    lengths = torch.randint(1, 4, (4 * BATCH,), generator=g)
     u = torch.rand(int(lengths.sum()), generator=g, dtype=torch.float64)
     values = (u.pow(-1 / 1.1).clamp(max=1e6).long() * 104729) % 8000
-    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=values, lengths=lengths)
+    kjt = KeyedJaggedTensor(keys=["a", "b", "c", "d"], values=values, lengths=lengths)
     return torch.rand(BATCH, 4, generator=g), kjt, torch.randint(0, 2, (BATCH,), generator=g).float()
 
 
@@ -374,9 +376,22 @@ def test_partitioned_form_refuses_what_it_cannot_compute(single_rank_pg: None) -
     with pytest.raises(ValueError, match="SUM pooling"):
         CafeEmbeddingBagPartitions(mean, 2, cafe=CONFIG)
     dmp = _model(1)
-    kjt = KeyedJaggedTensor(keys=["a", "b", "c"], values=torch.arange(4), lengths=torch.tensor([1, 1, 1, 1]), stride_per_key_per_rank=[[1], [2], [1]])
+    kjt = KeyedJaggedTensor(
+        keys=["a", "b", "c", "d"], values=torch.arange(5), lengths=torch.tensor([1, 1, 1, 1, 1]), stride_per_key_per_rank=[[1], [2], [1], [1]]
+    )
     sketch = {k: v.clone() for k, v in dmp.module.sparse_arch.embedding_bag_collection.cafe.sketch.state_dict().items()}
     with pytest.raises(ValueError, match="fixed-batch KJTs"):
         dmp.module.sparse_arch.embedding_bag_collection(kjt)
     after = dmp.module.sparse_arch.embedding_bag_collection.cafe.sketch.state_dict()
     assert all(torch.equal(after[k], v) for k, v in sketch.items())
+
+
+def test_a_small_table_reads_no_more_rows_than_its_budget_holds() -> None:
+    """A table whose budget holds R < P rows spreads its IDs over R partitions: its IDs read at
+    most R distinct rows, as hashed into its budget (not one row per partition)."""
+    tiny = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=6, feature_names=["f"])]
+    config = CafeConfig(compression_ratio=3)  # 6 rows x 32 B / 3 = 64 B: two rows
+    emulation = CafeEmbeddingBagPartitions(tiny, 4, cafe=config).eval()
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.arange(6), lengths=torch.ones(6, dtype=torch.int64))
+    pooled = emulation(kjt).values()
+    assert len({tuple(row.tolist()) for row in pooled}) == 2

@@ -37,9 +37,11 @@ from torchrec_cafe.distributed.base import CafeEmbeddingBagCollectionContext, Sh
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.partition import (
+    feature_spreads,
     merge_bags,
     owner_and_local,
     partition_cafe,
+    partition_spreads,
     partition_tables,
     select_partition,
     value_blocks,
@@ -85,6 +87,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
     """
 
     _blocks: torch.Tensor  # per module feature, one partition's local IDs ceil(N / P)
+    _spreads: torch.Tensor  # per module feature, the partitions its IDs spread over (P, or fewer)
     _physical_rows: torch.Tensor  # per module feature, one partition's physical rows of its table
 
     def __init__(
@@ -112,6 +115,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         self._world, self._total, self._per_rank, self._pg = world, total, total // world, env.process_group
         tables = module.embedding_bag_configs()
         local_tables, settings = partition_tables(tables, total), partition_cafe(tables, module.cafe_settings(), total)
+        spreads = feature_spreads(tables, partition_spreads(tables, module.cafe_settings(), total))
         # Built on meta: their tables are replaced by the sharded ones below.
         mine = [
             CafeEmbeddingBagCollection(local_tables, module.is_weighted(), torch.device("meta"), cafe=settings)
@@ -146,6 +150,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         self._output_names, self._output_dims = sharding.embedding_names(), sharding.embedding_dims()
         table_of = {f: c.name for c in local.embedding_bag_configs() for f in c.feature_names}
         self.register_buffer("_blocks", torch.tensor([n for _, n in features], device=state_device), persistent=False)
+        self.register_buffer("_spreads", torch.tensor([spreads[f] for f in names], device=state_device), persistent=False)
         self.register_buffer(
             "_physical_rows", torch.tensor([rows[table_of[f]] for f in names], device=state_device), persistent=False
         )
@@ -169,7 +174,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         if features.variable_stride_per_key():
             raise ValueError("the partitioned form takes fixed-batch KJTs (variable-batch KJTs: use form='replicated')")
         blocks = value_blocks(features, self._blocks)
-        owner, local = owner_and_local(features.values(), blocks, self._total)
+        owner, local = owner_and_local(features.values(), blocks, value_blocks(features, self._spreads))
         routed = kjt_like(features, features.keys(), owner * blocks + local, features.lengths(), features.weights_or_none())
         ctx.variable_batch_per_feature, ctx.inverse_indices = False, None
         ctx.sharding_contexts.append(

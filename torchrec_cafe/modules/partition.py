@@ -10,6 +10,11 @@ partition is a CAFE table of ``ceil(N / P)`` rows whose budget is ``floor(budget
 table's budget), with its own sketch, pool and block rows. P is the model's, not the cluster's:
 W ranks (W dividing P) own P / W partitions each, so a checkpoint reshards between such W.
 
+A table whose whole budget holds fewer than P rows (R) spreads its IDs over partitions 0 .. R - 1
+only (``id mod R``; ``partition_spreads``): every partition holds at least one row of every table,
+and spreading over all P would give the table P distinct rows where its budget holds R. The
+other partitions' row of it is allocated and never read.
+
 A bag's pooled output is the sum of its partitions' pooled outputs: SUM pooling only (MEAN would
 divide each partition by its own share of the bag).
 """
@@ -19,18 +24,38 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig
+from torchrec_cafe.config import CafeConfig, hashed_rows, table_budget_bytes
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.modules.inputs import with_embedding_names
 
 
 def partition_size(num_embeddings: int, partitions: int) -> int:
     """Local IDs of one partition: ``ceil(N / P)``."""
     return -(-num_embeddings // partitions)
+
+
+def partition_spreads(
+    tables: List[EmbeddingBagConfig], cafe: Mapping[str, Optional[CafeConfig]], partitions: int
+) -> Dict[str, int]:
+    """Per table, the partitions its IDs spread over: P, or the rows its whole budget holds (at
+    least one) when fewer, so that no table reads more distinct rows than its budget holds."""
+    out = {}
+    for t in tables:
+        c = cafe.get(t.name)
+        row_bytes = t.embedding_dim * torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
+        rows = t.num_embeddings if c is None else hashed_rows(table_budget_bytes(t, c.compression_ratio, row_bytes // t.embedding_dim), row_bytes)
+        out[t.name] = max(1, min(partitions, rows, t.num_embeddings))
+    return out
+
+
+def feature_spreads(tables: List[EmbeddingBagConfig], spreads: Mapping[str, int]) -> Dict[str, int]:
+    """``partition_spreads`` by embedding name (the keys ``order_features`` returns)."""
+    return {f: spreads[t.name] for t in with_embedding_names(tables) for f in t.feature_names}
 
 
 def partition_tables(tables: List[EmbeddingBagConfig], partitions: int) -> List[EmbeddingBagConfig]:
@@ -65,10 +90,11 @@ def value_blocks(features: KeyedJaggedTensor, blocks: torch.Tensor) -> torch.Ten
     return blocks.index_select(0, key.clamp(max=len(features.keys()) - 1))
 
 
-def owner_and_local(values: torch.Tensor, blocks: torch.Tensor, partitions: int) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Raw IDs [n] (any int64) -> (owning partition, local ID in ``[0, blocks)``), [n] int64 each."""
+def owner_and_local(values: torch.Tensor, blocks: torch.Tensor, spreads: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Raw IDs [n] (any int64) -> (owning partition ``id mod spread``, local ID
+    ``(id div spread) mod blocks``), [n] int64 each; ``blocks``, ``spreads`` [n] per value."""
     values = values.long()
-    return values.remainder(partitions), values.div(partitions, rounding_mode="floor").remainder(blocks)
+    return values.remainder(spreads), values.div(spreads, rounding_mode="floor").remainder(blocks)
 
 
 def select_partition(features: KeyedJaggedTensor, owner: torch.Tensor, local: torch.Tensor, partition: int) -> KeyedJaggedTensor:
@@ -126,6 +152,7 @@ class CafeEmbeddingBagPartitions(EmbeddingBagCollectionInterface):
             CafeEmbeddingBagCollection(local, is_weighted, device, cafe=per_table) for _ in range(num_partitions)
         )
         self._blocks = dict(self.partition(0).embedding_features())  # by embedding name
+        self._spreads = feature_spreads(self._tables, partition_spreads(self._tables, settings, num_partitions))
 
     def partition(self, index: int) -> CafeEmbeddingBagCollection:
         """Partition ``index`` (rank r of W holds partitions ``r * P / W`` to ``(r + 1) * P / W - 1``)."""
@@ -141,8 +168,10 @@ class CafeEmbeddingBagPartitions(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = self.partition(0).order_features(features)
-        blocks = torch.tensor([self._blocks[k] for k in features.keys()], device=features.values().device)
-        owner, local = owner_and_local(features.values(), value_blocks(features, blocks), self._num)
+        device = features.values().device
+        blocks = torch.tensor([self._blocks[k] for k in features.keys()], device=device)
+        spreads = torch.tensor([self._spreads[k] for k in features.keys()], device=device)
+        owner, local = owner_and_local(features.values(), value_blocks(features, blocks), value_blocks(features, spreads))
         outputs = [p(select_partition(features, owner, local, i)) for i, p in enumerate(self.partitions)]
         first = outputs[0]
         values = torch.stack([o.values() for o in outputs]).sum(dim=0)
