@@ -19,7 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from examples.harness.config import DENSE_OPTIMIZERS, EMBEDDING_OPTIMIZERS, TrainConfig, cafe_config
 from torchrec_cafe import CafeEmbeddingBagCollection, table_budget_bytes
-from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder
+from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, CafeStorageReservation, RowWiseEverywhereEBCSharder, ShardedCafeBase
 from torchrec_cafe.modules import HashingEmbeddingBagCollection, MCHEmbeddingBagCollection, QREmbeddingBagCollection, mch_sharder
 
 
@@ -76,6 +76,17 @@ def embedding_bytes(ebc: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in ebc.parameters())
 
 
+def partitioned_bytes(dmp: nn.Module, device: torch.device) -> int:
+    """Bytes of the partitioned CAFE modules over all ranks (each rank reports its partitions):
+    what the P partitions allocate, which differs from the unpartitioned module's by a few rows."""
+    mine = sum(
+        int(r["total_bytes"]) for m in dmp.modules() if isinstance(m, ShardedCafeBase) for r in m.memory_report().values()
+    )
+    total = torch.tensor([mine], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
 def budget_bytes(tables: Sequence[EmbeddingBagConfig], compression_ratio: float) -> int:
     """The memory every compressed method may use: the sum of the tables' budgets (logical bytes / CR)."""
     return sum(table_budget_bytes(t, compression_ratio) for t in tables)
@@ -102,6 +113,8 @@ def build_model(cfg: TrainConfig, tables: List[EmbeddingBagConfig], num_dense: i
     apply_optimizer_in_backward(EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer], ebc.parameters(), {"lr": cfg.embedding_lr})
     plan, sharders = shard_plan(model, device, cfg.cafe_form, cfg.cafe_partitions)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    if cfg.cafe_form == "partitioned" and isinstance(ebc, CafeEmbeddingBagCollection):
+        nbytes = partitioned_bytes(dmp, device)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     return dmp, DENSE_OPTIMIZERS[cfg.dense_optimizer](dense.values(), lr=cfg.dense_lr), nbytes
 
