@@ -16,20 +16,9 @@ from torchrec_cafe.config import CafeConfig
 from torchrec_cafe.kjt import kjt_like
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.modules.layouts import group_sketch, is_meta, table_layouts
+from torchrec_cafe.modules.row_access import RowAccess
 from torchrec_cafe.modules.scores import PendingScores, concat_scores, normalised_scores
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
-from torchrec_cafe.rows import (
-    RowExchange,
-    RowGroup,
-    RowShard,
-    dense_shards,
-    exchange_rows,
-    indexed_groups,
-    migrate_group,
-    parameter_shards,
-    storage_key,
-    tbe_shards,
-)
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences, check_same_on_all_ranks, spans_ranks
 
@@ -111,16 +100,14 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         # yet (sharded: they land at the compute of the batch remapped after that update), in order.
         self._deferred: List[Migration] = []
         self._last_context: Optional[RemapContext] = None
-        self._optimizer: Optional[torch.optim.Optimizer] = None
         self._column_features: Dict["tuple[str, ...]", "tuple[int, torch.Tensor]"] = {}
-        self._cached_groups: Optional["tuple[nn.Module, list]"] = None
         self._update_interval = self._sketched[0].settings.update_interval if self._sketched else 1
         self._steps_since_update = 0
         self._step = 0  # training steps remapped so far: tags each step's scores
         self._pipeline_depth = self._sketched[0].settings.pipeline_depth if self._sketched else 0
         self._sync = self._sketched[0].settings.sync if self._sketched else "aggregated"
         self._group: Optional[dist.ProcessGroup] = None  # replicas: see replicate_across
-        self._local_block: Optional["tuple[int, int]"] = None  # see install_sharded_tables
+        self._rows = RowAccess([l.config.name for l in self._sketched])  # their rows, wherever they live
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_post_hook(_discard_pending_after_load)
 
@@ -169,13 +156,13 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         table being row r of the block (the partitioned form: a partition's own tables, migrated
         locally, no replica group)."""
         self._embedding_bag_collection = sharded
-        self._local_block = local_block
+        self._rows.local_block = local_block
 
     @property
     def is_partition(self) -> bool:
         """Whether this is one rank's partition of a partitioned sharded module (its sketch is its
         own, not a replica)."""
-        return self._local_block is not None
+        return self._rows.local_block is not None
 
     def embedding_features(self) -> List["tuple[str, int]"]:
         """(embedding name, its logical table's ``num_embeddings``) per feature, in module order:
@@ -208,7 +195,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         the tables); data-parallel tables are stepped by the dense optimizer, which must be
         attached (``sharded.cafe.attach_optimizer(opt)``) so promotions copy its state.
         """
-        self._optimizer = optimizer
+        self._rows.optimizer = optimizer
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Raw-ID KJT (any key order, any int64 ids) -> pooled ``KeyedTensor`` [B, sum(dims)].
@@ -222,7 +209,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return self._embedding_bag_collection(traced_physical_features(self, features))
         features, step, migration = self._prepare(features, self.training)
         if migration is not None:
-            self._migrate(migration)
+            self._migrate_rows(migration)
         if features.stride() == 0:
             return self._empty_output(features.values().device)
         physical, context = self._remap(features, step)
@@ -259,7 +246,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return
         while self._deferred:
             migration = self._deferred.pop(0)
-            self._migrate(migration)
+            self._migrate_rows(migration)
             if migration is context.migration:
                 return
 
@@ -307,7 +294,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # Cached index tensors and TBE views belong to the old device or storage.
         self._column_features.clear()
-        self._cached_groups = None
+        self._rows.forget()
         return super()._apply(fn, recurse)
 
     def _empty_output(self, device: torch.device) -> KeyedTensor:
@@ -428,10 +415,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         due updates itself, on every rank at the same steps.
         """
         while self._deferred:
-            self._migrate(self._deferred.pop(0))
+            self._migrate_rows(self._deferred.pop(0))
         migration = self._update(None)
         if migration is not None:
-            self._migrate(migration)
+            self._migrate_rows(migration)
 
     def _update(self, before: Optional[int]) -> Optional[Migration]:
         """One sketch update from the stashed scores of the steps before ``before`` (None: all).
@@ -441,8 +428,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             # that every rank advances alike, so all ranks skip the collective together.
             return None
         # Refusals before any state changes: a refused update keeps its scores, sketch and rows.
-        self._refuse_unreplicated_shards()
-        self._row_groups()  # refuses optimizer state it cannot migrate
+        physical, device = self._embedding_bag_collection, self._remapper.sketch_table.device
+        self._rows.refuse_unreplicated(physical, self._group)
+        self._rows.groups(physical, device, self._group)  # refuses optimizer state it cannot migrate
         is_due = [before is None or p.step < before for p in self._pending]
         due = [p for p, d in zip(self._pending, is_due) if d]
         self._pending, self._steps_since_update = [p for p, d in zip(self._pending, is_due) if not d], 0
@@ -476,22 +464,8 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         capacity = self._sketch.promotion_capacity  # a bound on the promotions: fixed [capacity] buffers
         return migration if capacity is None else migration.within(capacity)
 
-    def _migrate(self, m: Migration) -> None:
-        """Copies each promoted ID's pool row (weights and optimizer state) into the row it now owns."""
-        groups, row_split = self._row_groups()
-        with record_function("## cafe: migration ##"):
-            for group, bases, member in groups:
-                mask = m.mask & member.index_select(0, m.tables)
-                bases = [b.index_select(0, m.tables) for b in bases]
-                migrate_group(group, bases, m.src, m.dst, mask, m.keep_weights, m.block, m.composed, m.reset_state)
-            if row_split:
-                exchange_rows(
-                    [
-                        RowExchange(shards, m.src, m.dst, m.mask & (m.tables == t), m.keep_weights, m.block, m.composed, m.reset_state)
-                        for t, shards in row_split
-                    ],
-                    self._group,
-                )
+    def _migrate_rows(self, m: Migration) -> None:
+        self._rows.migrate(m, self._embedding_bag_collection, self._remapper.sketch_table.device, self._group)
 
     def describe(self) -> List[Dict[str, object]]:
         """JSON-able description of every logical table and its physical form (sizes, CAFE
@@ -519,17 +493,6 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         to the run that was replaced) and restarts the update interval."""
         self._pending, self._deferred, self._steps_since_update, self._last_context = [], [], 0, None
 
-    def _refuse_unreplicated_shards(self) -> None:
-        """Tables sharded over several ranks by TorchRec's own EBC sharder (not CAFE's) under a
-        local sketch: every rank would remap with its own, diverging sketch."""
-        sharded = not isinstance(self._embedding_bag_collection, EmbeddingBagCollection)
-        if sharded and self._local_block is None and self._group is None and dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                "CafeEmbeddingBagCollection's tables are sharded over several ranks but its sketch is "
-                "local: shard the module itself with CafeEmbeddingBagCollectionSharder (not only its "
-                "inner EmbeddingBagCollection), or call replicate_across(group) on every rank"
-            )
-
     def replicate_across(self, group: Optional[dist.ProcessGroup]) -> None:
         """Keeps this module's sketch a replica over the ranks of ``group`` (None: local, the
         default: an unsharded module never communicates, whatever process groups exist).
@@ -544,38 +507,6 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             device = self._remapper.sketch_table.device
             check_same_on_all_ranks(self.describe(), group, "CafeEmbeddingBagCollection tables or CafeConfig", device)
         self._group = group
-
-    def _row_groups(
-        self,
-    ) -> "tuple[List[tuple[RowGroup, List[torch.Tensor], torch.Tensor]], List[tuple[int, List[RowShard]]]]":
-        """(row groups of the whole-row shards, with per-tensor row bases [T] and membership [T];
-        per row-split table, its sketch index and local shards, in the same order on every rank).
-
-        Fused (TBE) tables are views that never move, so their part is cached. The state of plain
-        torch optimizers (unsharded tables; data-parallel ones, stepped by the dense optimizer) is
-        created lazily and replaced by ``load_state_dict``: unsharded groups are rebuilt each time,
-        data-parallel ones whenever their storages change (no host-to-device copy otherwise).
-        """
-
-        inner = self._embedding_bag_collection
-        names = [l.config.name for l in self._sketched]
-        device = self._remapper.sketch_table.device
-        if isinstance(inner, EmbeddingBagCollection):
-            shards = [
-                s for n in names for s in parameter_shards(inner.embedding_bags[n].get_parameter("weight"), n, self._optimizer)
-            ]
-            return indexed_groups(shards, names, device), _row_split_tables(names, shards, device, self._group)
-        if self._cached_groups is None or self._cached_groups[0] is not inner:
-            shards = tbe_shards(inner, names, block=self._local_block)
-            fused = indexed_groups([s for s in shards if not s.row_split], names, device)
-            # [fused groups, row-split tables, data-parallel storage key, data-parallel groups]
-            self._cached_groups = (inner, [fused, _row_split_tables(names, shards, device, self._group), None, []])
-        cache = self._cached_groups[1]
-        dense = dense_shards(inner, names, self._optimizer)
-        key = storage_key(dense)
-        if key != cache[2]:
-            cache[2:] = [key, indexed_groups(dense, names, device)]
-        return cache[0] + cache[3], cache[1]
 
     # ------------------------------------------------------------------ reporting
 
@@ -630,27 +561,3 @@ def _apply_pending_before_save(module: CafeEmbeddingBagCollection, _prefix: str,
 
 def _discard_pending_after_load(module: CafeEmbeddingBagCollection, _incompatible: object) -> None:
     module.discard_pending()  # a named function: modules with hooks must stay picklable
-
-
-def _row_split_tables(
-    names: List[str], shards: List[RowShard], device: torch.device, group: Optional[dist.ProcessGroup]
-) -> List["tuple[int, List[RowShard]]"]:
-    """Tables split by rows across the ranks of ``group``, agreed by all of them (one all-reduce,
-    when building the cache). Every rank must hold a shard of each: the row exchange is a collective."""
-    local = [[s for s in shards if s.table == n and s.row_split] for n in names]
-    if not spans_ranks(group):
-        return [(t, mine) for t, mine in enumerate(local) if mine]
-    held = torch.tensor([[1 if mine else 0 for mine in local]] * 2, dtype=torch.int64, device=device)
-    held[1] *= -1  # one all-reduce(MAX) gives max and -min
-    dist.all_reduce(held, op=dist.ReduceOp.MAX, group=group)
-    out = []
-    for t, (most, neg_least) in enumerate(held.t().tolist()):
-        if most and -neg_least == 0:
-            raise NotImplementedError(
-                f"table {names[t]!r} is split by rows over only some ranks (table-row-wise across "
-                f"hosts): CAFE's row exchange needs a shard on every rank; use row_wise, "
-                f"table_wise or column_wise"
-            )
-        if most:
-            out.append((t, local[t]))
-    return out
