@@ -1,11 +1,13 @@
+import dataclasses
 import os
 import socket
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
 from torchrec import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 
 def free_port() -> int:
@@ -36,3 +38,15 @@ def local_part(kjt: KeyedJaggedTensor, rank: int, world: int) -> KeyedJaggedTens
         lengths.append(jt.lengths()[lo:hi])
         values.append(jt.values()[offsets[lo] : offsets[hi]])
     return KeyedJaggedTensor(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+class FieldsBatch(Pipelineable):
+    """Base of a dataclass batch for TrainPipelineSparseDist: ``to`` and ``record_stream`` act on
+    every field (tensors and KJTs)."""
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Any:
+        return type(self)(*(getattr(self, f.name).to(device=device, non_blocking=non_blocking) for f in dataclasses.fields(self)))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).record_stream(stream)

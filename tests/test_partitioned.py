@@ -26,9 +26,8 @@ from torchrec.distributed.types import ShardingEnv
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-from torchrec.streamable import Pipelineable
 
-from tests.conftest import free_port, local_part
+from tests.conftest import FieldsBatch, free_port, local_part
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, load, save
 from torchrec_cafe.modules.partition import CafeEmbeddingBagPartitions
@@ -288,17 +287,11 @@ def test_partitioned_checkpoint_reshards_between_world_sizes(tmp_path, single_ra
 
 
 @dataclasses.dataclass
-class _Batch(Pipelineable):
+class _Batch(FieldsBatch):
     dense: torch.Tensor
     kjt: KeyedJaggedTensor
     labels: torch.Tensor
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "_Batch":
-        return _Batch(*(getattr(self, f.name).to(device=device, non_blocking=non_blocking) for f in dataclasses.fields(self)))
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).record_stream(stream)
 
 
 class _WithLoss(torch.nn.Module):

@@ -18,9 +18,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-from torchrec.streamable import Pipelineable
 
-from tests.conftest import free_port
+from tests.conftest import FieldsBatch, free_port
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
 from torchrec_cafe.distributed.sharder import (
     CafeEmbeddingBagCollectionSharder,
@@ -60,7 +59,7 @@ class _Model(torch.nn.Module):
 
 
 @dataclasses.dataclass
-class _Batch(Pipelineable):
+class _Batch(FieldsBatch):
     """Two KJTs, one per collection: the pipeline traces each module's input to a batch field."""
 
     dense: torch.Tensor
@@ -68,12 +67,6 @@ class _Batch(Pipelineable):
     plain: KeyedJaggedTensor
     labels: torch.Tensor
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "_Batch":
-        return _Batch(*(getattr(self, f.name).to(device=device, non_blocking=non_blocking) for f in dataclasses.fields(self)))
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).record_stream(stream)
 
 
 def _kjt(g: torch.Generator, keys: List[str]) -> KeyedJaggedTensor:

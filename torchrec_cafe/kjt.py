@@ -35,3 +35,9 @@ def bags_per_key(kjt: KeyedJaggedTensor) -> torch.Tensor:
     if kjt.variable_stride_per_key():
         return torch.tensor(kjt.stride_per_key(), dtype=torch.int64)
     return torch.full([len(kjt.keys())], kjt.stride(), dtype=torch.int64)
+
+
+def value_bags(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """The bag of each of a KJT's ``n`` values, [n] int64, from its ``lengths`` (``n`` is their
+    sum, known on the host as the values' size: no host read). TorchScript-able."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=n)

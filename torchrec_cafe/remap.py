@@ -31,7 +31,7 @@ from torchrec.modules.embedding_modules import reorder_inverse_indices
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.kjt import bags_per_key, kjt_like
+from torchrec_cafe.kjt import bags_per_key, kjt_like, value_bags
 from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import fingerprint32
 from torchrec_cafe.sketch.hot_sketch import _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, HotSketch, SketchUpdate, pool_choices
@@ -262,7 +262,7 @@ class KJTRemapper(nn.Module):
         feature = torch.repeat_interleave(
             torch.arange(self.num_features, device=device), torch.tensor(per_key, device=device), output_size=n
         )
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=n)
+        bag = value_bags(lengths, n)
         rows = torch.remainder(ids, take(self.num_rows, feature))  # plain rows; compressed ones below
         offsets = kjt.offset_per_key()
         if self.static_features:

@@ -44,7 +44,7 @@ from torchrec_cafe.modules.partition import (
     partition_spreads,
     partition_tables,
     select_partition,
-    value_blocks,
+    value_keys,
 )
 from torchrec_cafe.sketch.replicas import check_same_on_all_ranks
 
@@ -173,8 +173,9 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         features = self.partitions[0].order_features(features)
         if features.variable_stride_per_key():
             raise ValueError("the partitioned form takes fixed-batch KJTs (variable-batch KJTs: use form='replicated')")
-        blocks = value_blocks(features, self._blocks)
-        owner, local = owner_and_local(features.values(), blocks, value_blocks(features, self._spreads))
+        key = value_keys(features)
+        blocks = self._blocks.index_select(0, key)
+        owner, local = owner_and_local(features.values(), blocks, self._spreads.index_select(0, key))
         routed = kjt_like(features, features.keys(), owner * blocks + local, features.lengths(), features.weights_or_none())
         ctx.variable_batch_per_feature, ctx.inverse_indices = False, None
         ctx.sharding_contexts.append(
@@ -186,7 +187,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         """Each partition's step (due sketch update and migration, remap), then one lookup in
         this rank's row blocks. The remap contexts stay local: nothing here crosses streams."""
         received = dist_input[0]
-        blocks = value_blocks(received, self._blocks)
+        blocks = self._blocks.index_select(0, value_keys(received))
         first = self._rank * self._per_rank
         owner, local = received.values().div(blocks, rounding_mode="floor") - first, received.values().remainder(blocks)
         physical, contexts = [], []
@@ -200,7 +201,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
                 cafe.land_migration(context)
             contexts.append(context)
             # Partition j's rows are block j of this rank's shard.
-            shifted = rows.values() + j * value_blocks(rows, self._physical_rows)
+            shifted = rows.values() + j * self._physical_rows.index_select(0, value_keys(rows))
             physical.append(kjt_like(rows, rows.keys(), shifted, rows.lengths(), rows.weights_or_none()))
         merged = physical[0] if len(physical) == 1 else merge_bags(physical)
         if self._lookup_order != list(range(len(self._lookup_order))):

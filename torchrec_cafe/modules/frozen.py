@@ -21,7 +21,7 @@ from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.kjt import bags_per_key, kjt_like
+from torchrec_cafe.kjt import bags_per_key, kjt_like, value_bags
 from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection, ids_as_bags, jagged_outputs
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
@@ -147,7 +147,7 @@ def frozen_physical_features(
     device = ids.device
     per_key = torch.tensor(features.length_per_key(), device=device)
     feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
-    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=ids.numel())
+    bag = value_bags(lengths, ids.numel())
     n = num_rows.index_select(0, feature)
     pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, owner_keys, owned_rows, pool_seed)
     rows = torch.where(compressed.index_select(0, feature), pool_row, torch.remainder(ids, n))

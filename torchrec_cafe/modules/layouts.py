@@ -20,6 +20,11 @@ def is_meta(device: Optional[torch.device]) -> bool:
     return device is not None and torch.device(device).type == "meta"
 
 
+def dtype_bytes(table: EmbeddingBagConfig) -> int:
+    """Bytes of one element of ``table``'s rows (its ``data_type``)."""
+    return torch.empty((), dtype=data_type_to_dtype(table.data_type)).element_size()
+
+
 def group_sketch(sketched: List[TableLayout], device: Optional[torch.device]) -> Optional[HotSketch]:
     """One HotSketch for all sketched tables: one batch of ops per step whatever their count."""
     if not sketched:
@@ -68,9 +73,8 @@ def table_layouts(
         c = per_table.get(t.name)
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise ValueError(f"table {t.name!r}: pooling {t.pooling} is not supported (SUM or MEAN)")
-        dtype_bytes = torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
         settings = c if c is not None else PLAIN
-        budget = table_budget(t, settings, dtype_bytes)
+        budget = table_budget(t, settings, dtype_bytes(t))
         if budget.compressed and not budget.sketched:
             # The budget may be 0 B (a 3-row table at CR 1000): the table still gets one row.
             logger.info(

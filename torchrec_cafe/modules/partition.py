@@ -24,14 +24,16 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, data_type_to_dtype
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.config import CafeConfig, hashed_rows, table_budget_bytes
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.config import CafeConfig
+from torchrec_cafe.kjt import kjt_like, value_bags
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
+from torchrec_cafe.modules.hashing import hashed_table_rows
 from torchrec_cafe.modules.inputs import with_embedding_names
+from torchrec_cafe.modules.layouts import dtype_bytes
 
 
 def partition_size(num_embeddings: int, partitions: int) -> int:
@@ -47,9 +49,8 @@ def partition_spreads(
     out = {}
     for t in tables:
         c = cafe.get(t.name)
-        row_bytes = t.embedding_dim * torch.empty((), dtype=data_type_to_dtype(t.data_type)).element_size()
-        rows = t.num_embeddings if c is None else hashed_rows(table_budget_bytes(t, c.compression_ratio, row_bytes // t.embedding_dim), row_bytes)
-        out[t.name] = max(1, min(partitions, rows, t.num_embeddings))
+        rows = t.num_embeddings if c is None else hashed_table_rows(t, c.compression_ratio, dtype_bytes(t))
+        out[t.name] = min(partitions, rows)  # rows: at least one, at most N
     return out
 
 
@@ -82,12 +83,13 @@ def partition_cafe(
     return out
 
 
-def value_blocks(features: KeyedJaggedTensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Per value of a fixed-batch ``features``, ``blocks`` [keys] of its key, without a host read."""
-    n, stride = features.values().numel(), features.stride()
-    key_ends = features.offsets().index_select(0, torch.arange(1, len(features.keys()) + 1, device=blocks.device) * stride)
-    key = torch.searchsorted(key_ends, torch.arange(n, device=blocks.device), right=True)
-    return blocks.index_select(0, key.clamp(max=len(features.keys()) - 1))
+def value_keys(features: KeyedJaggedTensor) -> torch.Tensor:
+    """The key index of each value of a fixed-batch ``features``, [n] int64, without a host read
+    (index a per-key tensor with it)."""
+    n, stride, keys = features.values().numel(), features.stride(), len(features.keys())
+    device = features.values().device
+    key_ends = features.offsets().index_select(0, torch.arange(1, keys + 1, device=device) * stride)
+    return torch.searchsorted(key_ends, torch.arange(n, device=device), right=True).clamp(max=keys - 1)
 
 
 def owner_and_local(values: torch.Tensor, blocks: torch.Tensor, spreads: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -101,8 +103,7 @@ def select_partition(features: KeyedJaggedTensor, owner: torch.Tensor, local: to
     """The IDs of ``features`` whose ``owner`` [n] is ``partition``, as their ``local`` [n] IDs:
     same keys and bags, each bag keeping its own IDs in order. Reads the count on the host."""
     keep = owner == partition
-    n = features.values().numel()
-    bag = torch.repeat_interleave(torch.arange(features.lengths().numel(), device=keep.device), features.lengths(), output_size=n)
+    bag = value_bags(features.lengths(), features.values().numel())
     lengths = torch.zeros_like(features.lengths()).index_add_(0, bag, keep.to(features.lengths().dtype))
     weights = features.weights_or_none()
     return kjt_like(features, features.keys(), local[keep], lengths, None if weights is None else weights[keep])
@@ -113,8 +114,7 @@ def merge_bags(parts: List[KeyedJaggedTensor]) -> KeyedJaggedTensor:
     by part (a SUM-pooled bag's output is then the sum of the parts' outputs). No host read."""
     first = parts[0]
     values = torch.cat([p.values() for p in parts])
-    bags = torch.arange(first.lengths().numel(), device=values.device)
-    bag = torch.cat([torch.repeat_interleave(bags, p.lengths(), output_size=p.values().numel()) for p in parts])
+    bag = torch.cat([value_bags(p.lengths(), p.values().numel()) for p in parts])
     order = torch.sort(bag, stable=True).indices
     weights = None if first.weights_or_none() is None else torch.cat([p.weights() for p in parts]).index_select(0, order)
     lengths = torch.stack([p.lengths() for p in parts]).sum(dim=0)
@@ -168,10 +168,10 @@ class CafeEmbeddingBagPartitions(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = self.partition(0).order_features(features)
-        device = features.values().device
-        blocks = torch.tensor([self._blocks[k] for k in features.keys()], device=device)
-        spreads = torch.tensor([self._spreads[k] for k in features.keys()], device=device)
-        owner, local = owner_and_local(features.values(), value_blocks(features, blocks), value_blocks(features, spreads))
+        device, key = features.values().device, value_keys(features)
+        blocks = torch.tensor([self._blocks[k] for k in features.keys()], device=device).index_select(0, key)
+        spreads = torch.tensor([self._spreads[k] for k in features.keys()], device=device).index_select(0, key)
+        owner, local = owner_and_local(features.values(), blocks, spreads)
         outputs = [p(select_partition(features, owner, local, i)) for i, p in enumerate(self.partitions)]
         first = outputs[0]
         values = torch.stack([o.values() for o in outputs]).sum(dim=0)
