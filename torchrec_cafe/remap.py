@@ -31,7 +31,7 @@ from torchrec.modules.embedding_modules import reorder_inverse_indices
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import CafeConfig, TableBudget
-from torchrec_cafe.kjt import bags_per_key, kjt_like, value_bags
+from torchrec_cafe.kjt import bag_keys, bags_per_key, kjt_like, value_bags
 from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.hashing import fingerprint32
 from torchrec_cafe.sketch.hot_sketch import _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, HotSketch, SketchUpdate, pool_choices
@@ -181,12 +181,14 @@ def block_rows(ids: torch.Tensor, num_rows: torch.Tensor, pool: torch.Tensor, bl
     return pool + torch.remainder(ids, num_rows) // block_size
 
 
-def _positions(offsets: List[int], features: List[int], device: torch.device) -> torch.Tensor:
-    """Positions of the values of ``features``: contiguous runs known from host offsets."""
-    if not features:
-        return torch.zeros(0, dtype=torch.int64, device=device)
+def _positions(length_per_key: List[int], features: List[int], device: torch.device) -> torch.Tensor:
+    """Positions of the values of ``features`` (key indices), given the values per key (host):
+    contiguous runs."""
+    offsets = [0]
+    for n in length_per_key:
+        offsets.append(offsets[-1] + n)
     starts = [offsets[f] for f in features]
-    counts = [offsets[f + 1] - offsets[f] for f in features]
+    counts = [length_per_key[f] for f in features]
     total = sum(counts)
     counts_t = torch.tensor(counts, device=device)
     run_start = torch.tensor(starts, device=device) - (torch.cumsum(counts_t, 0) - counts_t)
@@ -258,31 +260,28 @@ class KJTRemapper(nn.Module):
         ids = kjt.values().to(torch.int64)
         lengths = kjt.lengths()
         n, device = ids.numel(), ids.device
-        per_key = kjt.length_per_key()
-        feature = torch.repeat_interleave(
-            torch.arange(self.num_features, device=device), torch.tensor(per_key, device=device), output_size=n
-        )
         bag = value_bags(lengths, n)
+        feature = take(bag_keys(kjt, device), bag)
+        # Every value is mapped as if its table were each kind, and the right kind kept: fixed
+        # shapes, no host read of where each feature's values lie.
         rows = torch.remainder(ids, take(self.num_rows, feature))  # plain rows; compressed ones below
-        offsets = kjt.offset_per_key()
         if self.static_features:
-            sel = _positions(offsets, self.static_features, device)
-            x, f = take(ids, sel), take(feature, sel)
-            rows = rows.index_copy(0, sel, pool_choices(fingerprint32(x), take(self.pool, f))[:, 0])
-        alone, context = None, None
-        if sketch is not None and self.sketched_features:
-            sel = _positions(offsets, self.sketched_features, device)
-            x, f = take(ids, sel), take(feature, sel)
-            tables = take(self.sketch_table, f)
-            row, hot, blocked = sketch.lookup(x, tables)
-            rows = rows.index_copy(0, sel, row)
-            # Hot IDs read their pool row alone (code 1, composed tables), blocked ones no pool row
-            # (2): their block row alone, or (hashed cold rows) nothing, never another ID's row.
-            # Static tables (code 0) read their first choice (and block row).
-            code = torch.where(hot & take(self.composed, f), 1, torch.where(blocked, 2, 0))
-            alone = torch.zeros_like(ids).index_copy(0, sel, code)
-            context = self._context(kjt, sel, x, tables, take(bag, sel), f, hot)
-        return self._physical(kjt, ids, rows, bag, feature, alone), context
+            first = pool_choices(fingerprint32(ids), take(self.pool, feature).clamp(min=1))[:, 0]
+            rows = torch.where(take(self.static, feature), first, rows)
+        if sketch is None or not self.sketched_features:
+            return self._physical(kjt, ids, rows, bag, feature, None)[0], None
+        table = take(self.sketch_table, feature)
+        tables = table.clamp(min=0)  # other features' values query table 0, and are not kept
+        row, hot, blocked = sketch.lookup(ids, tables)
+        rows = torch.where(table >= 0, row, rows)
+        # Hot IDs read their pool row alone (code 1, composed tables), blocked ones no pool row
+        # (2): their block row alone, or (hashed cold rows) nothing, never another ID's row.
+        # Static tables (code 0) read their first choice (and block row).
+        code = torch.where(hot & take(self.composed, feature), 1, torch.where(blocked, 2, 0))
+        physical, length_per_key = self._physical(kjt, ids, rows, bag, feature, torch.where(table >= 0, code, 0))
+        sel = _positions(length_per_key, self.sketched_features, device)
+        context = self._context(kjt, sel, take(ids, sel), take(tables, sel), take(bag, sel), take(feature, sel), take(hot, sel))
+        return physical, context
 
     def _kernel_applies(self, kjt: KeyedJaggedTensor, sketch: Optional[HotSketch]) -> bool:
         w = kjt.weights_or_none()
@@ -320,10 +319,10 @@ class KJTRemapper(nn.Module):
         bag: torch.Tensor,
         feature: torch.Tensor,
         alone: Optional[torch.Tensor],
-    ) -> KeyedJaggedTensor:
+    ) -> Tuple[KeyedJaggedTensor, List[int]]:
         """``alone`` [n]: per value, 1 if it reads its pool row alone (hot, composed), 2 if it reads
         no pool row (blocked), 0 otherwise. Each value becomes its entries, in order (pool row,
-        block row), within its bag."""
+        block row), within its bag. Returns the physical KJT and the input's values per key."""
         lengths = kjt.lengths()
         weights: Optional[torch.Tensor] = None
         if self.weighted_out:
@@ -333,14 +332,21 @@ class KJTRemapper(nn.Module):
             weights = torch.where(take(self.mean_as_weights, feature), base * inv_len, base)
         if not self.entries_vary or ids.device.type == "meta":
             # (meta tensors hold no data to count entries by; the pooled output's shape is the same)
-            return kjt_like(kjt, kjt.keys(), rows, lengths, weights, kjt.inverse_indices_or_none())
+            same = kjt.length_per_key() if ids.device.type != "meta" else kjt.length_per_key_or_none()
+            physical = kjt_like(kjt, kjt.keys(), rows, lengths, weights, kjt.inverse_indices_or_none(), same)
+            return physical, same if same is not None else []
         composed = take(self.composed, feature)
         code = alone if alone is not None else torch.zeros_like(ids)
         reads_pool = (code != 2).to(torch.int64)
         reads_block = (composed & (code != 1)).to(torch.int64)
         count = reads_pool + reads_block
         block = block_rows(ids, take(self.num_rows, feature), take(self.pool, feature), take(self.block_size, feature))
-        total = int(count.sum())  # the physical KJT's size: one host read on accelerators
+        # The physical KJT's entries per key and the input's values per key in one host read (on
+        # accelerators the step's only one): it fills the per-key caches TorchRec's lookup (or
+        # input dist) would otherwise read back itself.
+        per_key = torch.zeros(2, self.num_features, dtype=torch.int64, device=ids.device)
+        length_per_key, values_per_key = per_key.index_add_(1, feature, torch.stack([count, torch.ones_like(count)])).tolist()
+        total = sum(length_per_key)
         src = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count, output_size=total)
         # An entry is a value's block row when it is its second, or its first and it reads no pool row.
         second = (torch.arange(total, device=ids.device) - take(torch.cumsum(count, 0) - count, src)) == 1
@@ -348,7 +354,8 @@ class KJTRemapper(nn.Module):
         values = torch.where(is_block, take(block, src), take(rows, src))
         out_lengths = torch.zeros_like(lengths).index_add_(0, bag, count.to(lengths.dtype))
         out_weights = take(weights, src) if weights is not None else None
-        return kjt_like(kjt, kjt.keys(), values, out_lengths, out_weights, kjt.inverse_indices_or_none())
+        physical = kjt_like(kjt, kjt.keys(), values, out_lengths, out_weights, kjt.inverse_indices_or_none(), length_per_key)
+        return physical, values_per_key
 
     def _context(
         self,

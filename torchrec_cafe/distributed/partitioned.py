@@ -34,7 +34,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.distributed.base import CafeEmbeddingBagCollectionContext, ShardedCafeBase
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import with_values
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.partition import (
     feature_spreads,
@@ -176,7 +176,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         key = value_keys(features)
         blocks = self._blocks.index_select(0, key)
         owner, local = owner_and_local(features.values(), blocks, self._spreads.index_select(0, key))
-        routed = kjt_like(features, features.keys(), owner * blocks + local, features.lengths(), features.weights_or_none())
+        routed = with_values(features, owner * blocks + local, features.weights_or_none())
         ctx.variable_batch_per_feature, ctx.inverse_indices = False, None
         ctx.sharding_contexts.append(
             EmbeddingShardingContext(batch_size_per_feature_pre_a2a=features.stride_per_key(), variable_batch_per_feature=False)
@@ -193,7 +193,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
         physical, contexts = [], []
         for j, cafe in enumerate(self.partitions):
             if self._per_rank == 1:
-                mine = kjt_like(received, received.keys(), local, received.lengths(), received.weights_or_none())
+                mine = with_values(received, local, received.weights_or_none())
             else:
                 mine = select_partition(received, owner, local, j)
             rows, context = cafe.remap(mine, self.training)
@@ -202,7 +202,7 @@ class PartitionedCafeEmbeddingBagCollection(ShardedCafeBase):
             contexts.append(context)
             # Partition j's rows are block j of this rank's shard.
             shifted = rows.values() + j * self._physical_rows.index_select(0, value_keys(rows))
-            physical.append(kjt_like(rows, rows.keys(), shifted, rows.lengths(), rows.weights_or_none()))
+            physical.append(with_values(rows, shifted, rows.weights_or_none()))
         merged = physical[0] if len(physical) == 1 else merge_bags(physical)
         if self._lookup_order != list(range(len(self._lookup_order))):
             merged = merged.permute(self._lookup_order)

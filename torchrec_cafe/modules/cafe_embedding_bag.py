@@ -13,7 +13,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cafe.config import CafeConfig
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import with_values
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.modules.layouts import group_sketch, is_meta, table_layouts
 from torchrec_cafe.modules.row_access import RowAccess
@@ -307,7 +307,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def order_features(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Validates a raw-ID KJT (``ValueError`` naming the problem) and returns it keyed by the
         module's embedding names (``embedding_features()``) in the module's order."""
-        check_kjt(features)
+        check_kjt(features, may_sync=self._sketch is None or self._sketch.host_reads_are_free())
         keys = features.keys()
         if keys != self._feature_names:
             if len(set(keys)) != len(keys):
@@ -324,7 +324,7 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError("module is_weighted=True but the KJT has no weights")
         if not self._is_weighted and features.weights_or_none() is not None:
             # EmbeddingBagCollection(is_weighted=False) ignores weights; so do we.
-            features = kjt_like(features, features.keys(), features.values(), features.lengths(), None, features.inverse_indices_or_none())
+            features = with_values(features, features.values(), None)
         return features
 
     # ------------------------------------------------------------------ importance

@@ -9,7 +9,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import hashed_rows, table_budget_bytes
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import with_values
 from torchrec_cafe.modules.remapped import RemappedEmbeddingBagCollection, ordered_features, per_value
 from torchrec_cafe.sketch.hashing import mix64
 
@@ -55,7 +55,7 @@ class _HashRemap(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         features = ordered_features(features, self._features)
         (rows,) = per_value(features, [self._rows])
-        return kjt_like(features, features.keys(), hash_rows(features.values(), rows), features.lengths(), features.weights_or_none())
+        return with_values(features, hash_rows(features.values(), rows), features.weights_or_none())
 
 
 class HashingEmbeddingBagCollection(RemappedEmbeddingBagCollection):

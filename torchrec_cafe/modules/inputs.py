@@ -16,14 +16,15 @@ ConfigT = TypeVar("ConfigT", bound=BaseEmbeddingConfig)
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def check_kjt(features: KeyedJaggedTensor) -> None:
+def check_kjt(features: KeyedJaggedTensor, may_sync: bool = True) -> None:
     """Raises ``ValueError`` unless ``features`` is a well-formed KJT of integer IDs.
 
     Checked: integer ID values (int32/int64, 1-D), one length per (key, sample) -- ``stride x keys``,
     or the sum of ``stride_per_key()`` for variable-batch KJTs --, weights (when present) one per
     value, no negative length, lengths summing to the number of values. The last two read the
-    lengths: on CPU they are checked here; on an accelerator they become an asynchronous device
-    assertion (``torch._assert_async``), because a ``ValueError`` would need a host sync per step.
+    lengths: on CPU they are checked here; on an accelerator (or with ``may_sync`` False: a module
+    on its fixed-shape, sync-free path) they become an asynchronous device assertion
+    (``torch._assert_async``), because a ``ValueError`` would need a host sync per step.
     """
     values = features.values()
     if values.dim() != 1 or values.dtype not in _ID_DTYPES:
@@ -44,7 +45,7 @@ def check_kjt(features: KeyedJaggedTensor) -> None:
         layout = f"stride {features.stride()} x {len(keys)} keys"
     if lengths.dim() != 1 or lengths.numel() != expected:
         raise ValueError(f"KJT has {lengths.numel()} lengths, expected {expected} ({layout}): one length per key and sample")
-    if lengths.device.type == "cpu":
+    if lengths.device.type == "cpu" and may_sync:
         if lengths.numel() and int(lengths.min()) < 0:
             raise ValueError(f"KJT has negative lengths (min {int(lengths.min())})")
         total = int(lengths.sum())
@@ -81,4 +82,7 @@ def as_embedding_features(features: KeyedJaggedTensor, inputs: List[str], names:
     ordered = features.permute([keys.index(k) for k in inputs])
     if inputs == names and not features.variable_stride_per_key():
         return ordered
-    return kjt_like(ordered, names, ordered.values(), ordered.lengths(), ordered.weights_or_none(), features.inverse_indices_or_none())
+    return kjt_like(
+        ordered, names, ordered.values(), ordered.lengths(), ordered.weights_or_none(),
+        features.inverse_indices_or_none(), ordered.length_per_key_or_none(),
+    )  # fmt: skip

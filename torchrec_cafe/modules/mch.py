@@ -47,7 +47,7 @@ from torchrec.modules.mc_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_cafe.config import table_budget_bytes
-from torchrec_cafe.kjt import kjt_like
+from torchrec_cafe.kjt import with_values
 from torchrec_cafe.modules.hashing import hash_rows, hashed_table_rows, resized_table
 from torchrec_cafe.modules.remapped import LogicalColumns, RemappedEmbeddingBagCollection, ordered_features, output_columns, per_value
 
@@ -152,7 +152,7 @@ class _MCHRemap(nn.Module):
         n, hashed = per_value(features, [self._n, self._hashed_rows])
         values = features.values()
         rows = torch.where(hashed > 0, hash_rows(values, hashed.clamp(min=1)), torch.remainder(values, n))
-        physical = kjt_like(features, features.keys(), rows, features.lengths(), features.weights_or_none())
+        physical = with_values(features, rows, features.weights_or_none())
         managed, plain = physical.split([len(self._managed), len(self._plain)])
         return managed, plain
 
