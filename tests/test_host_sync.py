@@ -22,6 +22,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
+from torchrec_cafe.modules.frozen import export_for_inference
 
 _READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
           "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default"}  # fmt: skip
@@ -143,3 +144,19 @@ def test_dmp_step_reads_the_host_only_as_the_sharded_ebc_does(single_rank_pg: No
     # TorchRec's own lookups read the host a placement-dependent number of times (its tables differ
     # in size from CAFE's physical ones): CAFE adds none of any kind, and reads the lengths once.
     assert cafe_reads - ebc_reads == collections.Counter() and cafe_reads["Tensor.tolist"] == 1
+
+
+def test_served_tensor_lookup_reads_the_host_only_as_torchrec_ebc_does(host_reads: Callable) -> None:
+    """The exported module's tensor lookup (what other devices than CPU serve with) makes the one
+    read TorchRec's EBC forward makes: the per-key lengths of the KJT the tables read."""
+    cafe = CafeEmbeddingBagCollection(_tables(), cafe=CafeConfig(compression_ratio=10))
+    _reads_of_last_step(cafe, lambda kjt: cafe(kjt).values().sum().backward(), lambda step: step())
+    served = export_for_inference(cafe.eval())
+    served._compiled = False
+    kjt = next(_batches(1))
+    with torch.no_grad():
+        served_reads = host_reads(lambda: served(kjt))
+        ebc = EmbeddingBagCollection(_tables())
+        plain = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values() % 30, lengths=kjt.lengths())
+        ebc_reads = host_reads(lambda: ebc(plain))
+    assert served_reads == ebc_reads == collections.Counter({"Tensor.tolist": 1})

@@ -21,7 +21,7 @@ from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cafe.kjt import bags_per_key, kjt_like, value_bags
+from torchrec_cafe.kjt import bag_keys, bags_per_key, kjt_like, value_bags
 from torchrec_cafe.modules.cafe_embedding import CafeEmbeddingCollection, ids_as_bags, jagged_outputs
 from torchrec_cafe.modules.cafe_embedding_bag import CafeEmbeddingBagCollection
 from torchrec_cafe.modules.inputs import as_embedding_features
@@ -145,9 +145,8 @@ def frozen_physical_features(
     ids = features.values().to(torch.int64)
     lengths = features.lengths()
     device = ids.device
-    per_key = torch.tensor(features.length_per_key(), device=device)
-    feature = torch.repeat_interleave(torch.arange(per_key.numel(), device=device), per_key, output_size=ids.numel())
     bag = value_bags(lengths, ids.numel())
+    feature = bag_keys(features, device).index_select(0, bag)
     n = num_rows.index_select(0, feature)
     pool_row, hot, blocked = _pool_rows(ids, feature, pool, sketch_table, pool_offset, owner_keys, owned_rows, pool_seed)
     rows = torch.where(compressed.index_select(0, feature), pool_row, torch.remainder(ids, n))
@@ -157,16 +156,25 @@ def frozen_physical_features(
     if weighted_out:
         w = torch.where(mean_as_weights.index_select(0, feature), w / lengths.clamp(min=1).index_select(0, bag).to(w.dtype), w)
     if not any_varying:
-        return kjt_like(features, feature_names, rows, lengths, w if weighted_out else None, features.inverse_indices_or_none())
+        return kjt_like(
+            features, feature_names, rows, lengths, w if weighted_out else None, features.inverse_indices_or_none(),
+            features.length_per_key(),
+        )  # fmt: skip
     # Each ID becomes the entries it reads, in order: its pool row unless blocked, its block row
     # (composed features) unless hot.
     composed = composed_f.index_select(0, feature)
     block = block_rows(ids, n, pool.index_select(0, feature), block_size.index_select(0, feature))
-    values = torch.stack([rows, block], dim=1)
     keep = torch.stack([~blocked, composed & ~hot], dim=1)
-    out_lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.sum(dim=1).to(lengths.dtype))
-    weights = torch.stack([w, w], dim=1)[keep] if weighted_out else None
-    return kjt_like(features, feature_names, values[keep], out_lengths, weights, features.inverse_indices_or_none())
+    count = keep.sum(dim=1)
+    out_lengths = torch.zeros_like(lengths).index_add_(0, bag, count.to(lengths.dtype))
+    # The entries per key: the one host read, which sizes the output and fills the KJT's per-key
+    # caches the lookup would otherwise read; the kept entries, in order, by a stable sort (no
+    # boolean indexing: fixed shapes once the size is known).
+    per_key: List[int] = torch.zeros(len(feature_names), dtype=torch.int64, device=device).index_add_(0, feature, count).tolist()
+    kept = torch.argsort((~keep).flatten().to(torch.int8), stable=True)[: sum(per_key)]
+    values = torch.stack([rows, block], dim=1).flatten().index_select(0, kept)
+    weights = torch.stack([w, w], dim=1).flatten().index_select(0, kept) if weighted_out else None
+    return kjt_like(features, feature_names, values, out_lengths, weights, features.inverse_indices_or_none(), per_key)
 
 
 torch.fx.wrap("frozen_physical_features")
