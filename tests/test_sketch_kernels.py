@@ -75,6 +75,23 @@ def test_kernels_equal_the_tensor_path(case: str, monkeypatch: pytest.MonkeyPatc
     assert int(tensor.promotions.sum()) > 0 and int(tensor.demotions.sum()) > 0
 
 
+def test_kernel_pool_choices_equal_the_tensor_path_for_any_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels compute a key's four pool choices without divisions (a multiply-based exact
+    remainder); lookups and promotions must pick the same rows as ``torch.remainder`` for pools of
+    one row, powers of two, primes and tens of millions of rows."""
+    pools = [1, 2, 3, 64, 65_537, 1 << 20, 50_000_017]
+    compiled, tensor = _pair(monkeypatch, num_buckets=[4] * len(pools), pool_rows=pools, promote_load=0.1, demote_load=0.05)
+    rng = np.random.default_rng(11)
+    for step in range(4):
+        ids = torch.tensor(rng.integers(-(1 << 62), 1 << 62, 50_000))
+        tables = torch.tensor(rng.integers(0, len(pools), 50_000))
+        for a, b in zip(compiled.lookup(ids, tables), tensor.lookup(ids, tables)):
+            assert torch.equal(a, b), f"lookup {step}"
+        repeated, on = ids[:64].repeat(8), tables[:64].repeat(8)  # scores enough to promote
+        _assert_same(compiled, tensor, compiled.update(repeated, torch.ones(512), on), tensor.update(repeated, torch.ones(512), on), f"update {step}")
+    assert int(tensor.promotions.sum()) > 0
+
+
 def test_kernels_equal_the_tensor_path_on_gathered_quanta(monkeypatch: pytest.MonkeyPatch) -> None:
     """``update_quanta`` (what ranks apply after the all-gather) and empty updates."""
     compiled, tensor = _pair(monkeypatch, num_buckets=[32, 16], pool_rows=[48, 16], quarantine=1, promote_load=0.2, demote_load=0.1)

@@ -165,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
                          decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                          pool_seed_offset, min_load, displace_ratio);
+  const std::vector<Modulus> moduli = pool_moduli(pool);
+  s.pool_mod = moduli.data();
   const int64_t T = s.num_tables;
   std::vector<Pair> pairs = aggregate(keys.contiguous(), ids.contiguous(), quanta.contiguous(), ok.contiguous(),
                                       tables.contiguous());
@@ -377,16 +379,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
     const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
   at::Tensor k = keys.contiguous(), t = tables.contiguous();
   const int64_t n = k.numel();
-  const Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
-                               bucket_seed_offset, pool_seed_offset);
+  Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
+                         bucket_seed_offset, pool_seed_offset);
+  const std::vector<Modulus> moduli = pool_moduli(pool);
+  s.pool_mod = moduli.data();
   auto row = at::empty({n}, at::kLong), hot = at::empty({n}, at::kBool), blocked = at::empty({n}, at::kBool);
   auto kp = k.data_ptr<int64_t>(), tp = t.data_ptr<int64_t>(), rp = row.data_ptr<int64_t>();
   auto hp = hot.data_ptr<bool>(), bp = blocked.data_ptr<bool>();
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const Lookup r = s.lookup(kp[j], tp[j]);
-      rp[j] = r.row, hp[j] = r.hot, bp[j] = r.blocked;
-    }
+    lookup_ahead(
+        s, begin, end, [&](int64_t j, int64_t& key, int64_t& table) { key = kp[j], table = tp[j]; },
+        [&](int64_t j, const Lookup& r) { rp[j] = r.row, hp[j] = r.hot, bp[j] = r.blocked; });
   });
   return {row, hot, blocked};
 }

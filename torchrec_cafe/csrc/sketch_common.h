@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 constexpr int8_t kEmpty = -2;
 constexpr int8_t kCold = -1;
@@ -43,6 +44,28 @@ inline int64_t py_remainder(int64_t a, int64_t n) {  // torch.remainder / Python
 
 inline int32_t as_int32_bits(int64_t key) { return static_cast<int32_t>(static_cast<uint32_t>(key)); }
 
+// x mod d for 32-bit x, without a division when d fits 32 bits (Lemire, Kaser & Kurz, "Faster
+// remainder by direct computation", 2019: exact for every 32-bit x and d): the pool choices' two
+// remainders per key were most of a lookup's arithmetic.
+struct Modulus {
+  int64_t d = 1;
+  uint64_t magic = 0;  // 0: the plain remainder (d of more than 32 bits, or 1)
+  Modulus() = default;
+  explicit Modulus(int64_t divisor) : d(divisor), magic(divisor > 1 && divisor <= 0xFFFFFFFFLL ? ~0ULL / divisor + 1 : 0) {}
+  int64_t of(uint32_t x) const {
+    if (magic == 0) return static_cast<int64_t>(x) % d;
+    const uint64_t low = magic * x;
+    return static_cast<int64_t>((static_cast<unsigned __int128>(low) * static_cast<uint64_t>(d)) >> 64);
+  }
+};
+
+// The candidate rows of one key, and its bucket, computed (and their cache lines requested) ahead
+// of the probe that reads them.
+struct Pending {
+  int64_t bucket;
+  int64_t rows[4];
+};
+
 struct Lookup {
   int64_t row;
   bool hot, blocked;
@@ -72,6 +95,7 @@ struct Sketch {
   const double* demote_load;
   const bool* fixed;
   const int64_t* max_promotions;  // per table, 0: no cap
+  const Modulus* pool_mod = nullptr;  // per table, optional: pool[t] as a Modulus (faster choices)
   int64_t num_tables, num_buckets, c, pool_rows;
   int64_t quarantine, bucket_seed_offset, pool_seed_offset;
   double min_load, displace_ratio;
@@ -93,6 +117,15 @@ struct Sketch {
     } else {
       r = h1 % P, step = h2 % P;
     }
+    steps_from(r, step, P, rows);
+  }
+  // choices_in with P as a Modulus: the same rows.
+  static void choices_mod(int64_t key, const Modulus& P, int64_t seed_offset, int64_t* rows) {
+    const int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
+    const uint32_t h1 = static_cast<uint32_t>(h & 0xFFFFFFFFLL), h2 = static_cast<uint32_t>((h >> 32) | 1);
+    steps_from(P.of(h1), P.of(h2), P.d, rows);
+  }
+  static void steps_from(int64_t r, int64_t step, int64_t P, int64_t* rows) {
     rows[0] = r;
     for (int p = 1; p < kChoices; ++p) {
       r += step;
@@ -102,7 +135,10 @@ struct Sketch {
   }
   // Global pool row of each of the key's choices (pool_choices + the table's pool offset).
   void choices(int64_t key, int64_t t, int64_t* rows) const {
-    choices_in(key, pool[t], pool_seed_offset, rows);
+    if (pool_mod != nullptr)
+      choices_mod(key, pool_mod[t], pool_seed_offset, rows);
+    else
+      choices_in(key, pool[t], pool_seed_offset, rows);
     for (int p = 0; p < kChoices; ++p) rows[p] += pool_offset[t];
   }
   // Starts loading the cache lines of a slot (or a bucket's first slot): keys, states, scores.
@@ -122,9 +158,23 @@ struct Sketch {
   }
   // hot_sketch.py: lookup_keys: the row (within the table's pool) a key reads, hot, blocked.
   Lookup lookup(int64_t key, int64_t t) const {
-    int64_t rows[kChoices];
-    int64_t f = probe(key, bucket_of(key, t));
-    choices(key, t, rows);
+    Pending p;
+    p.bucket = bucket_of(key, t);
+    choices(key, t, p.rows);
+    return resolve(key, t, p);
+  }
+  // The first half of a lookup: bucket and choices, their cache lines requested.
+  void prepare(int64_t key, int64_t t, Pending& p) const {
+    p.bucket = bucket_of(key, t);
+    __builtin_prefetch(keys + p.bucket * c);
+    __builtin_prefetch(state + p.bucket * c);
+    choices(key, t, p.rows);
+    for (int q = 0; q < kChoices; ++q) __builtin_prefetch(pool_state + p.rows[q]);
+  }
+  // The second half: the lookup of a prepared key.
+  Lookup resolve(int64_t key, int64_t t, const Pending& pending) const {
+    const int64_t* rows = pending.rows;
+    int64_t f = probe(key, pending.bucket);
     int8_t st = f >= 0 ? state[f] : kCold;
     int p = st >= 0 ? st : -1;
     bool all_owned = p < 0;
@@ -189,3 +239,33 @@ inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_st
   s.pool_seed_offset = pool_seed_offset;
   return s;
 }
+
+// Each table's pool size as a Modulus (Sketch::pool_mod).
+inline std::vector<Modulus> pool_moduli(const at::Tensor& pool) {
+  const at::Tensor p = pool.contiguous();
+  std::vector<Modulus> out;
+  out.reserve(p.numel());
+  for (int64_t t = 0; t < p.numel(); ++t) out.emplace_back(p.data_ptr<int64_t>()[t]);
+  return out;
+}
+
+// Keys looked up kAhead positions ahead of their probe, so that their cache lines arrive while
+// earlier keys are resolved: lookup(i) for i in [begin, end), via prepare/resolve, in order.
+constexpr int64_t kAhead = 8;
+template <typename KeyAt, typename Emit>
+inline void lookup_ahead(const Sketch& s, int64_t begin, int64_t end, KeyAt key_at, Emit emit) {
+  Pending ring[kAhead];
+  int64_t key[kAhead], table[kAhead];
+  auto prepare = [&](int64_t i) {
+    const int64_t slot = i % kAhead;
+    key_at(i, key[slot], table[slot]);
+    s.prepare(key[slot], table[slot], ring[slot]);
+  };
+  for (int64_t i = begin; i < std::min(end, begin + kAhead); ++i) prepare(i);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t slot = i % kAhead;
+    emit(i, s.resolve(key[slot], table[slot], ring[slot]));
+    if (i + kAhead < end) prepare(i + kAhead);
+  }
+}
+
