@@ -63,6 +63,7 @@ Sketch make_sketch(
   s.pool_seed_offset = pool_seed_offset;
   s.min_load = min_load;
   s.displace_ratio = displace_ratio;
+  s.pool_mod = pool_moduli(pool);
   return s;
 }
 
@@ -165,8 +166,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
                          decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                          pool_seed_offset, min_load, displace_ratio);
-  const std::vector<Modulus> moduli = pool_moduli(pool);
-  s.pool_mod = moduli.data();
   const int64_t T = s.num_tables;
   std::vector<Pair> pairs = aggregate(keys.contiguous(), ids.contiguous(), quanta.contiguous(), ok.contiguous(),
                                       tables.contiguous());
@@ -379,10 +378,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
     const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
   at::Tensor k = keys.contiguous(), t = tables.contiguous();
   const int64_t n = k.numel();
-  Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
-                         bucket_seed_offset, pool_seed_offset);
-  const std::vector<Modulus> moduli = pool_moduli(pool);
-  s.pool_mod = moduli.data();
+  const Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
+                               bucket_seed_offset, pool_seed_offset);
   auto row = at::empty({n}, at::kLong), hot = at::empty({n}, at::kBool), blocked = at::empty({n}, at::kBool);
   auto kp = k.data_ptr<int64_t>(), tp = t.data_ptr<int64_t>(), rp = row.data_ptr<int64_t>();
   auto hp = hot.data_ptr<bool>(), bp = blocked.data_ptr<bool>();

@@ -57,11 +57,9 @@ std::vector<at::Tensor> cafe_remap(
   const bool *comp = composed.data_ptr<bool>(), *mn = mean.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
   const bool* stat = is_static.data_ptr<bool>();
 
-  Sketch s = with_sketch ? lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset,
-                                       table_pool, bucket_seed_offset, pool_seed_offset)
-                         : Sketch{};
-  const std::vector<Modulus> moduli = with_sketch ? pool_moduli(table_pool) : std::vector<Modulus>{};
-  s.pool_mod = with_sketch ? moduli.data() : nullptr;
+  const Sketch s = with_sketch ? lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset,
+                                             table_pool, bucket_seed_offset, pool_seed_offset)
+                               : Sketch{};
   // Output sizes: at most two entries per value of a composed feature, one of any other.
   int64_t total = 0, sketched = 0;
   {

@@ -45,8 +45,8 @@ inline int64_t py_remainder(int64_t a, int64_t n) {  // torch.remainder / Python
 inline int32_t as_int32_bits(int64_t key) { return static_cast<int32_t>(static_cast<uint32_t>(key)); }
 
 // x mod d for 32-bit x, without a division when d fits 32 bits (Lemire, Kaser & Kurz, "Faster
-// remainder by direct computation", 2019: exact for every 32-bit x and d): the pool choices' two
-// remainders per key were most of a lookup's arithmetic.
+// remainder by direct computation", 2019: exact for every 32-bit x and d): a key's pool choices
+// take two remainders by its table's pool size.
 struct Modulus {
   int64_t d = 1;
   uint64_t magic = 0;  // 0: the plain remainder (d of more than 32 bits, or 1)
@@ -63,8 +63,17 @@ struct Modulus {
 // of the probe that reads them.
 struct Pending {
   int64_t bucket;
-  int64_t rows[4];
+  int64_t rows[kChoices];
 };
+
+// Each table's pool size as a Modulus (Sketch::pool_mod).
+inline std::vector<Modulus> pool_moduli(const at::Tensor& pool) {
+  const at::Tensor p = pool.contiguous();
+  std::vector<Modulus> out;
+  out.reserve(p.numel());
+  for (int64_t t = 0; t < p.numel(); ++t) out.emplace_back(p.data_ptr<int64_t>()[t]);
+  return out;
+}
 
 struct Lookup {
   int64_t row;
@@ -95,7 +104,7 @@ struct Sketch {
   const double* demote_load;
   const bool* fixed;
   const int64_t* max_promotions;  // per table, 0: no cap
-  const Modulus* pool_mod = nullptr;  // per table, optional: pool[t] as a Modulus (faster choices)
+  std::vector<Modulus> pool_mod;  // per table: pool[t] as a Modulus (pool_moduli)
   int64_t num_tables, num_buckets, c, pool_rows;
   int64_t quarantine, bucket_seed_offset, pool_seed_offset;
   double min_load, displace_ratio;
@@ -104,25 +113,29 @@ struct Sketch {
     uint64_t z = static_cast<uint64_t>(key) + static_cast<uint64_t>(bucket_seed_offset);
     return bucket_offset[t] + finalise64(z) % buckets[t];
   }
-  // The key's choices in a pool of P rows (hot_sketch.py: pool_choices).
-  // (h1 + p * h2) % P for p = 0..3, all non-negative (h has 63 bits): two divisions, then
-  // steps of h2 % P reduced by one subtraction each — 32-bit ones when P fits (the usual case).
-  static void choices_in(int64_t key, int64_t P, int64_t seed_offset, int64_t* rows) {
+  // The two 32-bit hashes of a key's choices: h1 = the low half of its 63-bit hash, h2 = the high
+  // half made odd.
+  static void choice_hashes(int64_t key, int64_t seed_offset, uint32_t& h1, uint32_t& h2) {
     const int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
-    const int64_t h1 = h & 0xFFFFFFFFLL, h2 = (h >> 32) | 1;
-    int64_t r, step;
+    h1 = static_cast<uint32_t>(h & 0xFFFFFFFFLL), h2 = static_cast<uint32_t>((h >> 32) | 1);
+  }
+  // The key's choices in a pool of P rows (hot_sketch.py: pool_choices).
+  // (h1 + p * h2) % P for p = 0..3, all non-negative: two 32-bit divisions (none when P exceeds
+  // 32 bits: both hashes are below it), then steps of h2 % P reduced by one subtraction each.
+  static void choices_in(int64_t key, int64_t P, int64_t seed_offset, int64_t* rows) {
+    uint32_t h1, h2;
+    choice_hashes(key, seed_offset, h1, h2);
     if (P <= 0xFFFFFFFFLL) {
       const uint32_t p32 = static_cast<uint32_t>(P);
-      r = static_cast<uint32_t>(h1) % p32, step = static_cast<uint32_t>(h2) % p32;
+      steps_from(h1 % p32, h2 % p32, P, rows);
     } else {
-      r = h1 % P, step = h2 % P;
+      steps_from(h1, h2, P, rows);
     }
-    steps_from(r, step, P, rows);
   }
-  // choices_in with P as a Modulus: the same rows.
+  // choices_in with P as a Modulus (multiplications instead of the divisions): the same rows.
   static void choices_mod(int64_t key, const Modulus& P, int64_t seed_offset, int64_t* rows) {
-    const int64_t h = finalise64(static_cast<uint64_t>(key) + static_cast<uint64_t>(seed_offset));
-    const uint32_t h1 = static_cast<uint32_t>(h & 0xFFFFFFFFLL), h2 = static_cast<uint32_t>((h >> 32) | 1);
+    uint32_t h1, h2;
+    choice_hashes(key, seed_offset, h1, h2);
     steps_from(P.of(h1), P.of(h2), P.d, rows);
   }
   static void steps_from(int64_t r, int64_t step, int64_t P, int64_t* rows) {
@@ -135,10 +148,7 @@ struct Sketch {
   }
   // Global pool row of each of the key's choices (pool_choices + the table's pool offset).
   void choices(int64_t key, int64_t t, int64_t* rows) const {
-    if (pool_mod != nullptr)
-      choices_mod(key, pool_mod[t], pool_seed_offset, rows);
-    else
-      choices_in(key, pool[t], pool_seed_offset, rows);
+    choices_mod(key, pool_mod[t], pool_seed_offset, rows);
     for (int p = 0; p < kChoices; ++p) rows[p] += pool_offset[t];
   }
   // Starts loading the cache lines of a slot (or a bucket's first slot): keys, states, scores.
@@ -237,16 +247,8 @@ inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_st
   s.c = slot_keys.size(1);
   s.bucket_seed_offset = bucket_seed_offset;
   s.pool_seed_offset = pool_seed_offset;
+  s.pool_mod = pool_moduli(pool);
   return s;
-}
-
-// Each table's pool size as a Modulus (Sketch::pool_mod).
-inline std::vector<Modulus> pool_moduli(const at::Tensor& pool) {
-  const at::Tensor p = pool.contiguous();
-  std::vector<Modulus> out;
-  out.reserve(p.numel());
-  for (int64_t t = 0; t < p.numel(); ++t) out.emplace_back(p.data_ptr<int64_t>()[t]);
-  return out;
 }
 
 // Keys looked up kAhead positions ahead of their probe, so that their cache lines arrive while
