@@ -2,7 +2,8 @@
 buffer, every SketchUpdate field and every lookup bit-identical after each update, on random and
 Zipf streams over many tables, with decay, quarantine, displacement, fixed and adaptive bars, bad
 scores and a popularity shift; the compiled remap against the tensor remap during training; the
-compiled serving lookup against the tensor one; and the set-up builds them."""
+compiled serving lookup against the tensor one; the compiled row migration against the
+tensor one under DMP; and the set-up builds them."""
 
 from typing import Dict
 
@@ -23,6 +24,8 @@ def test_the_setup_builds_the_kernels() -> None:
     """scripts/setup_env.sh builds torchrec_cafe._C (pip install --no-build-isolation -e .)."""
     assert kernels.AVAILABLE
     assert HotSketch(num_buckets=4, pool_rows=4).kernels_apply()
+    for op in ("sketch_update_scores", "remap", "frozen_remap", "normalised_scores", "migrate_rows"):
+        assert hasattr(torch.ops.torchrec_cafe, op), op
 
 
 def _pair(monkeypatch: pytest.MonkeyPatch, **cfg: object) -> "tuple[HotSketch, HotSketch]":
@@ -207,3 +210,55 @@ def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:
         if n:
             finite = torch.isfinite(norms)
             assert torch.allclose(tensor[finite & (feature == 0)].mean(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_compiled_migration_equals_the_tensor_migration(single_rank_pg: None, sharding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promotions under DMP (tables of two dims and a plain one in one fused TBE, whole or in
+    column shards, row-wise Adagrad state; composed, hashed-cold-row and reset-state tables) give
+    the same rows and optimizer state bit for bit with the compiled migration as with the tensor one."""
+    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from torchrec_cafe.modules.row_access import RowAccess
+    from torchrec_cafe.rows import tbe_shards
+
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=16, num_embeddings=30_000, feature_names=["fa"]),
+        EmbeddingBagConfig(name="plain", embedding_dim=8, num_embeddings=50, feature_names=["fp"]),
+        EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=20_000, feature_names=["fb"]),
+        EmbeddingBagConfig(name="c", embedding_dim=8, num_embeddings=20_000, feature_names=["fc"]),
+    ]
+    settings = {
+        "a": CafeConfig(compression_ratio=20), "b": CafeConfig(compression_ratio=20, cold_rows="hashed"),
+        "c": CafeConfig(compression_ratio=20, optimizer_state="reset"),
+    }  # fmt: skip
+
+    def trained(compiled: bool) -> list:
+        monkeypatch.setattr(RowAccess, "use_kernels", compiled)
+        torch.manual_seed(0)
+        cafe = CafeEmbeddingBagCollection(tables, cafe=settings)
+        apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.1})
+        constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"], min_partition=4) for t in tables}
+        plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints).plan(
+            cafe, [EmbeddingBagCollectionSharder()]
+        )
+        dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(25):
+            lengths = torch.randint(0, 4, (4 * 32,), generator=g)
+            values = (torch.rand(int(lengths.sum()), generator=g).pow(-1.2).long() * 7919) % 20_000
+            kjt = KeyedJaggedTensor(keys=["fa", "fp", "fb", "fc"], values=values, lengths=lengths)
+            dmp(kjt).values().pow(2).sum().backward()
+        dmp.module.apply_pending_updates()
+        stats = dmp.module.stats()
+        assert all(stats[n]["hot_ids"] > 0 for n in settings)
+        return [t.clone() for s in tbe_shards(dmp.module._embedding_bag_collection, list(settings)) for t in [s.weight, *s.states]]
+
+    compiled, tensor = trained(True), trained(False)
+    assert len(compiled) == len(tensor) >= 6
+    for a, b in zip(compiled, tensor):
+        assert torch.equal(a, b)

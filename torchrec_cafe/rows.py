@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchrec_cafe.sketch import kernels
+
 
 def rows_where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.where`` choosing whole rows: ``mask`` [N] against rows of ``a``/``b`` [N, ...]."""
@@ -174,6 +176,40 @@ def migrate_group(
         if reset_state is not None:
             value = rows_where(reset_state, torch.zeros_like(value), value)
         masked_row_write_(state, rows(dst, k), value, mask)
+
+
+def migrate_by_table(
+    group: RowGroup,
+    bases: Sequence[torch.Tensor],
+    member: torch.Tensor,
+    tables: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    mask: torch.Tensor,
+    keep_weights: torch.Tensor,
+    block: torch.Tensor,
+    composed: torch.Tensor,
+    reset_state: torch.Tensor,
+    compiled: bool = True,
+) -> None:
+    """``migrate_group`` of a migration's entries [N] over a group given per table: ``bases[k]``
+    [T] each table's ``base - row_offset`` in tensor k, ``member`` [T] whether the group holds it,
+    ``tables`` [N] each entry's table; entries of other groups' tables are skipped. Each entry's
+    weights become those of ``src`` (unless ``keep_weights`` is False) plus its ``block`` row
+    where ``composed``. ``compiled``: float32 CPU storages take one compiled operator, bit for
+    bit the same writes.
+    """
+    tensors = [group.weight] + group.states
+    if compiled and kernels.AVAILABLE and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.dim() <= 2 for t in tensors
+    ):
+        torch.ops.torchrec_cafe.migrate_rows(
+            group.weight, group.states, list(bases), member, tables, src, dst, mask, keep_weights, block, composed, reset_state
+        )
+        return
+    mask = mask & member.index_select(0, tables)
+    bases = [b.index_select(0, tables) for b in bases]
+    migrate_group(group, bases, src, dst, mask, keep_weights, block, composed, reset_state)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torchrec_cafe.rows import (
     dense_shards,
     exchange_rows,
     indexed_groups,
-    migrate_group,
+    migrate_by_table,
     parameter_shards,
     storage_key,
     tbe_shards,
@@ -43,6 +43,9 @@ class RowAccess:
     copy (unsharded or data-parallel tables); ``local_block`` = (j, k), the module's rows being
     block j of k equal row blocks of this rank's shards (the partitioned form), else None.
     """
+
+    # False keeps CPU migrations on the tensor code even when the compiled operator is built.
+    use_kernels: bool = True
 
     def __init__(self, names: List[str]) -> None:
         self.names = names
@@ -99,9 +102,10 @@ class RowAccess:
         groups, row_split = self.groups(tables, device, group)
         with record_function("## cafe: migration ##"):
             for row_group, bases, member in groups:
-                mask = m.mask & member.index_select(0, m.tables)
-                bases = [b.index_select(0, m.tables) for b in bases]
-                migrate_group(row_group, bases, m.src, m.dst, mask, m.keep_weights, m.block, m.composed, m.reset_state)
+                migrate_by_table(
+                    row_group, bases, member, m.tables, m.src, m.dst, m.mask, m.keep_weights, m.block, m.composed, m.reset_state,
+                    self.use_kernels,
+                )  # fmt: skip
             if row_split:
                 exchange_rows(
                     [

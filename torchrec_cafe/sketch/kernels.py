@@ -1,6 +1,7 @@
 """The compiled CPU kernels (``torchrec_cafe._C``, built by the set-up from ``torchrec_cafe/csrc``)
 as ``torch.ops.torchrec_cafe.*`` operators: HotSketch's update and lookup here, the remap's
-(``torch.ops.torchrec_cafe.remap``) in ``torchrec_cafe/remap.py``.
+(``torch.ops.torchrec_cafe.remap``) in ``torchrec_cafe/remap.py``, a migration's row copies
+(``migrate_rows``) in ``torchrec_cafe/rows.py``.
 
 They apply an update and answer lookups serially, one hash probe per pair, on the sketch's own
 buffers and with its exact semantics: the state after every update and every lookup equals the
