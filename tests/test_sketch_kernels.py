@@ -13,7 +13,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
-from torchrec_cafe.modules.frozen import export_for_inference
+from torchrec_cafe.modules.frozen import _CONSTANTS, export_for_inference, frozen_physical_features
 from torchrec_cafe.remap import KJTRemapper
 from torchrec_cafe.sketch import HotSketch, kernels
 
@@ -153,6 +153,9 @@ def test_remap_kernel_equals_the_tensor_remap(weighted: bool, variable_batch: bo
         assert torch.equal(compiled.values(), tensor.values()) and torch.equal(compiled.lengths(), tensor.lengths())
         assert torch.equal(compiled.weights(), tensor.weights())  # composed and sketched tables pool weighted entries
         assert compiled.stride_per_key() == tensor.stride_per_key()
+        # the per-key caches arrive filled (the lookup then reads no lengths back), and right
+        per_key = [int(x.sum()) for x in tensor.lengths().split(tensor.stride_per_key())]
+        assert compiled.length_per_key_or_none() == tensor.length_per_key_or_none() == per_key
         for field in ("ids", "tables", "bag", "feature", "factor", "hot_hits"):
             assert torch.equal(getattr(compiled_context, field), getattr(tensor_context, field)), field
         if variable_batch:
@@ -188,6 +191,12 @@ def test_frozen_lookup_kernel_equals_the_tensor_lookup(weighted: bool) -> None:
         assert torch.equal(compiled, tensor)
         if not variable_batch:
             assert torch.equal(scripted(features).values(), tensor)
+        # the physical KJTs agree, and the compiled one arrives with its per-key caches filled
+        state = [getattr(served, "_" + n) for n in _CONSTANTS] + [served.owner_keys, served.owned]
+        args = (served._input_features, served._feature_names, state, weighted, served._weighted_out, served._any_varying, served._pool_seed)
+        fast, slow = frozen_physical_features(features, *args, compiled=True), frozen_physical_features(features, *args, compiled=False)
+        assert torch.equal(fast.values(), slow.values()) and torch.equal(fast.lengths(), slow.lengths())
+        assert fast.length_per_key_or_none() == slow.length_per_key()
 
 
 def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:

@@ -300,13 +300,17 @@ class KJTRemapper(nn.Module):
         with_sketch = sketch is not None and bool(self.sketched_features)
         s = sketch if sketch is not None and with_sketch else _NO_SKETCH
         w = kjt.weights_or_none()
-        values, lengths, weights, ids, tables, bag, feature, factor, hot_hits = torch.ops.torchrec_cafe.remap(
+        values, lengths, weights, ids, tables, bag, feature, factor, hot_hits, per_key = torch.ops.torchrec_cafe.remap(
             kjt.values(), kjt.lengths(), w if w is not None else torch.zeros(0), bags_per_key(kjt),
             self.sketch_table, self.num_rows, self.pool, self.block_size, self.composed, self.mean, self.mean_as_weights,
             self.static, self.weighted_out, with_sketch, self.frequency.numel(),
             *kernels.lookup_state(s), _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET,
         )  # fmt: skip
-        physical = kjt_like(kjt, kjt.keys(), values, lengths, weights if self.weighted_out else None, kjt.inverse_indices_or_none())
+        # The entries per key fill the physical KJT's per-key caches (a free read on CPU), so the
+        # lookup does not sum its lengths again.
+        physical = kjt_like(
+            kjt, kjt.keys(), values, lengths, weights if self.weighted_out else None, kjt.inverse_indices_or_none(), per_key.tolist()
+        )
         if not with_sketch:
             return physical, None
         return physical, _with_batch_layout(RemapContext(ids=ids, tables=tables, bag=bag, feature=feature, factor=factor, hot_hits=hot_hits), kjt)

@@ -33,7 +33,8 @@ inline int64_t emit(int64_t* ov, float* ow, int64_t o, int64_t id, float wt, int
 
 
 
-// Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits).
+// Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits,
+// entries per feature [F]: the physical KJT's length per key).
 // ``weights`` is an empty tensor for an unweighted input; the output weights are empty unless
 // ``weighted_out``. The context tensors are empty unless ``with_sketch``.
 std::vector<at::Tensor> cafe_remap(
@@ -87,9 +88,12 @@ std::vector<at::Tensor> cafe_remap(
   int64_t* cf = c_feat.data_ptr<int64_t>();
   float* cfa = c_factor.data_ptr<float>();
 
+  at::Tensor per_key = at::empty({F}, at::kLong);
+  int64_t* pk = per_key.data_ptr<int64_t>();
   int64_t bag = 0, j = 0, o = 0, k = 0;
   for (int64_t f = 0; f < F; ++f) {
     const bool sk = with_sketch && st[f] >= 0, two = comp[f];
+    const int64_t feature_start = o;
     for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
       const int64_t L = len[bag], start = o;
       const float inv_len = 1.0f / static_cast<float>(std::max<int64_t>(L, 1));
@@ -123,11 +127,12 @@ std::vector<at::Tensor> cafe_remap(
       }
       ol[bag] = o - start;
     }
+    pk[f] = o - feature_start;
   }
   const at::Tensor out_lengths = out_len.to(len_t.scalar_type());
   at::Tensor hot_hits = at::empty({T}, at::kFloat);
   for (int64_t t = 0; t < T; ++t) hot_hits.data_ptr<float>()[t] = hits[t] / std::max(seen[t], 1.0f);
-  return {out_values.narrow(0, 0, o), out_lengths, weighted_out ? out_weights.narrow(0, 0, o) : out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits};
+  return {out_values.narrow(0, 0, o), out_lengths, weighted_out ? out_weights.narrow(0, 0, o) : out_weights, c_ids, c_tab, c_bag, c_feat, c_factor, hot_hits, per_key};
 }
 
 
@@ -163,8 +168,11 @@ std::vector<at::Tensor> cafe_frozen_remap(
   at::Tensor out_weights = weighted_out ? at::empty({total}, at::kFloat) : at::empty({0}, at::kFloat);
   int64_t *ov = out_values.data_ptr<int64_t>(), *ol = out_len.data_ptr<int64_t>();
   float* ow = weighted_out ? out_weights.data_ptr<float>() : nullptr;
+  at::Tensor per_key = at::empty({F}, at::kLong);
+  int64_t* pk = per_key.data_ptr<int64_t>();
   int64_t bag = 0, j = 0, o = 0;
   for (int64_t f = 0; f < F; ++f) {
+    const int64_t feature_start = o;
     for (int64_t b = 0; b < bpf[f]; ++b, ++bag) {
       const int64_t L = len[bag], start = o;
       for (int64_t e = 0; e < L; ++e, ++j) {
@@ -197,10 +205,11 @@ std::vector<at::Tensor> cafe_frozen_remap(
       }
       ol[bag] = o - start;
     }
+    pk[f] = o - feature_start;
   }
   TORCH_CHECK(j == n, "lengths do not sum to the number of values");
   return {out_values.narrow(0, 0, o), out_len.to(len_t.scalar_type()),
-          weighted_out ? out_weights.narrow(0, 0, o) : out_weights};
+          weighted_out ? out_weights.narrow(0, 0, o) : out_weights, per_key};
 }
 
 // The importance rescaling of one process (modules/cafe_embedding_bag.py: _normalised_scores

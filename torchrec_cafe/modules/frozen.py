@@ -187,13 +187,14 @@ if kernels.AVAILABLE:
         weighted_out: bool, pool_seed: int,
     ) -> KeyedJaggedTensor:
         """``frozen_physical_features`` of CPU inputs in one compiled pass (features already in
-        module order)."""
+        module order), the entries per key from the same pass."""
         w = features.weights() if is_weighted else torch.zeros(0)
         out = torch.ops.torchrec_cafe.frozen_remap(
             features.values(), features.lengths(), w, bags_per_key(features), state[0], state[1], state[2], state[3], state[4], state[5],
             state[6], state[7], state[8], state[9], weighted_out, pool_seed,
         )
-        return kjt_like(features, feature_names, out[0], out[1], out[2] if weighted_out else None, features.inverse_indices_or_none())
+        per_key: List[int] = out[3].tolist()  # fills the physical KJT's per-key caches
+        return kjt_like(features, feature_names, out[0], out[1], out[2] if weighted_out else None, features.inverse_indices_or_none(), per_key)
 
 else:
 
