@@ -9,18 +9,20 @@
 
 namespace {
 
-// Rows of a float32 tensor of one or two dimensions, contiguous: (data, floats per row).
+// Rows of a contiguous float32 CPU tensor of one or two dimensions, bounds-checked.
 struct Rows {
   float* data;
-  int64_t width;
-  explicit Rows(at::Tensor& t) : data(t.data_ptr<float>()), width(t.dim() == 2 ? t.size(1) : 1) {}
-  float* row(int64_t r) const { return data + r * width; }
+  int64_t width, num_rows;
+  Rows(at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 1 && t.dim() <= 2,
+                what, " must be a contiguous float32 CPU tensor of one or two dimensions");
+    data = t.data_ptr<float>(), width = t.dim() == 2 ? t.size(1) : 1, num_rows = t.size(0);
+  }
+  float* row(int64_t r) const {
+    TORCH_CHECK(r >= 0 && r < num_rows, "a migration row lies outside its table's storage");
+    return data + r * width;
+  }
 };
-
-void check_rows(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 1 && t.dim() <= 2,
-              what, " must be a contiguous float32 CPU tensor of one or two dimensions");
-}
 
 }  // namespace
 
@@ -31,8 +33,8 @@ void cafe_migrate_rows(at::Tensor weight, std::vector<at::Tensor> states, const 
                        const at::Tensor& member, const at::Tensor& tables, const at::Tensor& src, const at::Tensor& dst,
                        const at::Tensor& mask, const at::Tensor& keep_weights, const at::Tensor& block,
                        const at::Tensor& composed, const at::Tensor& reset_state) {
-  check_rows(weight, "weight");
-  for (const at::Tensor& s : states) check_rows(s, "an optimizer state");
+  std::vector<Rows> tensors{Rows(weight, "weight")};
+  for (at::Tensor& st : states) tensors.emplace_back(st, "an optimizer state");
   TORCH_CHECK(bases.size() == states.size() + 1, "one row base per tensor");
   const at::Tensor t_t = tables.to(at::kLong).contiguous(), src_t = src.to(at::kLong).contiguous();
   const at::Tensor dst_t = dst.to(at::kLong).contiguous(), blk_t = block.to(at::kLong).contiguous();
@@ -52,24 +54,16 @@ void cafe_migrate_rows(at::Tensor weight, std::vector<at::Tensor> states, const 
     if (mk[i] && mem[tab[i]]) entries.push_back(i);
   }
   if (entries.empty()) return;
-  std::vector<Rows> tensors{Rows(weight)};
-  for (at::Tensor& st : states) tensors.emplace_back(st);
-  std::vector<int64_t> limit{weight.size(0)};
-  for (const at::Tensor& st : states) limit.push_back(st.size(0));
   for (size_t k = 0; k < tensors.size(); ++k) {
     const Rows& r = tensors[k];
     const int64_t* base = base_t[k].data_ptr<int64_t>();
     std::vector<float> staged(entries.size() * r.width);
-    auto at_row = [&](int64_t row) {
-      TORCH_CHECK(row >= 0 && row < limit[k], "a migration row lies outside its table's storage");
-      return r.row(row);
-    };
     for (size_t e = 0; e < entries.size(); ++e) {
       const int64_t i = entries[e], off = base[tab[i]];
       float* out = staged.data() + e * r.width;
-      const float* from = at_row(s[i] + off);
+      const float* from = r.row(s[i] + off);
       if (k == 0) {
-        const float* second = at_row(b2[i] + off);
+        const float* second = r.row(b2[i] + off);
         const float use = comp[i] ? 1.0f : 0.0f;
         for (int64_t c = 0; c < r.width; ++c) out[c] = (keep[i] ? from[c] : 0.0f) + use * second[c];
       } else {
@@ -78,7 +72,7 @@ void cafe_migrate_rows(at::Tensor weight, std::vector<at::Tensor> states, const 
     }
     for (size_t e = 0; e < entries.size(); ++e) {
       const int64_t i = entries[e];
-      float* to = at_row(d[i] + base[tab[i]]);
+      float* to = r.row(d[i] + base[tab[i]]);
       std::copy(staged.data() + e * r.width, staged.data() + (e + 1) * r.width, to);
     }
   }
