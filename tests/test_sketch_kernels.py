@@ -75,15 +75,19 @@ def test_kernels_equal_the_tensor_path(case: str, monkeypatch: pytest.MonkeyPatc
         _assert_same(compiled, tensor, compiled.update(ids, scores, tables), tensor.update(ids, scores, tables), f"update {step}")
         for a, b in zip(compiled.lookup(ids, tables), tensor.lookup(ids, tables)):
             assert torch.equal(a, b), f"lookup after update {step}"
+        for a, b in zip(compiled.lookup(ids), tensor.lookup(ids)):  # no tables: all in table 0
+            assert torch.equal(a, b), f"table-0 lookup after update {step}"
     assert int(tensor.promotions.sum()) > 0 and int(tensor.demotions.sum()) > 0
 
 
 def test_kernel_pool_choices_equal_the_tensor_path_for_any_pool_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernels compute a key's four pool choices without divisions (a multiply-based exact
-    remainder); lookups and promotions must pick the same rows as ``torch.remainder`` for pools of
-    one row, powers of two, primes and tens of millions of rows."""
+    """The kernels compute a key's bucket and four pool choices without divisions (multiply-based
+    exact remainders); lookups and promotions must pick the same buckets and rows as
+    ``torch.remainder`` for tables of one bucket or row, powers of two, primes and millions of
+    buckets / tens of millions of rows."""
     pools = [1, 2, 3, 64, 65_537, 1 << 20, 50_000_017]
-    compiled, tensor = _pair(monkeypatch, num_buckets=[4] * len(pools), pool_rows=pools, promote_load=0.1, demote_load=0.05)
+    buckets = [1, 2, 3, 64, 65_537, 1 << 20, 2_000_003]
+    compiled, tensor = _pair(monkeypatch, num_buckets=buckets, pool_rows=pools, promote_load=0.1, demote_load=0.05)
     rng = np.random.default_rng(11)
     for step in range(4):
         ids = torch.tensor(rng.integers(-(1 << 62), 1 << 62, 50_000))
@@ -93,6 +97,28 @@ def test_kernel_pool_choices_equal_the_tensor_path_for_any_pool_size(monkeypatch
         repeated, on = ids[:64].repeat(8), tables[:64].repeat(8)  # scores enough to promote
         _assert_same(compiled, tensor, compiled.update(repeated, torch.ones(512), on), tensor.update(repeated, torch.ones(512), on), f"update {step}")
     assert int(tensor.promotions.sum()) > 0
+
+
+@pytest.mark.parametrize("threshold", [4.0, None])
+def test_the_kernel_scans_for_demotions_after_its_state_was_written_elsewhere(
+    threshold: "float | None", monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel skips a table's demotion scan while its bar stays below a bound on its hot scores
+    that it keeps between updates. Written elsewhere (here: every score quartered in place, as a
+    load would), the bound must be dropped: the next update demotes what the tensor path demotes."""
+    compiled, tensor = _pair(monkeypatch, num_buckets=[64, 16], pool_rows=[64, 16], threshold=threshold, decay=1.0,
+                             promote_load=0.2, demote_load=0.1)
+    rng = np.random.default_rng(5)
+    def step(where: str) -> None:
+        ids, tables = torch.tensor(rng.zipf(1.3, 1024) % 500), torch.tensor(rng.integers(0, 2, 1024))
+        _assert_same(compiled, tensor, compiled.update(ids, torch.ones(1024), tables), tensor.update(ids, torch.ones(1024), tables), where)
+    for i in range(20):
+        step(f"update {i}")
+    before = int(tensor.demotions.sum())
+    for sketch in (compiled, tensor):
+        sketch.slot_scores.mul_(0.25)
+    step("after the scores were written")
+    assert int(tensor.demotions.sum()) > before  # the quartered scores really fell below the bars
 
 
 def test_kernels_equal_the_tensor_path_on_gathered_quanta(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,7 +63,8 @@ Sketch make_sketch(
   s.pool_seed_offset = pool_seed_offset;
   s.min_load = min_load;
   s.displace_ratio = displace_ratio;
-  s.pool_mod = pool_moduli(pool);
+  s.pool_mod = moduli<Modulus>(pool);
+  s.bucket_mod = moduli<Modulus64>(buckets);
   return s;
 }
 
@@ -71,7 +72,8 @@ struct Pair {
   int64_t table, key, id, quanta;
 };
 
-// Step 1: unique valid (table, key) pairs in (table, key) order, with summed quanta and smallest id.
+// Step 1: the unique (table, key) pairs with at least one valid score, with their summed quanta
+// and smallest id, in no particular order: later steps order what they need with total orders.
 std::vector<Pair> aggregate(const at::Tensor& keys, const at::Tensor& ids, const at::Tensor& quanta,
                             const at::Tensor& ok, const at::Tensor& tables) {
   const int64_t n = keys.numel();
@@ -80,31 +82,42 @@ std::vector<Pair> aggregate(const at::Tensor& keys, const at::Tensor& ids, const
   auto q = quanta.data_ptr<int64_t>();
   auto v = ok.data_ptr<bool>();
   auto t = tables.data_ptr<int64_t>();
-  // Open addressing on the packed (table, key): no sort. Later steps order what they need with
-  // total orders, so the pairs' order here does not matter.
+  // Open addressing on the packed (table, key), one 16-byte entry per slot (the packed pair and
+  // its index), each occurrence's home slot requested kAhead occurrences ahead.
+  struct Entry {
+    uint64_t packed;
+    int64_t pair;
+  };
+  constexpr uint64_t kNone = ~0ULL;  // packed values have 47 bits
+  constexpr int64_t kAhead = 8;
   size_t cap = 16;
   while (cap < 2 * static_cast<size_t>(n)) cap <<= 1;
-  constexpr uint64_t kNone = ~0ULL;  // packed values have 47 bits
-  std::vector<uint64_t> slot_key(cap, kNone);
-  std::vector<int64_t> slot_pair(cap);
+  std::vector<Entry> slots(cap, Entry{kNone, 0});
+  auto packed_at = [&](int64_t j) { return (static_cast<uint64_t>(t[j]) << 32) | static_cast<uint64_t>(k[j]); };
+  auto home = [&](uint64_t packed) { return static_cast<size_t>(finalise64(packed)) & (cap - 1); };
+  size_t ahead[kAhead];
+  for (int64_t j = 0; j < std::min(n, kAhead); ++j) ahead[j] = home(packed_at(j));
   std::vector<Pair> pairs;
   std::vector<char> valid;
   pairs.reserve(n);
   valid.reserve(n);
   for (int64_t j = 0; j < n; ++j) {
-    const uint64_t packed = (static_cast<uint64_t>(t[j]) << 32) | static_cast<uint64_t>(k[j]);
-    size_t h = static_cast<size_t>(finalise64(packed)) & (cap - 1);
-    while (slot_key[h] != kNone && slot_key[h] != packed) h = (h + 1) & (cap - 1);
-    if (slot_key[h] == kNone) {
-      slot_key[h] = packed;
-      slot_pair[h] = static_cast<int64_t>(pairs.size());
+    const uint64_t packed = packed_at(j);
+    size_t h = ahead[j % kAhead];
+    if (j + kAhead < n) {
+      ahead[j % kAhead] = home(packed_at(j + kAhead));
+      __builtin_prefetch(&slots[ahead[j % kAhead]]);
+    }
+    while (slots[h].packed != kNone && slots[h].packed != packed) h = (h + 1) & (cap - 1);
+    if (slots[h].packed == kNone) {
+      slots[h] = {packed, static_cast<int64_t>(pairs.size())};
       pairs.push_back({t[j], k[j], i[j], 0});
       valid.push_back(0);
     }
-    Pair& p = pairs[slot_pair[h]];
+    Pair& p = pairs[slots[h].pair];
     p.quanta += q[j];
     p.id = std::min(p.id, i[j]);
-    valid[slot_pair[h]] |= v[j];
+    valid[slots[h].pair] |= v[j];
   }
   size_t kept = 0;  // pairs with at least one valid score
   for (size_t x = 0; x < pairs.size(); ++x)
@@ -148,6 +161,32 @@ void insert_bucket(Sketch& s, int64_t b, const std::vector<const Pair*>& newcome
   written[index[first + r]] = low_slot;
 }
 
+// Step 7 for table t: demotes its hot slots scoring below ``bar``; returns the lowest score of the
+// hot slots left (infinity if none).
+float demote_below(Sketch& s, int64_t t, float bar, bool* freed) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float floor = kInf;
+  int64_t row4[kChoices];
+  const int64_t end = s.bucket_offset[t + 1] * s.c;
+  for (int64_t lo = s.bucket_offset[t] * s.c; lo < end; lo += 8) {
+    const int64_t hi = std::min<int64_t>(lo + 8, end);
+    int below = 0;
+    for (int64_t f = lo; f < hi; ++f) {  // branch-free over eight slots: any hot below the bar, lowest one left
+      const bool hot = s.state[f] >= 0;
+      below |= hot & (s.scores[f] < bar);
+      floor = std::min(floor, hot && s.scores[f] >= bar ? s.scores[f] : kInf);
+    }
+    if (!below) continue;
+    for (int64_t f = lo; f < hi; ++f) {
+      if (s.state[f] >= 0 && s.scores[f] < bar) {
+        s.choices(static_cast<uint32_t>(s.keys[f]), t, row4);
+        s.demote(f, row4[s.state[f]], t, freed);
+      }
+    }
+  }
+  return floor;
+}
+
 }  // namespace
 
 // One update (hot_sketch.py: HotSketch._aggregate + _update_pairs, without the step counter and
@@ -157,11 +196,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& keys, const at::Tensor& ids, const at::Tensor& quanta, const at::Tensor& ok,
     const at::Tensor& tables, at::Tensor slot_keys, at::Tensor slot_scores, at::Tensor slot_state,
     at::Tensor pool_state, at::Tensor scale, at::Tensor mass, at::Tensor mass_since_decay, at::Tensor promotions,
-    at::Tensor demotions, at::Tensor dropped_mass, const at::Tensor& bucket_offset, const at::Tensor& buckets,
-    const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold, const at::Tensor& decay,
-    const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
+    at::Tensor demotions, at::Tensor dropped_mass, at::Tensor hot_floor_t, const at::Tensor& bucket_offset,
+    const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool, const at::Tensor& threshold,
+    const at::Tensor& decay, const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
     const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
     double min_load, double displace_ratio) {
+  TORCH_CHECK(hot_floor_t.is_contiguous() && hot_floor_t.scalar_type() == at::kFloat &&
+                  hot_floor_t.numel() == scale.numel(), "hot_floor must be a contiguous float32 tensor [T]");
+  float* hot_floor = hot_floor_t.data_ptr<float>();
   Sketch s = make_sketch(slot_keys, slot_scores, slot_state, pool_state, scale, mass, mass_since_decay, promotions,
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
                          decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
@@ -274,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (won) {
       s.state[written[cand[x]]] = static_cast<int8_t>(chosen[x]);
       s.promotions[p.table] += 1;
+      hot_floor[p.table] = std::min(hot_floor[p.table], s.scores[written[cand[x]]]);
     }
     promoted_p[x] = won;
     dst_p[x] = rows[x * kChoices + std::max<int64_t>(chosen[x], 0)] - s.pool_offset[p.table];
@@ -284,31 +327,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (s.quarantine)
     for (int64_t r = 0; r < s.pool_rows; ++r)
       if (s.pool_state[r] < 0) s.pool_state[r] += 1;
-  std::vector<float> demote_bar(T);
-  for (int64_t t = 0; t < T; ++t) demote_bar[t] = s.bars(t).second;
-  int64_t row4[kChoices];
+  // Step 7 where a hot slot may score below the bar: tables whose bar has not passed the lowest
+  // hot score known (hot_floor) are skipped, exactly (scores only grow, promotions lower it).
   for (int64_t t = 0; t < T; ++t) {
-    const float bar = demote_bar[t];
-    const int64_t end = s.bucket_offset[t + 1] * s.c;
-    for (int64_t lo = s.bucket_offset[t] * s.c; lo < end; lo += 8) {
-      const int64_t hi = std::min<int64_t>(lo + 8, end);
-      if (hi - lo == 8) {  // eight slots at once, branch-free: skip them unless one is hot and below the bar
-        int below = 0;
-        for (int k = 0; k < 8; ++k) below |= (s.state[lo + k] >= 0) & (s.scores[lo + k] < bar);
-        if (!below) continue;
-      }
-      for (int64_t f = lo; f < hi; ++f) {
-        if (s.state[f] >= 0 && s.scores[f] < bar) {
-          s.choices(static_cast<uint32_t>(s.keys[f]), t, row4);
-          s.demote(f, row4[s.state[f]], t, freed);
-        }
-      }
-    }
+    const float bar = s.bars(t).second;
+    if (bar > hot_floor[t]) hot_floor[t] = demote_below(s, t, bar, freed);
   }
   // Step 8: displacement, against the owners as they stand after step 7.
   if (displace_ratio > 0 && m > 0) {
     std::vector<float> owner_score(s.pool_rows, std::numeric_limits<float>::infinity());
     std::vector<int64_t> owner_slot(s.pool_rows, -1);
+    int64_t row4[kChoices];
     for (int64_t t = 0; t < T; ++t)
       for (int64_t f = s.bucket_offset[t] * s.c; f < s.bucket_offset[t + 1] * s.c; ++f)
         if (s.state[f] >= 0) {
@@ -345,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& ids, const at::Tensor& scores, const at::Tensor& tables, at::Tensor rejected, at::Tensor slot_keys,
     at::Tensor slot_scores, at::Tensor slot_state, at::Tensor pool_state, at::Tensor scale, at::Tensor mass,
     at::Tensor mass_since_decay, at::Tensor promotions, at::Tensor demotions, at::Tensor dropped_mass,
-    const at::Tensor& bucket_offset, const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool,
+    at::Tensor hot_floor, const at::Tensor& bucket_offset, const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool,
     const at::Tensor& threshold, const at::Tensor& decay, const at::Tensor& decay_mass, const at::Tensor& promote_load,
     const at::Tensor& demote_load, const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset,
     int64_t pool_seed_offset, double min_load, double displace_ratio) {
@@ -365,27 +394,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bad[tab[j]] += good[j] ? 0 : 1;
   }
   return sketch_update(keys, id_t, quanta, ok, tab_t, slot_keys, slot_scores, slot_state, pool_state, scale, mass,
-                       mass_since_decay, promotions, demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool,
+                       mass_since_decay, promotions, demotions, dropped_mass, hot_floor, bucket_offset, buckets, pool_offset, pool,
                        threshold, decay, decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                        pool_seed_offset, min_load, displace_ratio);
 }
 
 // The pool row each (table, key) reads (hot_sketch.py: lookup_keys): (row within the table's pool,
-// hot, blocked), [N] each.
+// hot, blocked), [N] each. ``from_ids``: ``keys`` holds int64 ids, fingerprinted here
+// (hot_sketch.py: lookup), else their keys; no ``tables``: every entry is in table 0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
-    const at::Tensor& keys, const at::Tensor& tables, const at::Tensor& slot_keys, const at::Tensor& slot_state,
-    const at::Tensor& pool_state, const at::Tensor& bucket_offset, const at::Tensor& buckets,
-    const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset, int64_t pool_seed_offset) {
-  at::Tensor k = keys.contiguous(), t = tables.contiguous();
+    const at::Tensor& keys, const std::optional<at::Tensor>& tables, bool from_ids, const at::Tensor& slot_keys,
+    const at::Tensor& slot_state, const at::Tensor& pool_state, const at::Tensor& bucket_offset,
+    const at::Tensor& buckets, const at::Tensor& pool_offset, const at::Tensor& pool, int64_t bucket_seed_offset,
+    int64_t pool_seed_offset) {
+  at::Tensor k = keys.contiguous(), t = tables.has_value() ? tables->contiguous() : at::Tensor();
   const int64_t n = k.numel();
+  TORCH_CHECK(!t.defined() || t.numel() == n, "sketch_lookup: tables must have one entry per key");
   const Sketch s = lookup_view(slot_keys, slot_state, pool_state, bucket_offset, buckets, pool_offset, pool,
                                bucket_seed_offset, pool_seed_offset);
   auto row = at::empty({n}, at::kLong), hot = at::empty({n}, at::kBool), blocked = at::empty({n}, at::kBool);
-  auto kp = k.data_ptr<int64_t>(), tp = t.data_ptr<int64_t>(), rp = row.data_ptr<int64_t>();
+  const int64_t *kp = k.data_ptr<int64_t>(), *tp = t.defined() ? t.data_ptr<int64_t>() : nullptr;
+  auto rp = row.data_ptr<int64_t>();
   auto hp = hot.data_ptr<bool>(), bp = blocked.data_ptr<bool>();
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     lookup_ahead(
-        s, begin, end, [&](int64_t j, int64_t& key, int64_t& table) { key = kp[j], table = tp[j]; },
+        s, begin, end,
+        [&](int64_t j, int64_t& key, int64_t& table) {
+          key = from_ids ? fingerprint32(kp[j]) : kp[j], table = tp ? tp[j] : 0;
+        },
         [&](int64_t j, const Lookup& r) { rp[j] = r.row, hp[j] = r.hot, bp[j] = r.blocked; });
   });
   return {row, hot, blocked};
@@ -395,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sketch_lookup(
 #define SKETCH_STATE_SCHEMA                                                                                    \
   "Tensor(a!) slot_keys, Tensor(b!) slot_scores, Tensor(c!) slot_state, Tensor(d!) pool_state, "                 \
   "Tensor(e!) scale, Tensor(f!) mass, Tensor(g!) mass_since_decay, Tensor(h!) promotions, Tensor(i!) demotions, " \
-  "Tensor(j!) dropped_mass, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, "              \
+  "Tensor(j!) dropped_mass, Tensor(l!) hot_floor, Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, "              \
   "Tensor threshold, Tensor decay, Tensor decay_mass, Tensor promote_load, Tensor demote_load, Tensor fixed, "    \
   "Tensor max_promotions, int quarantine, int bucket_seed_offset, int pool_seed_offset, float min_load, float displace_ratio) "          \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
@@ -404,7 +440,7 @@ TORCH_LIBRARY(torchrec_cafe, m) {
   m.def("sketch_update(Tensor keys, Tensor ids, Tensor quanta, Tensor ok, Tensor tables, " SKETCH_STATE_SCHEMA);
   m.def("sketch_update_scores(Tensor ids, Tensor scores, Tensor tables, Tensor(k!) rejected, " SKETCH_STATE_SCHEMA);
   m.def(
-      "sketch_lookup(Tensor keys, Tensor tables, Tensor slot_keys, Tensor slot_state, Tensor pool_state, "
+      "sketch_lookup(Tensor keys, Tensor? tables, bool from_ids, Tensor slot_keys, Tensor slot_state, Tensor pool_state, "
       "Tensor bucket_offset, Tensor buckets, Tensor pool_offset, Tensor pool, int bucket_seed_offset, "
       "int pool_seed_offset) -> (Tensor, Tensor, Tensor)");
 }

@@ -59,6 +59,21 @@ struct Modulus {
   }
 };
 
+// x mod d for 64-bit x and d (the same paper's 128-bit form, exact for all of them): a key's bucket
+// is its 63-bit hash modulo its table's bucket count. d = 1 wraps the magic to 0, giving 0.
+struct Modulus64 {
+  uint64_t d = 1;
+  unsigned __int128 magic = 0;
+  Modulus64() = default;
+  explicit Modulus64(int64_t divisor)
+      : d(static_cast<uint64_t>(divisor)), magic(~static_cast<unsigned __int128>(0) / static_cast<uint64_t>(divisor) + 1) {}
+  int64_t of(uint64_t x) const {
+    const unsigned __int128 low = magic * x;
+    const unsigned __int128 bottom = (static_cast<unsigned __int128>(static_cast<uint64_t>(low)) * d) >> 64;
+    return static_cast<int64_t>((bottom + (low >> 64) * d) >> 64);
+  }
+};
+
 // The candidate rows of one key, and its bucket, computed (and their cache lines requested) ahead
 // of the probe that reads them.
 struct Pending {
@@ -66,10 +81,11 @@ struct Pending {
   int64_t rows[kChoices];
 };
 
-// Each table's pool size as a Modulus (Sketch::pool_mod).
-inline std::vector<Modulus> pool_moduli(const at::Tensor& pool) {
-  const at::Tensor p = pool.contiguous();
-  std::vector<Modulus> out;
+// Each table's size (pool rows, buckets) as a Modulus or Modulus64 (Sketch::pool_mod, bucket_mod).
+template <typename M>
+inline std::vector<M> moduli(const at::Tensor& sizes) {
+  const at::Tensor p = sizes.contiguous();
+  std::vector<M> out;
   out.reserve(p.numel());
   for (int64_t t = 0; t < p.numel(); ++t) out.emplace_back(p.data_ptr<int64_t>()[t]);
   return out;
@@ -104,14 +120,15 @@ struct Sketch {
   const double* demote_load;
   const bool* fixed;
   const int64_t* max_promotions;  // per table, 0: no cap
-  std::vector<Modulus> pool_mod;  // per table: pool[t] as a Modulus (pool_moduli)
+  std::vector<Modulus> pool_mod;  // per table: pool[t] as a Modulus (moduli)
+  std::vector<Modulus64> bucket_mod;  // per table: buckets[t] as a Modulus64
   int64_t num_tables, num_buckets, c, pool_rows;
   int64_t quarantine, bucket_seed_offset, pool_seed_offset;
   double min_load, displace_ratio;
 
   int64_t bucket_of(int64_t key, int64_t t) const {
     uint64_t z = static_cast<uint64_t>(key) + static_cast<uint64_t>(bucket_seed_offset);
-    return bucket_offset[t] + finalise64(z) % buckets[t];
+    return bucket_offset[t] + bucket_mod[t].of(static_cast<uint64_t>(finalise64(z)));
   }
   // The two 32-bit hashes of a key's choices: h1 = the low half of its 63-bit hash, h2 = the high
   // half made odd.
@@ -247,7 +264,8 @@ inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_st
   s.c = slot_keys.size(1);
   s.bucket_seed_offset = bucket_seed_offset;
   s.pool_seed_offset = pool_seed_offset;
-  s.pool_mod = pool_moduli(pool);
+  s.pool_mod = moduli<Modulus>(pool);
+  s.bucket_mod = moduli<Modulus64>(buckets);
   return s;
 }
 

@@ -314,6 +314,9 @@ class HotSketch(nn.Module):
         )
         # Host mirror of ``step`` so the renormalisation schedule needs no sync; restored on load.
         self._host_step = 0
+        # Not state: the update kernel's lower bound on each table's hot scores (demotion_floor).
+        self._hot_floor = torch.full((t,), -math.inf, dtype=torch.float32)
+        self._floor_token: Optional[Tuple[Tuple[int, int], ...]] = None
         self.register_load_state_dict_post_hook(_sync_host_step_after_load)
 
     @staticmethod
@@ -390,6 +393,10 @@ class HotSketch(nn.Module):
         """The pool row each id reads: (row within its table's pool [N] int64, hot [N] bool,
         blocked [N] bool). A hot id reads the row it owns; a cold one its first choice no hot id
         owns, or (``blocked``) its first choice when every choice is owned."""
+        if self.kernels_apply():  # the fingerprints in the kernel: a dozen tensor ops fewer
+            ids = ids.to(self.slot_keys.device, torch.int64)
+            tables = None if tables is None else self._tables_like(ids, tables)
+            return kernels.lookup(self, ids, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, from_ids=True)
         return self.lookup_keys(fingerprint32(ids), self._tables_like(ids, tables))
 
     def lookup_keys(self, keys: torch.Tensor, tables: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -491,9 +498,29 @@ class HotSketch(nn.Module):
         """Steps 1-8 of aggregated quanta in the compiled kernel."""
         return self._after_kernel(kernels.update(self, keys, ids, quanta, ok, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD))
 
+    def demotion_floor(self) -> torch.Tensor:
+        """For the update kernel: per table a lower bound on its hot slots' stored scores, float32
+        [T] (updated in place by the kernel). An update skips the demotion scan of a table whose bar
+        has not passed it: exact, as hot scores only grow and promotions lower the bound. It is
+        -inf (scan) unless the scores, states, scales and masses are the same tensors, untouched
+        (version counters), since the kernel update that set it: a tensor-path update, a load, a
+        renormalisation or a device move all invalidate it."""
+        if self._floor_token != self._state_token():
+            self._hot_floor.fill_(-math.inf)
+        return self._hot_floor
+
+    def _floor_bounds(self) -> Tuple[torch.Tensor, ...]:
+        return self.slot_scores, self.slot_state, self.scale, self.mass
+
+    def _state_token(self) -> Tuple[Tuple[int, int], ...]:
+        return tuple((b.data_ptr(), b._version) for b in self._floor_bounds())
+
     def _after_kernel(self, out: kernels.Update) -> SketchUpdate:
         """The kernel's outputs as a SketchUpdate, then the step counter and renormalisation."""
         tab, uid, src, blocked, dst, promoted, demoted, accepted = out
+        for b in self._floor_bounds():  # custom operators leave version counters alone
+            torch.autograd.graph.increment_version(b)
+        self._floor_token = self._state_token()  # what the kernel left; renormalising changes it
         self.step += 1
         self._maybe_renormalise()
         return SketchUpdate(tab, uid, src, blocked, dst, promoted, demoted, accepted.sum())

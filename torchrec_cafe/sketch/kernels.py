@@ -10,7 +10,7 @@ displacement, many tables). ``HotSketch`` uses them on CPU unless ``fixed_shapes
 ``use_kernels`` is off; the tensor code stays the reference and the path on other devices.
 """
 
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
@@ -39,7 +39,7 @@ def _update_state(sketch: "HotSketch", bucket_seed_offset: int, pool_seed_offset
     s = sketch
     return [
         s.slot_keys, s.slot_scores, s.slot_state, s.pool_state, s.scale, s.mass, s.mass_since_decay,
-        s.promotions, s.demotions, s.dropped_mass,
+        s.promotions, s.demotions, s.dropped_mass, s.demotion_floor(),
         s._bucket_offset, s._buckets, s._pool_offset, s._pool, s._threshold, s._decay, s._decay_mass,
         s._promote_load, s._demote_load, s._fixed, s._max_promotions,
         s.quarantine, bucket_seed_offset, pool_seed_offset, min_load, s.displace_ratio,
@@ -68,7 +68,12 @@ def update_scores(
 
 
 def lookup(
-    sketch: "HotSketch", keys: torch.Tensor, tables: torch.Tensor, bucket_seed_offset: int, pool_seed_offset: int
+    sketch: "HotSketch", keys: torch.Tensor, tables: Optional[torch.Tensor], bucket_seed_offset: int,
+    pool_seed_offset: int, from_ids: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``HotSketch.lookup_keys``: (row within the table's pool, hot, blocked), [N] each."""
-    return torch.ops.torchrec_cafe.sketch_lookup(keys, tables, *lookup_state(sketch), bucket_seed_offset, pool_seed_offset)
+    """``HotSketch.lookup_keys`` (``from_ids``: ``HotSketch.lookup``, ``keys`` holding int64 ids, the
+    fingerprints taken in the kernel): (row within the table's pool, hot, blocked), [N] each.
+    ``tables`` None: every key in table 0."""
+    return torch.ops.torchrec_cafe.sketch_lookup(
+        keys, tables, from_ids, *lookup_state(sketch), bucket_seed_offset, pool_seed_offset
+    )
