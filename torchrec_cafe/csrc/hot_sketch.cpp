@@ -231,16 +231,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       newcomer.push_back(j);
     }
   }
-  // Step 3: per bucket, in (quanta desc, key asc) order.
-  std::sort(newcomer.begin(), newcomer.end(), [&](int64_t a, int64_t b) {
-    if (bucket[a] != bucket[b]) return bucket[a] < bucket[b];
-    if (pairs[a].quanta != pairs[b].quanta) return pairs[a].quanta > pairs[b].quanta;
-    return pairs[a].key < pairs[b].key;
-  });
+  // Step 3: per bucket, in (quanta desc, key asc) order (sorted by value: no indirection).
+  {
+    struct Order {
+      int64_t bucket, quanta, key, pair;
+      bool operator<(const Order& o) const {
+        if (bucket != o.bucket) return bucket < o.bucket;
+        if (quanta != o.quanta) return quanta > o.quanta;
+        return key < o.key;
+      }
+    };
+    std::vector<Order> order(newcomer.size());
+    for (size_t x = 0; x < newcomer.size(); ++x) {
+      const int64_t j = newcomer[x];
+      order[x] = {bucket[j], pairs[j].quanta, pairs[j].key, j};
+    }
+    std::sort(order.begin(), order.end());
+    for (size_t x = 0; x < newcomer.size(); ++x) newcomer[x] = order[x].pair;
+  }
   std::vector<int64_t> lost(T, 0);
+  std::vector<const Pair*> group;
   for (size_t a = 0; a < newcomer.size();) {
     size_t b = a;
-    std::vector<const Pair*> group;
+    group.clear();
     for (; b < newcomer.size() && bucket[newcomer[b]] == bucket[newcomer[a]]; ++b) group.push_back(&pairs[newcomer[b]]);
     insert_bucket(s, bucket[newcomer[a]], group, written, newcomer, static_cast<int64_t>(a), lost);
     a = b;
@@ -260,13 +273,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   // Step 5: candidates in (table, guaranteed desc, key) order claim rows in rounds.
   std::vector<int64_t> cand;
-  std::vector<float> g(n, 0.0f);
+  std::vector<float> g(n, 0.0f), promote_bar(T);
+  for (int64_t t = 0; t < T; ++t) promote_bar[t] = s.bars(t).first;
   for (int64_t j = 0; j < n; ++j) {
     if (j + kAhead < n && written[j + kAhead] >= 0) s.prefetch(written[j + kAhead]);  // step 2's slots, long evicted
     int64_t f = written[j];
     if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
     g[j] = s.guaranteed(f);
-    if (g[j] >= s.bars(pairs[j].table).first) cand.push_back(j);
+    if (g[j] >= promote_bar[pairs[j].table]) cand.push_back(j);
   }
   std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
     if (pairs[a].table != pairs[b].table) return pairs[a].table < pairs[b].table;

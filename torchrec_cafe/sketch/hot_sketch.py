@@ -73,7 +73,7 @@ renormalised rarely, in one scan, before they overflow.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -505,21 +505,27 @@ class HotSketch(nn.Module):
         -inf (scan) unless the scores, states, scales and masses are the same tensors, untouched
         (version counters), since the kernel update that set it: a tensor-path update, a load, a
         renormalisation or a device move all invalidate it."""
-        if self._floor_token != self._state_token():
+        token = self._state_token()
+        if token is None or token != self._floor_token:
             self._hot_floor.fill_(-math.inf)
         return self._hot_floor
 
     def _floor_bounds(self) -> Tuple[torch.Tensor, ...]:
-        return self.slot_scores, self.slot_state, self.scale, self.mass
+        b = self._buffers  # not the attributes: four module attribute lookups cost ~4 us
+        return tuple(cast(torch.Tensor, b[n]) for n in ("slot_scores", "slot_state", "scale", "mass"))
 
-    def _state_token(self) -> Tuple[Tuple[int, int], ...]:
-        return tuple((b.data_ptr(), b._version) for b in self._floor_bounds())
+    def _state_token(self) -> Optional[Tuple[Tuple[int, int], ...]]:
+        """What the floor bounds are and which version of them; None for inference tensors (no
+        version counters): no floor then."""
+        bounds = self._floor_bounds()
+        if any(b.is_inference() for b in bounds):
+            return None
+        return tuple((b.data_ptr(), b._version) for b in bounds)
 
     def _after_kernel(self, out: kernels.Update) -> SketchUpdate:
         """The kernel's outputs as a SketchUpdate, then the step counter and renormalisation."""
         tab, uid, src, blocked, dst, promoted, demoted, accepted = out
-        for b in self._floor_bounds():  # custom operators leave version counters alone
-            torch.autograd.graph.increment_version(b)
+        torch.autograd.graph.increment_version(self._floor_bounds())  # custom operators leave them alone
         self._floor_token = self._state_token()  # what the kernel left; renormalising changes it
         self.step += 1
         self._maybe_renormalise()
