@@ -195,6 +195,27 @@ def test_remap_kernel_equals_the_tensor_remap(weighted: bool, variable_batch: bo
     assert stats["t0"]["hot_ids"] > 0 and stats["t1"]["hot_ids"] > 0 and "t2" not in stats
 
 
+def test_remap_kernel_equals_the_tensor_remap_for_huge_tables_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block rows (id mod N) / block size and hashed rows id mod N are computed by multiplications
+    in the kernel: they must equal the tensor remap's for tables of 2**40 and 10**12 + 39 rows
+    (block sizes near 2**33) and ids over the whole int64 range, negative ones included."""
+    tables = [
+        EmbeddingBagConfig(name="huge", embedding_dim=8, num_embeddings=1 << 40, feature_names=["a"]),
+        EmbeddingBagConfig(name="odd", embedding_dim=8, num_embeddings=10**12 + 39, feature_names=["b"]),
+    ]
+    cafe = {"huge": CafeConfig(compression_ratio=2.0**31), "odd": CafeConfig(compression_ratio=2.0**31, cold_rows="hashed")}
+    module = CafeEmbeddingBagCollection(tables, cafe=cafe)
+    rng = np.random.default_rng(7)
+    ids = np.r_[rng.integers(-(1 << 63), (1 << 63) - 1, 4000, dtype=np.int64), [-(1 << 63), (1 << 63) - 1, -1, 0, (1 << 40) - 1]]
+    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor(np.r_[ids, ids]), lengths=torch.ones(2 * ids.size, dtype=torch.int64))
+    features = module._prepare(kjt, True)[0]
+    out = {}
+    for use in (True, False):
+        monkeypatch.setattr(KJTRemapper, "use_kernels", use)
+        out[use] = module.remapper(features, module.sketch)[0]
+    assert torch.equal(out[True].values(), out[False].values()) and torch.equal(out[True].lengths(), out[False].lengths())
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_frozen_lookup_kernel_equals_the_tensor_lookup(weighted: bool) -> None:
     """The served module's compiled lookup gives the tensor lookup's outputs, eager (fixed and

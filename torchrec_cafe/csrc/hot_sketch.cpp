@@ -6,9 +6,11 @@
 // and the path on other devices; tests compare both after every update.
 //
 // Orderings the tensor code gets from stable sorts, here total orders on unique pairs (aggregated
-// with a hash table, in no particular order):
+// with a hash table, then visited bucket by bucket in address order):
 //   newcomers   per bucket by (quanta desc, key asc);
 //   candidates  by (table asc, guaranteed stored score desc, key asc).
+// Where the tensor code scans every slot for demotions, the kernel skips tables whose bar has not
+// passed a lower bound on their hot scores (HotSketch.demotion_floor).
 
 #include <torch/extension.h>
 
@@ -126,39 +128,124 @@ std::vector<Pair> aggregate(const at::Tensor& keys, const at::Tensor& ids, const
   return pairs;
 }
 
-// Step 3 for one bucket's newcomers (in (quanta desc, key asc) order): returns the slot each was
-// written to, -1 if none.
-void insert_bucket(Sketch& s, int64_t b, const std::vector<const Pair*>& newcomers, std::vector<int64_t>& written,
-                   const std::vector<int64_t>& index, int64_t first, std::vector<int64_t>& lost) {
+// Step 3 for one bucket's newcomers (pair positions, in (quanta desc, key asc) order): sets the
+// slot each was written to (``written``, -1 if none) and counts the quanta a full bucket lost.
+void insert_bucket(Sketch& s, int64_t b, const std::vector<Pair>& pairs, const std::vector<int64_t>& newcomers,
+                   std::vector<int64_t>& written, std::vector<int64_t>& lost) {
   const int64_t c = s.c;
   size_t r = 0;
   for (int64_t j = 0; j < c && r < newcomers.size(); ++j) {
     int64_t f = b * c + j;
     if (s.state[f] != kEmpty) continue;
-    const Pair* p = newcomers[r];
-    s.keys[f] = as_int32_bits(p->key);
-    s.scores[f] = s.to_stored(p->quanta, p->table);
+    const Pair& p = pairs[newcomers[r]];
+    s.keys[f] = as_int32_bits(p.key);
+    s.scores[f] = s.to_stored(p.quanta, p.table);
     s.state[f] = kCold;
-    written[index[first + r]] = f;
+    written[newcomers[r]] = f;
     ++r;
   }
   if (r == newcomers.size()) return;
-  const Pair* winner = newcomers[r];
+  const Pair& winner = pairs[newcomers[r]];
   int64_t rest = 0;
-  for (size_t x = r; x < newcomers.size(); ++x) rest += newcomers[x]->quanta;
+  for (size_t x = r; x < newcomers.size(); ++x) rest += pairs[newcomers[x]].quanta;
   int64_t low_slot = -1;
   for (int64_t j = 0; j < c; ++j) {
     int64_t f = b * c + j;
     if (s.state[f] == kCold && (low_slot < 0 || s.scores[f] < s.scores[low_slot])) low_slot = f;
   }
   if (low_slot < 0) {
-    lost[winner->table] += rest;
+    lost[winner.table] += rest;
     return;
   }
-  s.keys[low_slot] = as_int32_bits(winner->key);
-  s.scores[low_slot] = s.scores[low_slot] + s.to_stored(rest, winner->table);
+  s.keys[low_slot] = as_int32_bits(winner.key);
+  s.scores[low_slot] = s.scores[low_slot] + s.to_stored(rest, winner.table);
   s.state[low_slot] = kCold;
-  written[index[first + r]] = low_slot;
+  written[newcomers[r]] = low_slot;
+}
+
+// Step 4 (mass and decay) depends only on the accepted mass: computed before steps 2 and 3, so
+// that their pass can test step 5's candidates against the new bars, and written after them
+// (they store scores in the old scale).
+struct MassStep {
+  std::vector<double> mass, since, scale;
+  std::vector<float> promote_bar;
+  at::Tensor accepted;  // real mass accepted per table [T] float64
+};
+MassStep mass_step(const Sketch& s, const std::vector<Pair>& pairs) {
+  const int64_t T = s.num_tables;
+  std::vector<int64_t> accepted_q(T, 0);
+  for (const Pair& p : pairs) accepted_q[p.table] += p.quanta;
+  MassStep m{std::vector<double>(T), std::vector<double>(T), std::vector<double>(T), std::vector<float>(T),
+             at::empty({T}, at::kDouble)};
+  double* acc = m.accepted.data_ptr<double>();
+  for (int64_t t = 0; t < T; ++t) {
+    acc[t] = static_cast<double>(accepted_q[t]) / kQuantum;
+    m.mass[t] = s.mass[t] + acc[t] * s.scale[t];
+    m.since[t] = s.mass_since_decay[t] + acc[t];
+    m.scale[t] = s.scale[t];
+    if (m.since[t] > s.decay_mass[t]) {
+      m.scale[t] = s.scale[t] / s.decay[t];
+      m.since[t] = 0.0;
+    }
+    m.promote_bar[t] = s.bars_at(t, m.mass[t], m.scale[t]).first;
+  }
+  return m;
+}
+
+// Steps 2, 3 and 5's test, bucket by bucket in address order, so that each bucket's lines are read
+// once: tracked keys add their score, newcomers are inserted in (quanta desc, key asc) order, then
+// the bucket's keys of this update still there and cold whose guaranteed score reaches the bar
+// become candidates (``cand``, their guaranteed scores in ``g``). Buckets are independent, so this
+// is the order-free definition's result. Reorders ``pairs`` by bucket; ``written``, ``g`` [n].
+void bucket_pass(Sketch& s, std::vector<Pair>& pairs, const std::vector<float>& promote_bar,
+                 std::vector<int64_t>& written, std::vector<float>& g, std::vector<int64_t>& cand,
+                 std::vector<int64_t>& lost) {
+  const int64_t n = static_cast<int64_t>(pairs.size());
+  std::vector<int64_t> bucket(n), newcomers;
+  for (int64_t j = 0; j < n; ++j) bucket[j] = s.bucket_of(pairs[j].key, pairs[j].table);
+  {  // the pairs themselves in bucket order: the pass reads them in sequence
+    std::vector<uint64_t> order(n);
+    for (int64_t j = 0; j < n; ++j) order[j] = (static_cast<uint64_t>(bucket[j]) << 32) | static_cast<uint64_t>(j);
+    sort_by_bucket(order, s.num_buckets);
+    std::vector<Pair> sorted(n);
+    std::vector<int64_t> sorted_bucket(n);
+    for (int64_t x = 0; x < n; ++x) {
+      const int64_t j = static_cast<int64_t>(order[x] & 0xFFFFFFFFULL);
+      sorted[x] = pairs[j], sorted_bucket[x] = bucket[j];
+    }
+    pairs.swap(sorted);
+    bucket.swap(sorted_bucket);
+  }
+  constexpr int64_t kAhead = 16;  // the next buckets' lines requested while probing
+  for (int64_t a = 0; a < n;) {
+    const int64_t b = bucket[a];
+    int64_t e = a;
+    newcomers.clear();
+    for (; e < n && bucket[e] == b; ++e) {
+      if (e + kAhead < n) s.prefetch(bucket[e + kAhead] * s.c);
+      const int64_t f = s.probe(pairs[e].key, b);
+      if (f >= 0) {
+        s.scores[f] = s.scores[f] + s.to_stored(pairs[e].quanta, pairs[e].table);
+        written[e] = f;
+      } else {
+        newcomers.push_back(e);
+      }
+    }
+    if (!newcomers.empty()) {
+      std::sort(newcomers.begin(), newcomers.end(), [&](int64_t x, int64_t y) {
+        if (pairs[x].quanta != pairs[y].quanta) return pairs[x].quanta > pairs[y].quanta;
+        return pairs[x].key < pairs[y].key;
+      });
+      insert_bucket(s, b, pairs, newcomers, written, lost);
+    }
+    for (int64_t j = a; j < e; ++j) {
+      const int64_t f = written[j];
+      if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
+      g[j] = s.guaranteed(f);
+      if (g[j] >= promote_bar[pairs[j].table]) cand.push_back(j);
+    }
+    a = e;
+  }
 }
 
 // Step 7 for table t: demotes its hot slots scoring below ``bar``; returns the lowest score of the
@@ -213,75 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                       tables.contiguous());
   const int64_t n = static_cast<int64_t>(pairs.size());
 
-  // Step 2: tracked keys add their score; the others are newcomers.
-  std::vector<int64_t> written(n, -1), bucket(n);
-  std::vector<int64_t> newcomer;  // pair positions
-  std::vector<int64_t> accepted_q(T, 0);
-  for (int64_t j = 0; j < n; ++j) bucket[j] = s.bucket_of(pairs[j].key, pairs[j].table);
-  constexpr int64_t kAhead = 16;  // buckets are random: fetch the next ones' lines while probing
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n) s.prefetch(bucket[j + kAhead] * s.c);
-    const Pair& p = pairs[j];
-    accepted_q[p.table] += p.quanta;
-    int64_t f = s.probe(p.key, bucket[j]);
-    if (f >= 0) {
-      s.scores[f] = s.scores[f] + s.to_stored(p.quanta, p.table);
-      written[j] = f;
-    } else {
-      newcomer.push_back(j);
-    }
-  }
-  // Step 3: per bucket, in (quanta desc, key asc) order (sorted by value: no indirection).
-  {
-    struct Order {
-      int64_t bucket, quanta, key, pair;
-      bool operator<(const Order& o) const {
-        if (bucket != o.bucket) return bucket < o.bucket;
-        if (quanta != o.quanta) return quanta > o.quanta;
-        return key < o.key;
-      }
-    };
-    std::vector<Order> order(newcomer.size());
-    for (size_t x = 0; x < newcomer.size(); ++x) {
-      const int64_t j = newcomer[x];
-      order[x] = {bucket[j], pairs[j].quanta, pairs[j].key, j};
-    }
-    std::sort(order.begin(), order.end());
-    for (size_t x = 0; x < newcomer.size(); ++x) newcomer[x] = order[x].pair;
-  }
-  std::vector<int64_t> lost(T, 0);
-  std::vector<const Pair*> group;
-  for (size_t a = 0; a < newcomer.size();) {
-    size_t b = a;
-    group.clear();
-    for (; b < newcomer.size() && bucket[newcomer[b]] == bucket[newcomer[a]]; ++b) group.push_back(&pairs[newcomer[b]]);
-    insert_bucket(s, bucket[newcomer[a]], group, written, newcomer, static_cast<int64_t>(a), lost);
-    a = b;
-  }
-  // Step 4: mass and decay.
-  auto accepted = at::empty({T}, at::kDouble);
-  double* acc = accepted.data_ptr<double>();
+  MassStep step4 = mass_step(s, pairs);
+  std::vector<int64_t> written(n, -1), lost(T, 0), cand;
+  std::vector<float> g(n, 0.0f);
+  bucket_pass(s, pairs, step4.promote_bar, written, g, cand, lost);
   for (int64_t t = 0; t < T; ++t) {
     s.dropped_mass[t] += static_cast<double>(lost[t]) / kQuantum;
-    acc[t] = static_cast<double>(accepted_q[t]) / kQuantum;
-    s.mass[t] += acc[t] * s.scale[t];
-    s.mass_since_decay[t] += acc[t];
-    if (s.mass_since_decay[t] > s.decay_mass[t]) {
-      s.scale[t] = s.scale[t] / s.decay[t];
-      s.mass_since_decay[t] = 0.0;
-    }
+    s.mass[t] = step4.mass[t], s.mass_since_decay[t] = step4.since[t], s.scale[t] = step4.scale[t];
   }
+  at::Tensor accepted = step4.accepted;
   // Step 5: candidates in (table, guaranteed desc, key) order claim rows in rounds.
-  std::vector<int64_t> cand;
-  std::vector<float> g(n, 0.0f), promote_bar(T);
-  for (int64_t t = 0; t < T; ++t) promote_bar[t] = s.bars(t).first;
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && written[j + kAhead] >= 0) s.prefetch(written[j + kAhead]);  // step 2's slots, long evicted
-    int64_t f = written[j];
-    if (f < 0 || s.keys[f] != as_int32_bits(pairs[j].key) || s.state[f] != kCold) continue;
-    g[j] = s.guaranteed(f);
-    if (g[j] >= promote_bar[pairs[j].table]) cand.push_back(j);
-  }
   std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
     if (pairs[a].table != pairs[b].table) return pairs[a].table < pairs[b].table;
     if (g[a] != g[b]) return g[a] > g[b];

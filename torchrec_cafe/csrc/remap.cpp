@@ -13,25 +13,40 @@
 
 #include "sketch_common.h"
 
+// A feature's block rows: P + (id mod N) / block size, the remainder Python's (sign of N) and both
+// divisions by multiplications (Modulus64, Divider64) for non-negative ids.
+struct BlockRows {
+  int64_t pool, num_rows;
+  Modulus64 rows;
+  Divider64 block;
+  BlockRows(int64_t pool_rows, int64_t n, int64_t block_size) : pool(pool_rows), num_rows(n), rows(n), block(block_size) {}
+  int64_t remainder(int64_t id) const { return id >= 0 ? rows.of(static_cast<uint64_t>(id)) : py_remainder(id, num_rows); }
+  int64_t of(int64_t id) const { return pool + static_cast<int64_t>(block.of(static_cast<uint64_t>(remainder(id)))); }
+};
+inline std::vector<BlockRows> block_rows(int64_t F, const int64_t* pool, const int64_t* num_rows, const int64_t* block_size) {
+  std::vector<BlockRows> out;
+  out.reserve(F);
+  for (int64_t f = 0; f < F; ++f) out.emplace_back(pool[f], std::max<int64_t>(num_rows[f], 1), std::max<int64_t>(block_size[f], 1));
+  return out;
+}
+
 // Writes the entries one ID reads at output position o, in order — its pool row (``reads_pool``),
-// then its block row P + (id mod N) / block size (``reads_block``), each with weight ``wt`` when
-// the output is weighted — and returns the next position. Shared by the training and serving remaps.
+// then its block row (``reads_block``), each with weight ``wt`` when the output is weighted — and
+// returns the next position. Shared by the training and serving remaps.
 inline int64_t emit(int64_t* ov, float* ow, int64_t o, int64_t id, float wt, int64_t row, bool reads_pool,
-                    bool reads_block, int64_t pool, int64_t num_rows, int64_t block_size) {
+                    bool reads_block, const BlockRows& blocks) {
   if (reads_pool) {
     ov[o] = row;
     if (ow) ow[o] = wt;
     ++o;
   }
   if (reads_block) {
-    ov[o] = pool + py_remainder(id, num_rows) / block_size;
+    ov[o] = blocks.of(id);
     if (ow) ow[o] = wt;
     ++o;
   }
   return o;
 }
-
-
 
 // Returns (values, lengths, weights or empty, context ids, tables, bag, feature, factor, hot_hits,
 // entries per feature [F]: the physical KJT's length per key).
@@ -55,6 +70,7 @@ std::vector<at::Tensor> cafe_remap(
   const float* w = has_weights ? weights.data_ptr<float>() : nullptr;
   const int64_t *st = sketch_table.data_ptr<int64_t>(), *nr = num_rows.data_ptr<int64_t>(), *pl = pool.data_ptr<int64_t>();
   const int64_t *bs = block_size.data_ptr<int64_t>(), *bpf = bags_per_feature.data_ptr<int64_t>();
+  const std::vector<BlockRows> blocks = block_rows(F, pl, nr, bs);
   const bool *comp = composed.data_ptr<bool>(), *mn = mean.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
   const bool* stat = is_static.data_ptr<bool>();
 
@@ -112,18 +128,16 @@ std::vector<at::Tensor> cafe_remap(
           ci[k] = x, ct[k] = t, cb[k] = bag, cf[k] = f, cfa[k] = mn[f] ? a * inv_len : a;
           ++k;
         } else if (stat[f]) {
-          int64_t rows[kChoices];
-          Sketch::choices_in(fingerprint32(x), pl[f], pool_seed_offset, rows);
-          row = rows[0];
+          row = Sketch::first_choice(fingerprint32(x), pl[f], pool_seed_offset);
         } else {
-          row = py_remainder(x, nr[f]);
+          row = blocks[f].remainder(x);
         }
         float wt = 0.0f;
         if (weighted_out) {
           const float base = w ? w[j] : 1.0f;
           wt = maw[f] ? base * inv_len : base;
         }
-        o = emit(ov, ow, o, x, wt, row, code != 2, two && code != 1, pl[f], nr[f], bs[f]);
+        o = emit(ov, ow, o, x, wt, row, code != 2, two && code != 1, blocks[f]);
       }
       ol[bag] = o - start;
     }
@@ -153,6 +167,7 @@ std::vector<at::Tensor> cafe_frozen_remap(
   const int64_t *bpf = bags_per_feature.data_ptr<int64_t>(), *nr = num_rows.data_ptr<int64_t>();
   const int64_t *st = sketch_table.data_ptr<int64_t>(), *pl = pool.data_ptr<int64_t>();
   const int64_t *po = pool_offset.data_ptr<int64_t>(), *bs = block_size.data_ptr<int64_t>();
+  const std::vector<BlockRows> blocks = block_rows(F, pl, nr, bs);
   const bool *cmp = compressed.data_ptr<bool>(), *two = composed.data_ptr<bool>(), *maw = mean_as_weights.data_ptr<bool>();
   const int32_t* okeys = owner_keys.data_ptr<int32_t>();
   const int8_t* own = owned.data_ptr<int8_t>();
@@ -194,14 +209,14 @@ std::vector<at::Tensor> cafe_frozen_remap(
           blocked = first_free < 0 && !hot;
           row = rows[hot ? first_mine : std::max(first_free, 0)];
         } else {
-          row = py_remainder(x, nr[f]);
+          row = blocks[f].remainder(x);
         }
         float wt = 1.0f;
         if (weighted_out) {
           wt = w ? w[j] : 1.0f;
           if (maw[f]) wt = wt / static_cast<float>(std::max<int64_t>(L, 1));
         }
-        o = emit(ov, ow, o, x, wt, row, !blocked, two[f] && !hot, pl[f], nr[f], bs[f]);
+        o = emit(ov, ow, o, x, wt, row, !blocked, two[f] && !hot, blocks[f]);
       }
       ol[bag] = o - start;
     }

@@ -74,6 +74,19 @@ struct Modulus64 {
   }
 };
 
+// floor(x / d) for 64-bit x and d >= 1 (the same paper's 128-bit form, exact for all of them).
+struct Divider64 {
+  unsigned __int128 magic = 0;  // 0: d = 1
+  Divider64() = default;
+  explicit Divider64(int64_t divisor)
+      : magic(divisor > 1 ? ~static_cast<unsigned __int128>(0) / static_cast<uint64_t>(divisor) + 1 : 0) {}
+  uint64_t of(uint64_t x) const {
+    if (magic == 0) return x;
+    const unsigned __int128 bottom = (static_cast<unsigned __int128>(static_cast<uint64_t>(magic)) * x) >> 64;
+    return static_cast<uint64_t>((bottom + (magic >> 64) * x) >> 64);
+  }
+};
+
 // The candidate rows of one key, and its bucket, computed (and their cache lines requested) ahead
 // of the probe that reads them.
 struct Pending {
@@ -158,10 +171,17 @@ struct Sketch {
   static void steps_from(int64_t r, int64_t step, int64_t P, int64_t* rows) {
     rows[0] = r;
     for (int p = 1; p < kChoices; ++p) {
-      r += step;
-      if (r >= P) r -= P;
+      // r + step - P when that is not negative, branch-free (r, step < P: unsigned wrap-around)
+      const uint64_t sum = static_cast<uint64_t>(r + step);
+      r = static_cast<int64_t>(std::min(sum, sum - static_cast<uint64_t>(P)));
       rows[p] = r;
     }
+  }
+  // The first of choices_in's rows alone.
+  static int64_t first_choice(int64_t key, int64_t P, int64_t seed_offset) {
+    uint32_t h1, h2;
+    choice_hashes(key, seed_offset, h1, h2);
+    return P <= 0xFFFFFFFFLL ? static_cast<int64_t>(h1 % static_cast<uint32_t>(P)) : static_cast<int64_t>(h1);
   }
   // Global pool row of each of the key's choices (pool_choices + the table's pool offset).
   void choices(int64_t key, int64_t t, int64_t* rows) const {
@@ -216,12 +236,14 @@ struct Sketch {
     return static_cast<float>(static_cast<double>(q) / kQuantum * scale[t]);
   }
   // (promotion bar, demotion bar) of table t in stored units (hot_sketch.py: bars).
-  std::pair<float, float> bars(int64_t t) const {
+  std::pair<float, float> bars(int64_t t) const { return bars_at(t, mass[t], scale[t]); }
+  // The bars table t would have at this mass and scale.
+  std::pair<float, float> bars_at(int64_t t, double mass_t, double scale_t) const {
     if (fixed[t]) {
-      float f = static_cast<float>(threshold[t] * scale[t]);
+      float f = static_cast<float>(threshold[t] * scale_t);
       return {f, f};
     }
-    double load = std::max(mass[t] / static_cast<double>(pool[t]), min_load * scale[t]);
+    double load = std::max(mass_t / static_cast<double>(pool[t]), min_load * scale_t);
     return {static_cast<float>(promote_load[t] * load), static_cast<float>(demote_load[t] * load)};
   }
   // Score minus the lowest other score of the bucket (0 if the bucket has an empty slot).
@@ -262,6 +284,7 @@ inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_st
   s.pool_offset = pool_offset.data_ptr<int64_t>();
   s.pool = pool.data_ptr<int64_t>();
   s.c = slot_keys.size(1);
+  s.num_buckets = slot_keys.size(0) - 1;  // the last bucket is the sentinel
   s.bucket_seed_offset = bucket_seed_offset;
   s.pool_seed_offset = pool_seed_offset;
   s.pool_mod = moduli<Modulus>(pool);
@@ -289,3 +312,18 @@ inline void lookup_ahead(const Sketch& s, int64_t begin, int64_t end, KeyAt key_
   }
 }
 
+
+// Sorts (bucket << 32 | position) values by bucket, stably (LSD radix sort, 11 bits a pass); every
+// bucket is at most ``num_buckets``.
+inline void sort_by_bucket(std::vector<uint64_t>& a, int64_t num_buckets) {
+  std::vector<uint64_t> b(a.size());
+  int bits = 1;
+  while ((int64_t{1} << bits) <= num_buckets) ++bits;
+  for (int shift = 32; shift < 32 + bits; shift += 11) {
+    std::vector<size_t> start(2049, 0);
+    for (const uint64_t x : a) ++start[((x >> shift) & 2047) + 1];
+    for (size_t d = 1; d < start.size(); ++d) start[d] += start[d - 1];
+    for (const uint64_t x : a) b[start[(x >> shift) & 2047]++] = x;
+    a.swap(b);
+  }
+}
