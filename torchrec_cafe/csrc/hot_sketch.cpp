@@ -290,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double min_load, double displace_ratio) {
   TORCH_CHECK(hot_floor_t.is_contiguous() && hot_floor_t.scalar_type() == at::kFloat &&
                   hot_floor_t.numel() == scale.numel(), "hot_floor must be a contiguous float32 tensor [T]");
+  TORCH_CHECK(keys.numel() < (int64_t{1} << 32), "sketch_update: at most 2**32 occurrences at once");  // sort_by_bucket
   float* hot_floor = hot_floor_t.data_ptr<float>();
   Sketch s = make_sketch(slot_keys, slot_scores, slot_state, pool_state, scale, mass, mass_since_decay, promotions,
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,

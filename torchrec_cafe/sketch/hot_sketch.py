@@ -508,6 +508,7 @@ class HotSketch(nn.Module):
         token = self._state_token()
         if token is None or token != self._floor_token:
             self._hot_floor.fill_(-math.inf)
+        self._floor_token = None  # until the kernel update taking it has succeeded (_after_kernel)
         return self._hot_floor
 
     def _floor_bounds(self) -> Tuple[torch.Tensor, ...]:
