@@ -163,6 +163,21 @@ void insert_bucket(Sketch& s, int64_t b, const std::vector<Pair>& pairs, const s
   written[newcomers[r]] = low_slot;
 }
 
+// Sorts (bucket << 32 | position) values by bucket, stably (LSD radix sort, 11 bits a pass); every
+// bucket is at most ``num_buckets``.
+void sort_by_bucket(std::vector<uint64_t>& a, int64_t num_buckets) {
+  std::vector<uint64_t> b(a.size());
+  int bits = 1;
+  while ((int64_t{1} << bits) <= num_buckets) ++bits;
+  for (int shift = 32; shift < 32 + bits; shift += 11) {
+    std::vector<size_t> start(2049, 0);
+    for (const uint64_t x : a) ++start[((x >> shift) & 2047) + 1];
+    for (size_t d = 1; d < start.size(); ++d) start[d] += start[d - 1];
+    for (const uint64_t x : a) b[start[(x >> shift) & 2047]++] = x;
+    a.swap(b);
+  }
+}
+
 // Step 4 (mass and decay) depends only on the accepted mass: computed before steps 2 and 3, so
 // that their pass can test step 5's candidates against the new bars, and written after them
 // (they store scores in the old scale).

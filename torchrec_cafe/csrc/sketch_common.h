@@ -59,6 +59,13 @@ struct Modulus {
   }
 };
 
+// floor(a * b / 2**128) for a 128-bit a and a 64-bit b: the step the paper's 128-bit forms of the
+// 64-bit remainder and quotient share.
+inline uint64_t mul_high(unsigned __int128 a, uint64_t b) {
+  const unsigned __int128 bottom = (static_cast<unsigned __int128>(static_cast<uint64_t>(a)) * b) >> 64;
+  return static_cast<uint64_t>((bottom + (a >> 64) * b) >> 64);
+}
+
 // x mod d for 64-bit x and d (the same paper's 128-bit form, exact for all of them): a key's bucket
 // is its 63-bit hash modulo its table's bucket count. d = 1 wraps the magic to 0, giving 0.
 struct Modulus64 {
@@ -67,11 +74,7 @@ struct Modulus64 {
   Modulus64() = default;
   explicit Modulus64(int64_t divisor)
       : d(static_cast<uint64_t>(divisor)), magic(~static_cast<unsigned __int128>(0) / static_cast<uint64_t>(divisor) + 1) {}
-  int64_t of(uint64_t x) const {
-    const unsigned __int128 low = magic * x;
-    const unsigned __int128 bottom = (static_cast<unsigned __int128>(static_cast<uint64_t>(low)) * d) >> 64;
-    return static_cast<int64_t>((bottom + (low >> 64) * d) >> 64);
-  }
+  int64_t of(uint64_t x) const { return static_cast<int64_t>(mul_high(magic * x, d)); }
 };
 
 // floor(x / d) for 64-bit x and d >= 1 (the same paper's 128-bit form, exact for all of them).
@@ -80,11 +83,7 @@ struct Divider64 {
   Divider64() = default;
   explicit Divider64(int64_t divisor)
       : magic(divisor > 1 ? ~static_cast<unsigned __int128>(0) / static_cast<uint64_t>(divisor) + 1 : 0) {}
-  uint64_t of(uint64_t x) const {
-    if (magic == 0) return x;
-    const unsigned __int128 bottom = (static_cast<unsigned __int128>(static_cast<uint64_t>(magic)) * x) >> 64;
-    return static_cast<uint64_t>((bottom + (magic >> 64) * x) >> 64);
-  }
+  uint64_t of(uint64_t x) const { return magic == 0 ? x : mul_high(magic, x); }
 };
 
 // The candidate rows of one key, and its bucket, computed (and their cache lines requested) ahead
@@ -284,7 +283,6 @@ inline Sketch lookup_view(const at::Tensor& slot_keys, const at::Tensor& slot_st
   s.pool_offset = pool_offset.data_ptr<int64_t>();
   s.pool = pool.data_ptr<int64_t>();
   s.c = slot_keys.size(1);
-  s.num_buckets = slot_keys.size(0) - 1;  // the last bucket is the sentinel
   s.bucket_seed_offset = bucket_seed_offset;
   s.pool_seed_offset = pool_seed_offset;
   s.pool_mod = moduli<Modulus>(pool);
@@ -309,21 +307,5 @@ inline void lookup_ahead(const Sketch& s, int64_t begin, int64_t end, KeyAt key_
     const int64_t slot = i % kAhead;
     emit(i, s.resolve(key[slot], table[slot], ring[slot]));
     if (i + kAhead < end) prepare(i + kAhead);
-  }
-}
-
-
-// Sorts (bucket << 32 | position) values by bucket, stably (LSD radix sort, 11 bits a pass); every
-// bucket is at most ``num_buckets``.
-inline void sort_by_bucket(std::vector<uint64_t>& a, int64_t num_buckets) {
-  std::vector<uint64_t> b(a.size());
-  int bits = 1;
-  while ((int64_t{1} << bits) <= num_buckets) ++bits;
-  for (int shift = 32; shift < 32 + bits; shift += 11) {
-    std::vector<size_t> start(2049, 0);
-    for (const uint64_t x : a) ++start[((x >> shift) & 2047) + 1];
-    for (size_t d = 1; d < start.size(); ++d) start[d] += start[d - 1];
-    for (const uint64_t x : a) b[start[(x >> shift) & 2047]++] = x;
-    a.swap(b);
   }
 }
