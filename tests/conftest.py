@@ -1,11 +1,14 @@
 import dataclasses
+import datetime
+import faulthandler
 import os
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
@@ -14,6 +17,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, world: int, port: int, body: Callable[..., None], args: tuple, timeout_s: Optional[float]) -> None:
+    """One spawned rank: a gloo default group of ``world`` ranks around ``body(rank, world, *args)``.
+    faulthandler is on, so a native abort (SIGABRT, SIGSEGV) prints every thread's Python stack
+    to the test's output instead of dying silently."""
+    faulthandler.enable(all_threads=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **timeout)
+    try:
+        body(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(body: Callable[..., None], world: int, *args: Any, timeout_s: Optional[float] = None) -> None:
+    """Runs ``body(rank, world, *args)`` (a module-level function) on ``world`` spawned processes
+    joined by a real gloo process group; raises if any rank fails."""
+    mp.start_processes(_gloo_rank, args=(world, free_port(), body, args, timeout_s), nprocs=world, start_method="spawn")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.distributed import DistributedModelParallel
@@ -20,7 +19,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 from tests.test_two_ranks_equivalence import TABLES, _half
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, latest, load, save
@@ -79,18 +78,9 @@ def _run(rank: int, world: int, sharding: str, root: str, resume_from: Optional[
             json.dump(losses[-(STEPS - SAVE_AT):], f)
 
 
-def _worker(rank: int, world: int, port: int, sharding: str, root: str, resume_from: Optional[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _run(rank, world, sharding, root, resume_from)
-    finally:
-        dist.destroy_process_group()
-
-
 def _launch(world: int, sharding: str, root: str, resume_from: Optional[str] = None) -> None:
     os.makedirs(root, exist_ok=True)
-    mp.start_processes(_worker, args=(world, free_port(), sharding, root, resume_from), nprocs=world, start_method="spawn")
+    run_ranks(_run, world, sharding, root, resume_from)
 
 
 def _final(root: str) -> "tuple[Dict[str, torch.Tensor], List[float]]":

@@ -11,40 +11,34 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 from tests.test_checkpoint_reshard import CONFIG, STEPS, _final, _model, _train
 from torchrec_cafe.checkpoint import checkpoint_path, latest, load, save
 
 EVERY, WORLD = 10, 2
 
 
-def _worker(rank: int, port: int, root: str, crash_at: Optional[int]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        dmp, optimizer = _model(WORLD, "row_wise", dataclasses.replace(CONFIG, importance="grad_norm"))
-        resume = latest(root)
-        start = load(resume, dmp, optimizer)["step"] if resume else 0
-        losses = []
-        for step in range(start, STEPS):
-            losses += _train(dmp, optimizer, range(step, step + 1), rank, WORLD)
-            if (step + 1) % EVERY == 0:
-                save(checkpoint_path(root, step + 1), dmp, optimizer, extra={"step": step + 1})
-            if step + 1 == crash_at and rank == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-        save(os.path.join(root, "final"), dmp, optimizer)
-        if rank == 0:
-            with open(os.path.join(root, "losses.json"), "w") as f:
-                json.dump(losses[-10:], f)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, root: str, crash_at: Optional[int]) -> None:
+    dmp, optimizer = _model(WORLD, "row_wise", dataclasses.replace(CONFIG, importance="grad_norm"))
+    resume = latest(root)
+    start = load(resume, dmp, optimizer)["step"] if resume else 0
+    losses = []
+    for step in range(start, STEPS):
+        losses += _train(dmp, optimizer, range(step, step + 1), rank, WORLD)
+        if (step + 1) % EVERY == 0:
+            save(checkpoint_path(root, step + 1), dmp, optimizer, extra={"step": step + 1})
+        if step + 1 == crash_at and rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    save(os.path.join(root, "final"), dmp, optimizer)
+    if rank == 0:
+        with open(os.path.join(root, "losses.json"), "w") as f:
+            json.dump(losses[-10:], f)
 
 
 def _launch(root: str, crash_at: Optional[int] = None) -> None:
-    mp.start_processes(_worker, args=(free_port(), root, crash_at), nprocs=WORLD, start_method="spawn")
+    run_ranks(_worker, WORLD, root, crash_at)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path) -> None:

@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -27,7 +26,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import FieldsBatch, free_port, local_part
+from tests.conftest import FieldsBatch, local_part, run_ranks
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 from torchrec_cafe.checkpoint import checkpoint_path, load, save
 from torchrec_cafe.modules.partition import CafeEmbeddingBagPartitions
@@ -149,17 +148,12 @@ def _reference(partitions: int) -> Dict[str, object]:
     return {"losses": losses, "emulation": emulation}
 
 
-def _worker(rank: int, world: int, port: int, out: str, partitions: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(_run(rank, world, partitions), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str, partitions: int) -> None:
+    torch.save(_run(rank, world, partitions), os.path.join(out, f"rank{rank}.pt"))
 
 
 def _ranks(world: int, out: str, partitions: int) -> List[Dict[str, object]]:
-    mp.start_processes(_worker, args=(world, free_port(), out, partitions), nprocs=world, start_method="spawn")
+    run_ranks(_worker, world, out, partitions)
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -206,31 +200,26 @@ def _model(world: int, wrap: Callable[[DLRM], torch.nn.Module] = lambda m: m, pa
     return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
 
 
-def _resume_worker(rank: int, world: int, port: int, root: str) -> None:
+def _resume_worker(rank: int, world: int, root: str) -> None:
     """Trains STEPS steps saving at SAVE_AT; a fresh model loads that checkpoint and trains the rest."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dmp = _model(world)
-        opt = _dense_optimizer(dmp)
-        optimizers = {"sparse": dmp.fused_optimizer, "dense": opt}
-        losses = _train(dmp, opt, range(SAVE_AT), rank, world)
-        save(checkpoint_path(root, SAVE_AT), dmp, optimizers)
-        losses += _train(dmp, opt, range(SAVE_AT, STEPS), rank, world)
-        resumed = _model(world)
-        resumed_opt = _dense_optimizer(resumed)
-        load(checkpoint_path(root, SAVE_AT), resumed, {"sparse": resumed.fused_optimizer, "dense": resumed_opt})
-        resumed_losses = _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world)
-        torch.save({"run": _final(dmp), "resumed": _final(resumed), "losses": (losses[SAVE_AT:], resumed_losses)}, os.path.join(root, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    dmp = _model(world)
+    opt = _dense_optimizer(dmp)
+    optimizers = {"sparse": dmp.fused_optimizer, "dense": opt}
+    losses = _train(dmp, opt, range(SAVE_AT), rank, world)
+    save(checkpoint_path(root, SAVE_AT), dmp, optimizers)
+    losses += _train(dmp, opt, range(SAVE_AT, STEPS), rank, world)
+    resumed = _model(world)
+    resumed_opt = _dense_optimizer(resumed)
+    load(checkpoint_path(root, SAVE_AT), resumed, {"sparse": resumed.fused_optimizer, "dense": resumed_opt})
+    resumed_losses = _train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world)
+    torch.save({"run": _final(dmp), "resumed": _final(resumed), "losses": (losses[SAVE_AT:], resumed_losses)}, os.path.join(root, f"rank{rank}.pt"))
 
 
 def test_partitioned_checkpoint_resumes_exactly(tmp_path, single_rank_pg: None) -> None:
     """DCP save on 2 ranks, load into a fresh 2-rank model: it continues as the run that saved
     (each rank's own sketch restored, not rank 0's). A model with another W is refused clearly."""
     world = 2
-    mp.start_processes(_resume_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
+    run_ranks(_resume_worker, world, str(tmp_path))
     sketches = []
     for r in range(world):
         out = torch.load(tmp_path / f"rank{r}.pt")
@@ -246,24 +235,19 @@ def test_partitioned_checkpoint_resumes_exactly(tmp_path, single_rank_pg: None) 
         load(checkpoint_path(str(tmp_path), SAVE_AT), _model(1))
 
 
-def _reshard_worker(rank: int, world: int, port: int, root: str, partitions: int, phase: str) -> None:
+def _reshard_worker(rank: int, world: int, root: str, partitions: int, phase: str) -> None:
     """``save``: trains STEPS steps, saving at SAVE_AT; ``load``: a fresh model (any W) loads that
     checkpoint and trains the rest. Both record the losses after SAVE_AT and the final state."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dmp = _model(world, partitions=partitions)
-        opt = _dense_optimizer(dmp)
-        optimizers = {"sparse": dmp.fused_optimizer, "dense": opt}
-        if phase == "save":
-            _train(dmp, opt, range(SAVE_AT), rank, world)
-            save(checkpoint_path(root, SAVE_AT), dmp, optimizers)
-        else:
-            load(checkpoint_path(root, SAVE_AT), dmp, optimizers)
-        losses = _train(dmp, opt, range(SAVE_AT, STEPS), rank, world)
-        torch.save({"losses": losses, **_final(dmp)}, os.path.join(root, f"{phase}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    dmp = _model(world, partitions=partitions)
+    opt = _dense_optimizer(dmp)
+    optimizers = {"sparse": dmp.fused_optimizer, "dense": opt}
+    if phase == "save":
+        _train(dmp, opt, range(SAVE_AT), rank, world)
+        save(checkpoint_path(root, SAVE_AT), dmp, optimizers)
+    else:
+        load(checkpoint_path(root, SAVE_AT), dmp, optimizers)
+    losses = _train(dmp, opt, range(SAVE_AT, STEPS), rank, world)
+    torch.save({"losses": losses, **_final(dmp)}, os.path.join(root, f"{phase}-rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("before,after,partitions", [(2, 1, 2), (1, 2, 2), (2, 4, 4)])
@@ -272,7 +256,7 @@ def test_partitioned_checkpoint_reshards_between_world_sizes(tmp_path, single_ra
     moves each partition's rows, optimizer state and sketch to its new owner), continues exactly as
     the run that saved it: the same losses, sketches bit for bit, the same rows."""
     for world, phase in ((before, "save"), (after, "load")):
-        mp.start_processes(_reshard_worker, args=(world, free_port(), str(tmp_path), partitions, phase), nprocs=world, start_method="spawn")
+        run_ranks(_reshard_worker, world, str(tmp_path), partitions, phase)
     saved = [torch.load(tmp_path / f"save-rank{r}.pt") for r in range(before)]
     loaded = [torch.load(tmp_path / f"load-rank{r}.pt") for r in range(after)]
     torch.testing.assert_close(loaded[0]["losses"], saved[0]["losses"], rtol=1e-5, atol=1e-6)
@@ -312,38 +296,33 @@ def _local_batch(step: int, rank: int, world: int) -> _Batch:
     return _Batch(dense[rank * n : (rank + 1) * n], local_part(kjt, rank, world), labels[rank * n : (rank + 1) * n])
 
 
-def _pipeline_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        models = [_model(world, wrap=_WithLoss) for _ in range(2)]
-        models[1].load_state_dict(models[0].state_dict())
-        plain, piped = models
-        opt = _dense_optimizer(plain)
-        losses = []
-        for step in range(STEPS):
-            loss, _ = plain(_local_batch(step, rank, world))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss))
-        pipeline = TrainPipelineSparseDist(piped, _dense_optimizer(piped), torch.device("cpu"))
-        batches = iter([_local_batch(step, rank, world) for step in range(STEPS)])
-        piped_losses = [float(pipeline.progress(batches)) for _ in range(STEPS)]
-        pipelined = [type(m).__name__ for m in pipeline._pipelined_modules]
-        sketches = [m.module.dlrm.sparse_arch.embedding_bag_collection.cafe for m in models]
-        for cafe in sketches:
-            cafe.apply_pending_updates()
-        same = all(torch.equal(a, b) for a, b in zip(sketches[0].sketch.state_dict().values(), sketches[1].sketch.state_dict().values()))
-        torch.save({"losses": (losses, piped_losses), "pipelined": pipelined, "sketch_equal": same}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _pipeline_worker(rank: int, world: int, out: str) -> None:
+    models = [_model(world, wrap=_WithLoss) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    plain, piped = models
+    opt = _dense_optimizer(plain)
+    losses = []
+    for step in range(STEPS):
+        loss, _ = plain(_local_batch(step, rank, world))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    pipeline = TrainPipelineSparseDist(piped, _dense_optimizer(piped), torch.device("cpu"))
+    batches = iter([_local_batch(step, rank, world) for step in range(STEPS)])
+    piped_losses = [float(pipeline.progress(batches)) for _ in range(STEPS)]
+    pipelined = [type(m).__name__ for m in pipeline._pipelined_modules]
+    sketches = [m.module.dlrm.sparse_arch.embedding_bag_collection.cafe for m in models]
+    for cafe in sketches:
+        cafe.apply_pending_updates()
+    same = all(torch.equal(a, b) for a, b in zip(sketches[0].sketch.state_dict().values(), sketches[1].sketch.state_dict().values()))
+    torch.save({"losses": (losses, piped_losses), "pipelined": pipelined, "sketch_equal": same}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_partitioned_pipeline_equals_plain_loop(tmp_path) -> None:
     """TrainPipelineSparseDist remaps batch j + 1 before batch j's backward; the partitioned form
     updates and remaps in compute, after it: the pipelined run is the plain loop's, exactly."""
-    mp.start_processes(_pipeline_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_ranks(_pipeline_worker, 2, str(tmp_path))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         assert out["pipelined"] == ["PartitionedCafeEmbeddingBagCollection"]

@@ -9,7 +9,6 @@ from typing import Dict, List
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
@@ -19,7 +18,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import FieldsBatch, free_port
+from tests.conftest import FieldsBatch, run_ranks
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
 from torchrec_cafe.distributed.sharder import (
     CafeEmbeddingBagCollectionSharder,
@@ -94,48 +93,43 @@ def _build(sharders: list) -> DistributedModelParallel:
     return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        sharders = [CafeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
-        plain, piped = _build(sharders), _build(sharders)
-        piped.load_state_dict(plain.state_dict())  # CPU shards are not copied from the module
-        sharded = plain.module.dlrm.sparse_arch.embedding_bag_collection
-        assert isinstance(sharded, ShardedCafeEmbeddingBagCollection)
-        results: Dict[str, List[float]] = {"plain": [], "piped": []}
-        dense = [p for n, p in plain.named_parameters() if "embedding_bag" not in n and "plain" not in n]
-        opt = torch.optim.SGD(dense, lr=0.05)
-        for step in range(STEPS):
-            loss, _ = plain(_batch(step, rank))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            results["plain"].append(float(loss))
-        piped_dense = [p for n, p in piped.named_parameters() if "embedding_bag" not in n and "plain" not in n]
-        pipeline = TrainPipelineSparseDist(piped, torch.optim.SGD(piped_dense, lr=0.05), torch.device("cpu"))
-        batches = iter([_batch(step, rank) for step in range(STEPS)])
-        for _ in range(STEPS):
-            results["piped"].append(float(pipeline.progress(batches)))
-        piped_module = piped.module.dlrm.sparse_arch.embedding_bag_collection
-        results["pipelined_modules"] = [type(m).__name__ for m in pipeline._pipelined_modules]
-        results["sketch_equal_across_ranks"], states = [], []
-        for module in (sharded, piped_module):
-            module.apply_pending_updates()
-            states.append(torch.cat([v.double().flatten() for v in module._sketch.state_dict().values()]))
-            gathered = [torch.empty_like(states[-1]) for _ in range(WORLD)]
-            dist.all_gather(gathered, states[-1])
-            results["sketch_equal_across_ranks"].append(bool(torch.equal(gathered[0], gathered[1])))
-        results["sketch_piped_equals_plain"] = bool(torch.equal(states[0], states[1]))
-        results["promotions"] = int(sharded._sketch.promotions.sum())
-        results["plan"] = {n: s.sharding_type for n, s in plain.plan.get_plan_for_module("dlrm.sparse_arch.embedding_bag_collection").items()}
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    sharders = [CafeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    plain, piped = _build(sharders), _build(sharders)
+    piped.load_state_dict(plain.state_dict())  # CPU shards are not copied from the module
+    sharded = plain.module.dlrm.sparse_arch.embedding_bag_collection
+    assert isinstance(sharded, ShardedCafeEmbeddingBagCollection)
+    results: Dict[str, List[float]] = {"plain": [], "piped": []}
+    dense = [p for n, p in plain.named_parameters() if "embedding_bag" not in n and "plain" not in n]
+    opt = torch.optim.SGD(dense, lr=0.05)
+    for step in range(STEPS):
+        loss, _ = plain(_batch(step, rank))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        results["plain"].append(float(loss))
+    piped_dense = [p for n, p in piped.named_parameters() if "embedding_bag" not in n and "plain" not in n]
+    pipeline = TrainPipelineSparseDist(piped, torch.optim.SGD(piped_dense, lr=0.05), torch.device("cpu"))
+    batches = iter([_batch(step, rank) for step in range(STEPS)])
+    for _ in range(STEPS):
+        results["piped"].append(float(pipeline.progress(batches)))
+    piped_module = piped.module.dlrm.sparse_arch.embedding_bag_collection
+    results["pipelined_modules"] = [type(m).__name__ for m in pipeline._pipelined_modules]
+    results["sketch_equal_across_ranks"], states = [], []
+    for module in (sharded, piped_module):
+        module.apply_pending_updates()
+        states.append(torch.cat([v.double().flatten() for v in module._sketch.state_dict().values()]))
+        gathered = [torch.empty_like(states[-1]) for _ in range(WORLD)]
+        dist.all_gather(gathered, states[-1])
+        results["sketch_equal_across_ranks"].append(bool(torch.equal(gathered[0], gathered[1])))
+    results["sketch_piped_equals_plain"] = bool(torch.equal(states[0], states[1]))
+    results["promotions"] = int(sharded._sketch.promotions.sum())
+    results["plan"] = {n: s.sharding_type for n, s in plain.plan.get_plan_for_module("dlrm.sparse_arch.embedding_bag_collection").items()}
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_sharder_mixed_plan_and_pipeline(tmp_path) -> None:
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    run_ranks(_worker, WORLD, str(tmp_path))
     for rank in range(WORLD):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["plan"] == {"rw": "row_wise", "tw": "table_wise", "cw": "column_wise"}

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 from torchrec_cafe.distributed import all_gather_aggregated, all_gather_occurrences
 from torchrec_cafe.sketch import HotSketch
 
@@ -33,30 +31,25 @@ def _global_batch(step: int) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return ids, scores, tables
 
 
-def _worker(rank: int, port: int, out_dir: str, aggregated: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        sketch = _sketch()
-        for step in range(STEPS):
-            ids, scores, tables = _global_batch(step)
-            # an uneven split, and rank 1 gets nothing at step 3
-            cut = 0 if step == 3 else 150 + step
-            part = slice(0, cut) if rank == 0 else slice(cut, None)
-            if step == 3:
-                part = slice(0, ids.numel()) if rank == 0 else slice(0, 0)
-            if aggregated:
-                all_gather_aggregated(sketch, ids[part], scores[part], tables[part])
-            else:
-                sketch.update(*all_gather_occurrences(ids[part], scores[part], tables[part]))
-        torch.save(sketch.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str, aggregated: bool) -> None:
+    sketch = _sketch()
+    for step in range(STEPS):
+        ids, scores, tables = _global_batch(step)
+        # an uneven split, and rank 1 gets nothing at step 3
+        cut = 0 if step == 3 else 150 + step
+        part = slice(0, cut) if rank == 0 else slice(cut, None)
+        if step == 3:
+            part = slice(0, ids.numel()) if rank == 0 else slice(0, 0)
+        if aggregated:
+            all_gather_aggregated(sketch, ids[part], scores[part], tables[part])
+        else:
+            sketch.update(*all_gather_occurrences(ids[part], scores[part], tables[part]))
+    torch.save(sketch.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("aggregated", [False, True], ids=["occurrences", "pre-aggregated"])
 def test_replicas_equal_a_single_process_fed_the_global_batches(tmp_path, aggregated: bool) -> None:
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path), aggregated), nprocs=WORLD, start_method="spawn")
+    run_ranks(_worker, WORLD, str(tmp_path), aggregated)
     reference = _sketch()
     for step in range(STEPS):
         reference.update(*_global_batch(step))

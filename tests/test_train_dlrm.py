@@ -13,13 +13,12 @@ from typing import Dict, Iterator, List
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from examples.harness.cli import main, parse_args
 from examples.harness.config import METHODS, TrainConfig
 from examples.harness.data import synthetic
 from examples.harness.loop import run
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 from torchrec_cafe.checkpoint import cafe_modules
 from torchrec_cafe.datasets import InMemoryCTR, local_batch, read_criteo_tsv, read_libfm
 
@@ -201,22 +200,18 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
         read_criteo_tsv(str(tsv), [100] * 13)
 
 
-def _two_rank_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results: Dict[str, List[float]] = {}
-        for method in ("mch_lfu", "qr"):
-            r = main(["--method", method, "--compression-ratio", "10", "--train-batches", "8", "--eval-batches", "2",
-                      "--batch-size", "64", "--max-cardinality", "5000", "--embedding-optimizer", "sgd", "--no-progress"])
-            results[method] = [r["auc"], r["logloss"], float(r["world_size"]), float(r["train_samples"])]
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _two_rank_worker(rank: int, world: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))  # the trainer reads them
+    results: Dict[str, List[float]] = {}
+    for method in ("mch_lfu", "qr"):
+        r = main(["--method", method, "--compression-ratio", "10", "--train-batches", "8", "--eval-batches", "2",
+                  "--batch-size", "64", "--max-cardinality", "5000", "--embedding-optimizer", "sgd", "--no-progress"])
+        results[method] = [r["auc"], r["logloss"], float(r["world_size"]), float(r["train_samples"])]
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_two_ranks_share_each_global_batch(tmp_path: Path) -> None:
-    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    run_ranks(_two_rank_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0] == ranks[1]  # metrics over all ranks' test samples
     for auc, logloss, world, samples in ranks[0].values():

@@ -5,21 +5,19 @@ depend on the split), and promoted rows equal their source rows right after migr
 source and destination live on different ranks."""
 
 import dataclasses
-import datetime
 import os
 from typing import List
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import free_port, local_part
+from tests.conftest import local_part, run_ranks
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection
 from torchrec_cafe.distributed import CafeEmbeddingBagCollectionSharder, RowWiseEverywhereEBCSharder
 from torchrec_cafe.rows import tbe_shards
@@ -50,31 +48,26 @@ def _local_rows(module: CafeEmbeddingBagCollection) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, sharding: str, out: str, importance: str = "frequency") -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        cafe = CafeEmbeddingBagCollection(TABLES, cafe=dataclasses.replace(CONFIG, importance=importance))
-        apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
-        constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
-        topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
-        sharders = [CafeEmbeddingBagCollectionSharder()]
-        plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
-        dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
-        for step in range(STEPS):
-            dmp(local_part(_global_kjt(step), rank, WORLD)).values().pow(2).sum().backward()
-        module = dmp.module
-        rows_before = _local_rows(module)
-        module.apply_pending_updates()
-        state = {
-            "sketch": module._sketch.state_dict(),
-            "rows_before": rows_before,
-            "rows_after": _local_rows(module),
-        }
-        torch.save(state, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, sharding: str, out: str, importance: str = "frequency") -> None:
+    torch.manual_seed(0)
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=dataclasses.replace(CONFIG, importance=importance))
+    apply_optimizer_in_backward(RowWiseAdagrad, cafe._embedding_bag_collection.parameters(), {"lr": 0.05})
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"]) for t in TABLES}
+    topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).plan(cafe, sharders)
+    dmp = DistributedModelParallel(cafe, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    for step in range(STEPS):
+        dmp(local_part(_global_kjt(step), rank, WORLD)).values().pow(2).sum().backward()
+    module = dmp.module
+    rows_before = _local_rows(module)
+    module.apply_pending_updates()
+    state = {
+        "sketch": module._sketch.state_dict(),
+        "rows_before": rows_before,
+        "rows_after": _local_rows(module),
+    }
+    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
 
 
 def _full_table(per_rank: List[dict], table: str) -> torch.Tensor:
@@ -89,7 +82,7 @@ def _full_table(per_rank: List[dict], table: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "row_wise", "table_row_wise"])
 def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, sharding: str) -> None:
-    mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    run_ranks(_worker, WORLD, sharding, str(tmp_path))
     reference = CafeEmbeddingBagCollection(TABLES, cafe=CONFIG)
     for step in range(STEPS):
         reference(_global_kjt(step)).values().pow(2).sum().backward()
@@ -125,61 +118,56 @@ def test_sketch_replicas_and_migrations_match_a_single_process(tmp_path, shardin
 def test_grad_norm_replicas_stay_identical(tmp_path) -> None:
     """Gradient-norm scores differ per rank (local gradients); the gathered, globally rescaled
     update still leaves both replicas bit-identical, with promotions."""
-    mp.start_processes(_worker, args=(free_port(), "row_wise", str(tmp_path), "grad_norm"), nprocs=WORLD, start_method="spawn")
+    run_ranks(_worker, WORLD, "row_wise", str(tmp_path), "grad_norm")
     first, second = (torch.load(tmp_path / f"rank{rank}.pt")["sketch"] for rank in range(WORLD))
     assert int(first["promotions"].sum()) > 0
     for key, value in first.items():
         assert torch.equal(second[key], value), key
 
 
-def _mismatched_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        config = dataclasses.replace(CONFIG, threshold=3.0 + rank)
-        # Unsharded, the module is local even in a 2-rank group: rank 0 alone trains and updates
-        # (a collective would wait for rank 1 until the timeout).
-        cafe = CafeEmbeddingBagCollection(TABLES, cafe=config)
-        if rank == 0:
-            for step in range(STEPS):
-                cafe(_global_kjt(step)).values().pow(2).sum().backward()
-            cafe.apply_pending_updates()
-            assert int(cafe._sketch.promotions.sum()) > 0
-        messages = []
-        with pytest.raises(ValueError, match="differ between the ranks") as replicas:
-            cafe.replicate_across(dist.group.WORLD)
-        messages.append(str(replicas.value))
-        topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
-        sharders = [CafeEmbeddingBagCollectionSharder()]
-        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
-        with pytest.raises(ValueError, match="differ between the ranks") as sharded:
-            DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
-        messages.append(str(sharded.value))
-        partitioned = [CafeEmbeddingBagCollectionSharder(form="partitioned")]
-        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, partitioned)
-        with pytest.raises(ValueError, match="differ between the ranks") as parts:
-            DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=partitioned)
-        messages.append(str(parts.value))
-        # TorchRec's EBC sharder alone shards the inner tables and leaves the sketch local: refused.
-        module = CafeEmbeddingBagCollection(TABLES, cafe=config)
-        sharders = [RowWiseEverywhereEBCSharder()]
-        plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
-        dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
-        dmp(local_part(_global_kjt(0), rank, WORLD)).values().sum().backward()
-        with pytest.raises(RuntimeError, match="CafeEmbeddingBagCollectionSharder") as local:
-            dmp.module.apply_pending_updates()
-        messages.append(str(local.value))
-        torch.save(messages, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _mismatched_worker(rank: int, world: int, out: str) -> None:
+    config = dataclasses.replace(CONFIG, threshold=3.0 + rank)
+    # Unsharded, the module is local even in a 2-rank group: rank 0 alone trains and updates
+    # (a collective would wait for rank 1 until the timeout).
+    cafe = CafeEmbeddingBagCollection(TABLES, cafe=config)
+    if rank == 0:
+        for step in range(STEPS):
+            cafe(_global_kjt(step)).values().pow(2).sum().backward()
+        cafe.apply_pending_updates()
+        assert int(cafe._sketch.promotions.sum()) > 0
+    messages = []
+    with pytest.raises(ValueError, match="differ between the ranks") as replicas:
+        cafe.replicate_across(dist.group.WORLD)
+    messages.append(str(replicas.value))
+    topology = Topology(world_size=WORLD, compute_device="cpu", local_world_size=WORLD)
+    sharders = [CafeEmbeddingBagCollectionSharder()]
+    module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+    plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
+    with pytest.raises(ValueError, match="differ between the ranks") as sharded:
+        DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    messages.append(str(sharded.value))
+    partitioned = [CafeEmbeddingBagCollectionSharder(form="partitioned")]
+    module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+    plan = EmbeddingShardingPlanner(topology=topology).plan(module, partitioned)
+    with pytest.raises(ValueError, match="differ between the ranks") as parts:
+        DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=partitioned)
+    messages.append(str(parts.value))
+    # TorchRec's EBC sharder alone shards the inner tables and leaves the sketch local: refused.
+    module = CafeEmbeddingBagCollection(TABLES, cafe=config)
+    sharders = [RowWiseEverywhereEBCSharder()]
+    plan = EmbeddingShardingPlanner(topology=topology).plan(module, sharders)
+    dmp = DistributedModelParallel(module, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp(local_part(_global_kjt(0), rank, WORLD)).values().sum().backward()
+    with pytest.raises(RuntimeError, match="CafeEmbeddingBagCollectionSharder") as local:
+        dmp.module.apply_pending_updates()
+    messages.append(str(local.value))
+    torch.save(messages, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_ranks_with_different_configs_are_refused_and_unsharded_modules_stay_local(tmp_path) -> None:
     """Different CAFE settings: ``replicate_across`` and sharding under DMP (either form) raise the
     same error on every rank (the configs are compared before any other collective); an unsharded module never
     communicates; tables sharded by TorchRec's EBC sharder alone under a local sketch are refused."""
-    mp.start_processes(_mismatched_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    run_ranks(_mismatched_worker, WORLD, str(tmp_path), timeout_s=60)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
     assert first == second and len(first) == 4

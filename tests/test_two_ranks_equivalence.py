@@ -10,8 +10,6 @@ from typing import Dict
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
@@ -20,7 +18,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from tests.conftest import free_port, local_part
+from tests.conftest import local_part, run_ranks
 from torchrec_cafe import CafeConfig, CafeEmbeddingBagCollection, CafeEmbeddingBagCollectionSharder
 
 STEPS, BATCH = 30, 16
@@ -97,13 +95,8 @@ def _run(rank: int, world: int, sharding: str, sync: str = "aggregated") -> Dict
     return {"sketch": sharded._sketch.state_dict(), "pooled": pooled, "tables": tables}
 
 
-def _worker(rank: int, port: int, sharding: str, out: str, sync: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.save(_run(rank, 2, sharding, sync), os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, sharding: str, out: str, sync: str) -> None:
+    torch.save(_run(rank, world, sharding, sync), os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize(
@@ -112,7 +105,7 @@ def _worker(rank: int, port: int, sharding: str, out: str, sync: str) -> None:
      ("table_row_wise", "aggregated"), ("row_wise", "occurrences"), ("data_parallel", "aggregated")],
 )
 def test_two_ranks_equal_one_process(tmp_path, single_rank_pg: None, sharding: str, sync: str) -> None:
-    mp.start_processes(_worker, args=(free_port(), sharding, str(tmp_path), sync), nprocs=2, start_method="spawn")
+    run_ranks(_worker, 2, sharding, str(tmp_path), sync)
     reference = _run(0, 1, "table_wise")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert int(reference["sketch"]["promotions"].sum()) > 0
