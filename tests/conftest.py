@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import datetime
 import faulthandler
@@ -19,18 +20,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gloo_rank(rank: int, world: int, port: int, body: Callable[..., None], args: tuple, timeout_s: Optional[float]) -> None:
-    """One spawned rank: a gloo default group of ``world`` ranks around ``body(rank, world, *args)``.
-    faulthandler is on, so a native abort (SIGABRT, SIGSEGV) prints every thread's Python stack
-    to the test's output instead of dying silently."""
-    faulthandler.enable(all_threads=True)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+@contextlib.contextmanager
+def _gloo_group(rank: int, world: int, port: int, timeout_s: Optional[float] = None) -> Iterator[None]:
+    """A real gloo default group of ``world`` ranks for the block, with torchrun's environment
+    variables set (the trainer and DMP read them), destroyed after it."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
     timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     dist.init_process_group("gloo", rank=rank, world_size=world, **timeout)
     try:
-        body(rank, world, *args)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _gloo_rank(rank: int, world: int, port: int, body: Callable[..., None], args: tuple, timeout_s: Optional[float]) -> None:
+    """One spawned rank: ``body(rank, world, *args)`` in the ranks' gloo group. faulthandler is on,
+    so a native abort (SIGABRT, SIGSEGV) prints every thread's Python stack to the test's output
+    instead of dying silently."""
+    faulthandler.enable(all_threads=True)
+    with _gloo_group(rank, world, port, timeout_s):
+        body(rank, world, *args)
 
 
 def run_ranks(body: Callable[..., None], world: int, *args: Any, timeout_s: Optional[float] = None) -> None:
@@ -42,12 +53,8 @@ def run_ranks(body: Callable[..., None], world: int, *args: Any, timeout_s: Opti
 @pytest.fixture
 def single_rank_pg() -> Iterator[None]:
     """A real world-size-1 gloo process group, as DistributedModelParallel needs."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with _gloo_group(0, 1, free_port()):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def local_part(kjt: KeyedJaggedTensor, rank: int, world: int) -> KeyedJaggedTensor:

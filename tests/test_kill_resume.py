@@ -21,12 +21,12 @@ EVERY, WORLD = 10, 2
 
 
 def _worker(rank: int, world: int, root: str, crash_at: Optional[int]) -> None:
-    dmp, optimizer = _model(WORLD, "row_wise", dataclasses.replace(CONFIG, importance="grad_norm"))
+    dmp, optimizer = _model(world, "row_wise", dataclasses.replace(CONFIG, importance="grad_norm"))
     resume = latest(root)
     start = load(resume, dmp, optimizer)["step"] if resume else 0
     losses = []
     for step in range(start, STEPS):
-        losses += _train(dmp, optimizer, range(step, step + 1), rank, WORLD)
+        losses += _train(dmp, optimizer, range(step, step + 1), rank, world)
         if (step + 1) % EVERY == 0:
             save(checkpoint_path(root, step + 1), dmp, optimizer, extra={"step": step + 1})
         if step + 1 == crash_at and rank == 1:

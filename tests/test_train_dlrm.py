@@ -201,7 +201,6 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
 
 
 def _two_rank_worker(rank: int, world: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))  # the trainer reads them
     results: Dict[str, List[float]] = {}
     for method in ("mch_lfu", "qr"):
         r = main(["--method", method, "--compression-ratio", "10", "--train-batches", "8", "--eval-batches", "2",
