@@ -15,7 +15,8 @@ except ImportError:  # isolated build: no torch to compile against
                   "install with --no-build-isolation to build it")
     setup()
 else:
-    sources = ["torchrec_cafe/csrc/hot_sketch.cpp", "torchrec_cafe/csrc/remap.cpp", "torchrec_cafe/csrc/rows.cpp"]
+    sources = ["torchrec_cafe/csrc/hot_sketch.cpp", "torchrec_cafe/csrc/remap.cpp", "torchrec_cafe/csrc/rows.cpp",
+               "torchrec_cafe/csrc/importance.cpp"]
     setup(
         ext_modules=[CppExtension("torchrec_cafe._C", sources, extra_compile_args=["-O3"], optional=True)],
         cmdclass={"build_ext": BuildExtension},

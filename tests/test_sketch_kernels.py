@@ -268,6 +268,36 @@ def test_compiled_rescaling_equals_the_tensor_rescaling() -> None:
             assert torch.allclose(tensor[finite & (feature == 0)].mean(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("equal_dims", [True, False], ids=["equal-dims", "mixed-dims"])
+def test_compiled_occurrence_norms_equal_the_tensor_norms(equal_dims: bool) -> None:
+    """The per-occurrence gradient norms of the importance hook through the compiled operator equal
+    the tensor code's: float32 and float16 gradients of wide dynamic range, a NaN and an inf column
+    (which stay within their feature's bags), every column layout the hook meets (permuted keys of
+    one dim; features of mixed dims)."""
+    from torchrec_cafe.modules.scores import occurrence_norms
+
+    g = torch.Generator().manual_seed(5)
+    B, F, d = 300, 7, 16
+    C = F * d
+    grad = torch.randn(B, C, generator=g) * torch.rand(B, 1, generator=g).pow(6) * 1e3
+    grad[4, 9], grad[17, 40] = float("nan"), float("inf")
+    if equal_dims:
+        columns = (d, torch.randperm(F, generator=g))  # feature f is output key columns[f]
+    else:
+        widths = [8, 24, 16, 4, 28, 16, 16]  # C columns, contiguous per feature, out of order
+        columns = (0, torch.cat([torch.full((w,), f) for f, w in zip([3, 0, 6, 1, 5, 2, 4], widths)]))
+    bag = torch.randint(0, F * B, (20_000,), generator=g)
+    factor = torch.rand(20_000, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        gd = grad.clamp(-6e4, 6e4).to(dtype) if dtype == torch.float16 else grad.clone()
+        gd[17, 40] = float("inf")  # the clamp took it
+        tensor = occurrence_norms(gd, columns, bag, factor, F, compiled=False)
+        compiled = occurrence_norms(gd, columns, bag, factor, F, compiled=True)
+        assert compiled.dtype == tensor.dtype == torch.float32
+        assert torch.equal(tensor.isnan(), compiled.isnan()) and tensor.isnan().any() and tensor.isinf().any()
+        assert torch.equal(torch.nan_to_num(tensor), torch.nan_to_num(compiled))
+
+
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
 def test_compiled_migration_equals_the_tensor_migration(single_rank_pg: None, sharding: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Promotions under DMP (tables of two dims and a plain one in one fused TBE, whole or in

@@ -10,7 +10,7 @@
 //   newcomers   per bucket by (quanta desc, key asc);
 //   candidates  by (table asc, guaranteed stored score desc, key asc).
 // Where the tensor code scans every slot for demotions, the kernel skips tables whose bar has not
-// passed a lower bound on their hot scores (HotSketch.demotion_floor).
+// passed a lower bound on their hot scores (HotSketch.demotion_floor), per run of kFloorRun slots.
 
 #include <torch/extension.h>
 
@@ -21,6 +21,8 @@
 #include "sketch_common.h"
 
 namespace {
+
+constexpr int64_t kFloorRun = 256;  // slots per demotion floor (hot_sketch.py: _FLOOR_RUN)
 
 Sketch make_sketch(
     at::Tensor& slot_keys, at::Tensor& slot_scores, at::Tensor& slot_state, at::Tensor& pool_state,
@@ -263,14 +265,13 @@ void bucket_pass(Sketch& s, std::vector<Pair>& pairs, const std::vector<float>& 
   }
 }
 
-// Step 7 for table t: demotes its hot slots scoring below ``bar``; returns the lowest score of the
-// hot slots left (infinity if none).
-float demote_below(Sketch& s, int64_t t, float bar, bool* freed) {
+// Step 7 for table t's slots [lo, end): demotes the hot ones scoring below ``bar``; returns the
+// lowest score of the hot slots left there (infinity if none).
+float demote_below(Sketch& s, int64_t t, int64_t lo, int64_t end, float bar, bool* freed) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float floor = kInf;
   int64_t row4[kChoices];
-  const int64_t end = s.bucket_offset[t + 1] * s.c;
-  for (int64_t lo = s.bucket_offset[t] * s.c; lo < end; lo += 8) {
+  for (; lo < end; lo += 8) {
     const int64_t hi = std::min<int64_t>(lo + 8, end);
     int below = 0;
     for (int64_t f = lo; f < hi; ++f) {  // branch-free over eight slots: any hot below the bar, lowest one left
@@ -289,6 +290,22 @@ float demote_below(Sketch& s, int64_t t, float bar, bool* freed) {
   return floor;
 }
 
+// The demotion floors (HotSketch.demotion_floor): one lower bound on the hot scores of each run of
+// kFloorRun slots of a table (a table's last run may be shorter; runs never span tables), so a
+// bar that passes one bound scans that run alone.
+struct FloorRuns {
+  std::vector<int64_t> first;  // per table, its first run [T + 1]
+  int64_t of(const Sketch& s, int64_t t, int64_t slot) const { return first[t] + (slot - s.bucket_offset[t] * s.c) / kFloorRun; }
+};
+FloorRuns floor_runs(const Sketch& s) {
+  FloorRuns runs{std::vector<int64_t>(s.num_tables + 1, 0)};
+  for (int64_t t = 0; t < s.num_tables; ++t) {
+    const int64_t slots = (s.bucket_offset[t + 1] - s.bucket_offset[t]) * s.c;
+    runs.first[t + 1] = runs.first[t] + (slots + kFloorRun - 1) / kFloorRun;
+  }
+  return runs;
+}
+
 }  // namespace
 
 // One update (hot_sketch.py: HotSketch._aggregate + _update_pairs, without the step counter and
@@ -303,15 +320,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& decay, const at::Tensor& decay_mass, const at::Tensor& promote_load, const at::Tensor& demote_load,
     const at::Tensor& fixed, const at::Tensor& max_promotions, int64_t quarantine, int64_t bucket_seed_offset, int64_t pool_seed_offset,
     double min_load, double displace_ratio) {
-  TORCH_CHECK(hot_floor_t.is_contiguous() && hot_floor_t.scalar_type() == at::kFloat &&
-                  hot_floor_t.numel() == scale.numel(), "hot_floor must be a contiguous float32 tensor [T]");
   TORCH_CHECK(keys.numel() < (int64_t{1} << 32), "sketch_update: at most 2**32 occurrences at once");  // sort_by_bucket
-  float* hot_floor = hot_floor_t.data_ptr<float>();
   Sketch s = make_sketch(slot_keys, slot_scores, slot_state, pool_state, scale, mass, mass_since_decay, promotions,
                          demotions, dropped_mass, bucket_offset, buckets, pool_offset, pool, threshold, decay,
                          decay_mass, promote_load, demote_load, fixed, max_promotions, quarantine, bucket_seed_offset,
                          pool_seed_offset, min_load, displace_ratio);
   const int64_t T = s.num_tables;
+  const FloorRuns runs = floor_runs(s);
+  TORCH_CHECK(hot_floor_t.is_contiguous() && hot_floor_t.scalar_type() == at::kFloat &&
+                  hot_floor_t.numel() == runs.first[T], "hot_floor must be a contiguous float32 tensor, one per run of slots");
+  float* hot_floor = hot_floor_t.data_ptr<float>();
   std::vector<Pair> pairs = aggregate(keys.contiguous(), ids.contiguous(), quanta.contiguous(), ok.contiguous(),
                                       tables.contiguous());
   const int64_t n = static_cast<int64_t>(pairs.size());
@@ -374,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (won) {
       s.state[written[cand[x]]] = static_cast<int8_t>(chosen[x]);
       s.promotions[p.table] += 1;
-      hot_floor[p.table] = std::min(hot_floor[p.table], s.scores[written[cand[x]]]);
+      const int64_t run = runs.of(s, p.table, written[cand[x]]);
+      hot_floor[run] = std::min(hot_floor[run], s.scores[written[cand[x]]]);
     }
     promoted_p[x] = won;
     dst_p[x] = rows[x * kChoices + std::max<int64_t>(chosen[x], 0)] - s.pool_offset[p.table];
@@ -385,11 +404,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (s.quarantine)
     for (int64_t r = 0; r < s.pool_rows; ++r)
       if (s.pool_state[r] < 0) s.pool_state[r] += 1;
-  // Step 7 where a hot slot may score below the bar: tables whose bar has not passed the lowest
-  // hot score known (hot_floor) are skipped, exactly (scores only grow, promotions lower it).
+  // Step 7 where a hot slot may score below the bar: runs of slots whose bar has not passed the
+  // lowest hot score known there (hot_floor) are skipped, exactly (scores only grow, promotions
+  // lower it).
   for (int64_t t = 0; t < T; ++t) {
     const float bar = s.bars(t).second;
-    if (bar > hot_floor[t]) hot_floor[t] = demote_below(s, t, bar, freed);
+    const int64_t begin = s.bucket_offset[t] * s.c, end = s.bucket_offset[t + 1] * s.c;
+    for (int64_t run = runs.first[t]; run < runs.first[t + 1]; ++run) {
+      const int64_t lo = begin + (run - runs.first[t]) * kFloorRun;
+      if (bar > hot_floor[run]) hot_floor[run] = demote_below(s, t, lo, std::min(lo + kFloorRun, end), bar, freed);
+    }
   }
   // Step 8: displacement, against the owners as they stand after step 7.
   if (displace_ratio > 0 && m > 0) {

@@ -82,6 +82,7 @@ std::vector<at::Tensor> cafe_remap(
   {
     int64_t bag = 0, pos = 0;
     for (int64_t f = 0; f < F; ++f) {
+      TORCH_CHECK(bag + bpf[f] <= num_bags, "lengths do not match the bags per feature");
       int64_t count = 0;
       for (int64_t b = 0; b < bpf[f]; ++b, ++bag) count += len[bag];
       total += comp[f] ? 2 * count : count;
@@ -227,29 +228,6 @@ std::vector<at::Tensor> cafe_frozen_remap(
           weighted_out ? out_weights.narrow(0, 0, o) : out_weights, per_key};
 }
 
-// The importance rescaling of one process (modules/cafe_embedding_bag.py: _normalised_scores
-// without the all-reduce): per feature, norm * count / sum over the finite norms, the sums in
-// float64 in occurrence order, the scale rounded to float32; non-finite norms pass unchanged.
-at::Tensor cafe_normalised_scores(const at::Tensor& norms, const at::Tensor& feature, int64_t num_features) {
-  TORCH_CHECK(norms.scalar_type() == at::kFloat, "norms must be float32");
-  const at::Tensor n_t = norms.contiguous(), f_t = feature.to(at::kLong).contiguous();
-  const int64_t n = n_t.numel();
-  const float* x = n_t.data_ptr<float>();
-  const int64_t* f = f_t.data_ptr<int64_t>();
-  std::vector<double> total(num_features, 0.0), count(num_features, 0.0);
-  for (int64_t j = 0; j < n; ++j) {
-    const bool finite = std::isfinite(x[j]);
-    total[f[j]] += finite ? static_cast<double>(x[j]) : 0.0;
-    count[f[j]] += finite ? 1.0 : 0.0;
-  }
-  std::vector<float> scale(num_features);
-  for (int64_t g = 0; g < num_features; ++g) scale[g] = static_cast<float>(total[g] > 0 ? count[g] / total[g] : 0.0);
-  at::Tensor out = at::empty({n}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  for (int64_t j = 0; j < n; ++j) o[j] = std::isfinite(x[j]) ? x[j] * scale[f[j]] : x[j];
-  return out;
-}
-
 TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {
   m.def(
       "remap(Tensor values, Tensor lengths, Tensor weights, Tensor bags_per_feature, Tensor sketch_table, "
@@ -261,11 +239,9 @@ TORCH_LIBRARY_FRAGMENT(torchrec_cafe, m) {
       "frozen_remap(Tensor values, Tensor lengths, Tensor weights, Tensor bags_per_feature, Tensor num_rows, "
       "Tensor sketch_table, Tensor compressed, Tensor pool, Tensor pool_offset, Tensor block_size, Tensor composed, "
       "Tensor mean_as_weights, Tensor owner_keys, Tensor owned, bool weighted_out, int pool_seed_offset) -> Tensor[]");
-  m.def("normalised_scores(Tensor norms, Tensor feature, int num_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchrec_cafe, CPU, m) {
   m.impl("remap", &cafe_remap);
   m.impl("frozen_remap", &cafe_frozen_remap);
-  m.impl("normalised_scores", &cafe_normalised_scores);
 }

@@ -17,7 +17,7 @@ from torchrec_cafe.kjt import with_values
 from torchrec_cafe.modules.inputs import as_embedding_features, check_kjt, with_embedding_names
 from torchrec_cafe.modules.layouts import group_sketch, is_meta, table_layouts
 from torchrec_cafe.modules.row_access import RowAccess
-from torchrec_cafe.modules.scores import PendingScores, concat_scores, normalised_scores
+from torchrec_cafe.modules.scores import PendingScores, concat_scores, normalised_scores, occurrence_norms
 from torchrec_cafe.remap import KJTRemapper, Migration, RemapContext, TableLayout
 from torchrec_cafe.sketch.hot_sketch import HotSketch
 from torchrec_cafe.sketch.replicas import all_gather_aggregated, all_gather_occurrences, check_same_on_all_ranks, spans_ranks
@@ -368,15 +368,9 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         Stashes norms only: rescaling (a collective with several ranks) and state changes happen
         at the next update, never inside backward."""
         with torch.no_grad(), record_function("## cafe: importance ##"):
-            dim, index = columns
-            g2 = grad.float().pow(2)
-            if dim:
-                squares = g2.reshape(grad.shape[0], -1, dim).sum(dim=2).index_select(1, index)  # [B, F]
-            else:
-                squares = torch.zeros(grad.shape[0], self._remapper.num_features, device=grad.device)
-                squares.index_add_(1, index, g2)
-            bag_norms = squares.sqrt().t().reshape(-1)  # key-major, like the KJT's bags
-            self._stash(bag_norms, context)
+            compiled = self._sketch is not None and self._sketch.kernels_apply()
+            norms = occurrence_norms(grad, columns, context.bag, context.factor, self._remapper.num_features, compiled)
+            self._stash(norms, context)
 
     def _on_expanded_output_grad(
         self, grad: torch.Tensor, context: RemapContext, spans: "List[tuple[int, int]]"
@@ -391,11 +385,10 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 bag_grad = torch.zeros(bags[f], hi - lo, device=grad.device)
                 bag_grad.index_add_(0, inverse[f], grad[:, lo:hi].float())
                 squares.append(bag_grad.pow(2).sum(dim=1))
-            self._stash(torch.cat(squares).sqrt(), context)
+            self._stash(torch.cat(squares).sqrt().index_select(0, context.bag) * context.factor, context)
 
-    def _stash(self, bag_norms: torch.Tensor, context: RemapContext) -> None:
-        """Per-bag gradient norms [bags, key-major] -> per-occurrence scores, kept for the update."""
-        norms = bag_norms.index_select(0, context.bag) * context.factor
+    def _stash(self, norms: torch.Tensor, context: RemapContext) -> None:
+        """Keeps per-occurrence norms [n_s] for the update."""
         ready = None
         if norms.is_cuda:  # the update may run on another stream (a pipeline's data-dist stream)
             ready = torch.cuda.Event()

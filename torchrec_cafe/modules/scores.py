@@ -10,6 +10,38 @@ from torchrec_cafe.sketch import kernels
 from torchrec_cafe.sketch.replicas import spans_ranks
 
 
+def occurrence_norms(
+    grad: torch.Tensor,
+    columns: "tuple[int, torch.Tensor]",
+    bag: torch.Tensor,
+    factor: torch.Tensor,
+    num_features: int,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Per-occurrence importance before rescaling: ||d loss / d pooled bag|| * factor. [n] float32.
+
+    ``grad`` [B, C] is the gradient of the pooled output; ``columns`` says which of its columns
+    belong to which module feature: (d, output position of each feature [F]) when every feature
+    has d columns, else (0, feature of each column [C]); ``bag`` [n] is each occurrence's
+    key-major bag (feature * B + sample), ``factor`` [n] float32 its d pooled / d row. A bag's norm
+    is the square root of its columns' squares summed in float64, rounded to float32; a
+    non-finite gradient column stays within its own feature. ``compiled``: on CPU, one compiled
+    pass (``torch.ops.torchrec_cafe.occurrence_norms``) gives the same float32 norms (its float64
+    sums may add in another order, which shows in float32 only at a rounding tie).
+    """
+    dim, index = columns
+    if compiled and kernels.AVAILABLE and grad.device.type == "cpu":
+        return torch.ops.torchrec_cafe.occurrence_norms(grad, dim, index, bag, factor, num_features)
+    g2 = grad.double().pow(2)
+    if dim:
+        squares = g2.reshape(grad.shape[0], -1, dim).sum(dim=2).index_select(1, index)  # [B, F]
+    else:
+        squares = torch.zeros(grad.shape[0], num_features, dtype=torch.float64, device=grad.device)
+        squares.index_add_(1, index, g2)
+    bag_norms = squares.sqrt().float().t().reshape(-1)  # key-major, like the KJT's bags
+    return bag_norms.index_select(0, bag) * factor
+
+
 def normalised_scores(
     norms: torch.Tensor, feature: torch.Tensor, num_features: int, group: Optional[dist.ProcessGroup], compiled: bool = False
 ) -> torch.Tensor:
@@ -61,5 +93,7 @@ def concat_scores(
             stream.wait_event(p.ready)
             for t in p[:4]:
                 t.record_stream(stream)
+    if len(due) == 1:  # one step per update (the default): nothing to concatenate
+        return due[0].ids, due[0].tables, due[0].norms, due[0].feature
     ids, tables, norms, feature = (torch.cat(parts) for parts in zip(*(p[:4] for p in due)))
     return ids, tables, norms, feature

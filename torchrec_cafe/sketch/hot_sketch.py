@@ -102,6 +102,7 @@ _BUCKET_SEED_OFFSET = seed_offset(_BUCKET_SEED)
 POOL_SEED_OFFSET = seed_offset(0x9001)  # mix64(keys, 0x9001) == finalise64(keys + POOL_SEED_OFFSET)
 _MAX_TABLES = (1 << 15) - 1
 _MAX_QUARANTINE = 127  # pool_state is int8
+_FLOOR_RUN = 256  # slots per demotion floor of the update kernel (csrc/hot_sketch.cpp: kFloorRun)
 _LOW32 = (1 << 32) - 1
 
 PerTable = Union[int, float, Sequence[int], Sequence[float]]
@@ -314,8 +315,10 @@ class HotSketch(nn.Module):
         )
         # Host mirror of ``step`` so the renormalisation schedule needs no sync; restored on load.
         self._host_step = 0
-        # Not state: the update kernel's lower bound on each table's hot scores (demotion_floor).
-        self._hot_floor = torch.full((t,), -math.inf, dtype=torch.float32)
+        # Not state: the update kernel's lower bounds on the hot scores of each run of _FLOOR_RUN
+        # slots of a table (demotion_floor).
+        runs = sum(-(-k * slots_per_bucket // _FLOOR_RUN) for k in ks)
+        self._hot_floor = torch.full((runs,), -math.inf, dtype=torch.float32)
         self._floor_token: Optional[Tuple[Tuple[int, int], ...]] = None
         self.register_load_state_dict_post_hook(_sync_host_step_after_load)
 
@@ -499,9 +502,10 @@ class HotSketch(nn.Module):
         return self._after_kernel(kernels.update(self, keys, ids, quanta, ok, tables, _BUCKET_SEED_OFFSET, POOL_SEED_OFFSET, MIN_LOAD))
 
     def demotion_floor(self) -> torch.Tensor:
-        """For the update kernel: per table a lower bound on its hot slots' stored scores, float32
-        [T] (updated in place by the kernel). An update skips the demotion scan of a table whose bar
-        has not passed it: exact, as hot scores only grow and promotions lower the bound. It is
+        """For the update kernel: per run of ``_FLOOR_RUN`` slots of a table (a table's last run may
+        be shorter) a lower bound on its hot slots' stored scores, float32 [runs] (updated in place
+        by the kernel). An update scans for demotions only the runs whose bound its table's bar has
+        passed: exact, as hot scores only grow and promotions lower the bound. It is
         -inf (scan) unless the scores, states, scales and masses are the same tensors, untouched
         (version counters), since the kernel update that set it: a tensor-path update, a load, a
         renormalisation or a device move all invalidate it."""
