@@ -382,10 +382,11 @@ class CafeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         with torch.no_grad():
             squares = []
             for f, (lo, hi) in enumerate(spans):  # over features, not IDs
-                bag_grad = torch.zeros(bags[f], hi - lo, device=grad.device)
-                bag_grad.index_add_(0, inverse[f], grad[:, lo:hi].float())
+                bag_grad = torch.zeros(bags[f], hi - lo, dtype=torch.float64, device=grad.device)
+                bag_grad.index_add_(0, inverse[f], grad[:, lo:hi].double())
                 squares.append(bag_grad.pow(2).sum(dim=1))
-            self._stash(torch.cat(squares).sqrt().index_select(0, context.bag) * context.factor, context)
+            bag_norms = torch.cat(squares).sqrt().float()  # float64 sums, as occurrence_norms
+            self._stash(bag_norms.index_select(0, context.bag) * context.factor, context)
 
     def _stash(self, norms: torch.Tensor, context: RemapContext) -> None:
         """Keeps per-occurrence norms [n_s] for the update."""
