@@ -55,6 +55,10 @@ CASES = {
                                   promote_load=0.1, demote_load=0.05), "uniform", "freq"),
     "many-tables-displacing": (dict(num_buckets=[8] * 26, pool_rows=[16] * 26, decay=0.99, quarantine=0, promote_load=0.1,
                                     demote_load=0.05, displace_ratio=4.0), "zipf", "float"),
+    # tables of several demotion-floor runs (256 slots), the last one partial: 1200, 600 and 280 slots
+    "adaptive-many-floor-runs": (dict(num_buckets=[300, 150, 70], pool_rows=[400, 150, 100],
+                                      decay=[0.9, 0.99, 0.5], decay_mass=[600.0, 400.0, 300.0], quarantine=1, promote_load=0.1,
+                                      demote_load=0.05), "zipf", "float"),
 }
 
 
