@@ -9,8 +9,8 @@
 // with a hash table, then visited bucket by bucket in address order):
 //   newcomers   per bucket by (quanta desc, key asc);
 //   candidates  by (table asc, guaranteed stored score desc, key asc).
-// Where the tensor code scans every slot for demotions, the kernel skips tables whose bar has not
-// passed a lower bound on their hot scores (HotSketch.demotion_floor), per run of kFloorRun slots.
+// Where the tensor code scans every slot for demotions, the kernel skips each run of kFloorRun slots
+// of a table whose bar has not passed a lower bound on the run's hot scores (HotSketch.demotion_floor).
 
 #include <torch/extension.h>
 

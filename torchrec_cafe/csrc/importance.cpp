@@ -37,6 +37,10 @@ at::Tensor cafe_occurrence_norms(const at::Tensor& grad, int64_t dim, const at::
   const int64_t B = g_t.size(0), C = g_t.size(1), F = num_features, n = b_t.numel();
   const float* g = g_t.data_ptr<float>();
   const int64_t* col = c_t.data_ptr<int64_t>();
+  // Every column read lies in grad and every feature index in [0, F): the loops below do not check.
+  TORCH_CHECK(c_t.numel() == (dim > 0 ? F : C), "columns must hold one entry per feature (dim > 0) or per column (dim 0)");
+  for (int64_t x = 0; x < c_t.numel(); ++x)
+    TORCH_CHECK(col[x] >= 0 && (dim > 0 ? (col[x] + 1) * dim <= C : col[x] < F), "columns entry out of range");
   std::vector<double> squares(B * F, 0.0);  // sample-major: sample b's features at [b * F, (b + 1) * F)
   for (int64_t b = 0; b < B; ++b) {
     const float* row = g + b * C;
